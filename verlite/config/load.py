@@ -1,0 +1,238 @@
+"""YAML -> OmegaConf (interpolation) -> command-line overrides -> typed dataclasses.
+
+Validation is done by hand rather than with OmegaConf structured configs so that every
+error is one line naming the key, the file and the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+from verlite.config.schema import ModelConfig, SFTConfig
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.config")
+
+# Keys of verl's sft_trainer.yaml that have no meaning here; accepted so a verl config
+# pastes as is, with one warning each.
+VERL_KEYS_IGNORED = {
+    "data.prompt_dict_keys", "data.response_dict_keys", "data.custom_cls", "data.use_shm",
+    "data.balance_dp_token", "data.multiturn.tools_key", "data.multiturn.enable_thinking_key",
+    "model.external_lib", "model.fsdp_config.wrap_policy", "model.use_shm",
+    "model.fsdp_config.offload_policy", "trainer.nnodes", "trainer.n_gpus_per_node",
+    "trainer.checkpoint", "trainer.default_hdfs_dir", "trainer.max_ckpt_to_keep_hdfs",
+    "ulysses_sequence_parallel_size", "use_remove_padding",
+}
+
+CHOICES = {
+    "data.truncation": ("error", "left", "right", "drop"),
+    "model.strategy": ("fsdp2", "fsdp", "none"),
+    "optim.lr_scheduler": ("cosine", "constant", "linear", "wsd"),
+    "trainer.resume_mode": ("auto", "disable", "resume_path"),
+    "trainer.device": ("auto", "cuda", "cpu"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+}
+DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+LOGGERS = ("console", "tensorboard", "jsonl", "wandb")
+
+
+def load_config(config_path: str | None, overrides: list[str] = ()) -> SFTConfig:
+    """Read `config_path` (may be None: defaults only), apply `key.sub=value` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    source = config_path or "<defaults>"
+    if config_path is not None:
+        path = Path(os.path.expanduser(config_path))
+        if not path.is_file():
+            raise VerliteError(f"config file {config_path} does not exist; pass --config_path PATH_TO_YAML")
+        try:
+            base = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError carries the line in its text
+            first = " ".join(str(e).split())
+            raise VerliteError(f"{config_path}: not valid YAML: {first}") from None
+        if not isinstance(base, dict) and not OmegaConf.is_dict(base):
+            raise VerliteError(f"{config_path}: the top level must be a mapping of sections (data:, model:, ...)")
+    else:
+        base = OmegaConf.create({})
+    dotlist = []
+    for item in overrides:
+        if "=" not in item:
+            raise VerliteError(f"override '{item}' must look like section.key=value (e.g. data.max_length=512)")
+        dotlist.append(item.lstrip("+"))
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        msg = " ".join(str(e).split("\n")[0].split())
+        raise VerliteError(f"{source}: {msg}") from None
+    cfg = _build(SFTConfig, raw or {}, "", source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _known_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        sub = _dataclass_of(typing.get_type_hints(cls)[f.name])
+        if sub is not None:
+            keys.extend(_known_keys(sub, name + "."))
+    return keys
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _unknown_key(key: str, source: str) -> VerliteError:
+    close = difflib.get_close_matches(key, _known_keys(SFTConfig), n=1, cutoff=0.5)
+    if not close:  # a misplaced key: compare its last part with every key's last part
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in _known_keys(SFTConfig) if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else "; see examples/sft_single.yaml for the known keys"
+    return VerliteError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _build(cls: type, values: Any, prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise VerliteError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs, extras = {}, {}
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            if dotted in VERL_KEYS_IGNORED:
+                log.warning("config key '%s' has no effect in verlite; ignored", dotted)
+            elif cls is ModelConfig:
+                extras[key] = value  # an HF config override such as rope_theta; checked at model load
+            else:
+                raise _unknown_key(dotted, source)
+            continue
+        sub = _dataclass_of(hints[key])
+        if sub is not None:
+            kwargs[key] = _build(sub, value if value is not None else {}, dotted + ".", source)
+        elif key == "config_overrides":
+            extras.update(value or {})
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted, source)
+    obj = cls(**kwargs)
+    if cls is ModelConfig:
+        obj.config_overrides = extras
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert `value` to the annotated type `tp`, or fail naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try str last so "512" becomes an int where int is allowed.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _coerce(value, arg, key, source)
+            except VerliteError as e:
+                errors.append(e)
+        raise errors[-1]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            raise VerliteError(f"{source}: '{key}' must be a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise VerliteError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is typing.Any or tp is dict or origin is dict:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise VerliteError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise VerliteError(f"{source}: '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise VerliteError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise VerliteError(f"{source}: '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)  # also "2e-5", which YAML 1.1 reads as a string
+        except (TypeError, ValueError):
+            raise VerliteError(f"{source}: '{key}' must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise VerliteError(f"{source}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in schema.py, not user error
+
+
+def _get(cfg: SFTConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_values(cfg: SFTConfig, source: str) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise VerliteError(f"{source}: '{key}' is {value!r}; use one of {', '.join(allowed)}")
+    for key in ("model.fsdp_config.model_dtype", "model.fsdp_config.mixed_precision.param_dtype",
+                "model.fsdp_config.mixed_precision.reduce_dtype", "model.fsdp_config.mixed_precision.buffer_dtype"):
+        value = _get(cfg, key)
+        if value is not None and value not in DTYPES:
+            raise VerliteError(f"{source}: '{key}' is {value!r}; use one of fp32, bf16, fp16")
+    mb = cfg.data.micro_batch_size_per_gpu
+    if mb != "auto" and (not isinstance(mb, int) or mb < 1):
+        raise VerliteError(f"{source}: 'data.micro_batch_size_per_gpu' must be a positive integer or auto, got {mb!r}")
+    budget = cfg.data.max_token_len_per_gpu
+    if budget is not None and budget != "auto" and (not isinstance(budget, int) or budget < 1):
+        raise VerliteError(f"{source}: 'data.max_token_len_per_gpu' must be a positive integer or auto, got {budget!r}")
+    positive = {"data.max_length": cfg.data.max_length, "trainer.log_interval": cfg.trainer.log_interval,
+                "trainer.total_epochs": cfg.trainer.total_epochs, "trainer.max_bad_steps": cfg.trainer.max_bad_steps}
+    for key, value in positive.items():
+        if value < 1:
+            raise VerliteError(f"{source}: '{key}' must be at least 1, got {value}")
+    if cfg.data.train_batch_size is not None and cfg.data.train_batch_size < 1:
+        raise VerliteError(f"{source}: 'data.train_batch_size' must be at least 1, got {cfg.data.train_batch_size}")
+    if cfg.trainer.total_training_steps is not None and cfg.trainer.total_training_steps < 1:
+        raise VerliteError(f"{source}: 'trainer.total_training_steps' must be at least 1")
+    if cfg.model.lora_rank < 0:
+        raise VerliteError(f"{source}: 'model.lora_rank' must be 0 (full fine-tune) or positive, got {cfg.model.lora_rank}")
+    if len(cfg.optim.betas) != 2:
+        raise VerliteError(f"{source}: 'optim.betas' must be two numbers like [0.9, 0.95]")
+    for name in loggers(cfg):
+        if name not in LOGGERS:
+            raise VerliteError(f"{source}: 'trainer.logger' has {name!r}; use console, tensorboard, jsonl or wandb")
+    if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
+        raise VerliteError(f"{source}: trainer.resume_mode is resume_path but trainer.resume_from_path is not set")
+    if not cfg.model.partial_pretrain:
+        raise VerliteError(f"{source}: 'model.partial_pretrain' is not set; give a Hugging Face model id or local path")
+
+
+def loggers(cfg: SFTConfig) -> list[str]:
+    value = cfg.trainer.logger
+    return [value] if isinstance(value, str) else list(value)

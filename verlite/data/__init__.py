@@ -1,0 +1,1 @@
+"""Data: file readers, chat-template formatting with loss masks, the dataset, batching."""

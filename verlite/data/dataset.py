@@ -1,0 +1,101 @@
+"""SFT samples: rows read from files, checked, tokenized and truncated, held in memory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verlite.config.schema import DataConfig
+from verlite.data.formatting import Encoded, encode_messages, encode_pair
+from verlite.data.readers import Row, read_rows, resolve_files
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.data")
+
+
+@dataclass
+class SFTDataset:
+    input_ids: list[np.ndarray] = field(default_factory=list)  # int32 token ids per sample
+    loss_mask: list[np.ndarray] = field(default_factory=list)  # uint8, 1 = token carries loss
+    truncated: int = 0
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+
+    def append(self, enc: Encoded) -> None:
+        self.input_ids.append(np.asarray(enc.input_ids, dtype=np.int32))
+        self.loss_mask.append(np.asarray(enc.loss_mask, dtype=np.uint8))
+
+
+def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files") -> SFTDataset:
+    ds = SFTDataset()
+    for path in resolve_files(files, key):
+        for row in read_rows(path):
+            full = encode_row(row, cfg, tokenizer)
+            enc = truncate(full, cfg.max_length, cfg.truncation, row.where)
+            if enc is None:
+                ds.dropped += 1
+                continue
+            if not any(enc.loss_mask):
+                raise VerliteError(f"{row.where}: no response token is left after truncation to "
+                                   f"data.max_length={cfg.max_length}; raise max_length or set data.truncation=drop")
+            ds.truncated += len(enc.input_ids) < len(full.input_ids)
+            ds.append(enc)
+    if ds.truncated or ds.dropped:
+        log.warning("%s: %d samples longer than max_length=%d were truncated (%s), %d dropped",
+                    key, ds.truncated, cfg.max_length, cfg.truncation, ds.dropped)
+    if not len(ds):
+        raise VerliteError(f"{key}: every sample was dropped by data.truncation=drop; raise data.max_length")
+    return ds
+
+
+def _text_field(row: Row, key: str, config_key: str) -> str:
+    if key not in row.data:
+        keys = ", ".join(sorted(map(str, row.data))) or "none"
+        raise VerliteError(f"{row.where}: missing key '{key}' ({config_key}); this row has: {keys}")
+    value = row.data[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise VerliteError(f"{row.where}: key '{key}' must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def encode_row(row: Row, cfg: DataConfig, tokenizer) -> Encoded:
+    if cfg.multiturn.enable:
+        key = cfg.multiturn.messages_key
+        messages = row.data.get(key)
+        if key not in row.data:
+            raise VerliteError(f"{row.where}: missing key '{key}' (data.multiturn.messages_key)")
+        if not isinstance(messages, list) or not messages:
+            raise VerliteError(f"{row.where}: key '{key}' must be a non-empty list of {{role, content}} messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise VerliteError(f"{row.where}: {key}[{i}] must be an object with string 'role' and 'content'")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise VerliteError(f"{row.where}: '{key}' has no non-empty assistant message to learn from")
+        return encode_messages(tokenizer, messages, row.where)
+    prompt = _text_field(row, cfg.prompt_key, "data.prompt_key")
+    response = _text_field(row, cfg.response_key, "data.response_key")
+    if not response.strip():
+        raise VerliteError(f"{row.where}: key '{cfg.response_key}' is empty; every sample needs a response")
+    return encode_pair(tokenizer, prompt, response, row.where)
+
+
+def truncate(enc: Encoded, max_length: int, mode: str, where: str) -> Encoded | None:
+    """Apply data.truncation; None means the sample is dropped."""
+    n = len(enc.input_ids)
+    if n <= max_length:
+        return enc
+    if mode == "error":
+        raise VerliteError(f"{where}: sample has {n} tokens, more than data.max_length={max_length}; "
+                           "raise max_length or set data.truncation to left, right or drop")
+    if mode == "drop":
+        return None
+    keep = slice(n - max_length, n) if mode == "left" else slice(0, max_length)
+    return Encoded(enc.input_ids[keep], enc.loss_mask[keep])

@@ -1,0 +1,78 @@
+"""Which device this process trains on and how it talks to the others.
+
+One process needs no torchrun and no environment variables: it gets a world of one
+(FSDP2 still provides mixed precision and CPU offload there). Under torchrun the usual
+RANK / WORLD_SIZE / LOCAL_RANK variables decide; NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.engine")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "cuda":
+        raise VerliteError("trainer.device is cuda but PyTorch sees no GPU (torch.cuda.is_available() is False); "
+                           "set trainer.device=cpu or install a CUDA build of PyTorch")
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str) -> DistInfo:
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0)) if launched else 0
+    world = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    device = pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=30)  # checkpoint gathers of large models take a while
+        if launched:
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        else:
+            # An in-memory store: a world of one needs no rendezvous, port or env variables.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

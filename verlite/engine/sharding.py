@@ -1,0 +1,59 @@
+"""How the model is spread over devices: FSDP2 (`fully_shard`) on every decoder layer and on
+the root, with bf16 compute / fp32 reduction and optional CPU offload. The model code
+knows nothing of this; `shard_model` is the one place it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from verlite.config.schema import ModelConfig
+from verlite.engine.distributed import DistInfo
+from verlite.models.load import DTYPES
+from verlite.models.sft_model import SFTModel
+
+log = logging.getLogger("verlite.engine")
+
+
+def uses_fsdp(cfg: ModelConfig) -> bool:
+    return cfg.strategy in ("fsdp2", "fsdp")
+
+
+def offloads(cfg: ModelConfig) -> bool:
+    return cfg.fsdp_config.cpu_offload or cfg.fsdp_config.offload_params
+
+
+def shard_model(model: SFTModel, cfg: ModelConfig, dist_info: DistInfo) -> SFTModel:
+    device = dist_info.device
+    if cfg.strategy == "fsdp":
+        log.info("model.strategy=fsdp runs on FSDP2 (fully_shard), PyTorch's current FSDP")
+    if not uses_fsdp(cfg):
+        if offloads(cfg):
+            log.warning("model.fsdp_config offload needs model.strategy=fsdp2; offload is off")
+        return model.to(device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist_info.world_size,))
+    kwargs = {"mesh": mesh}
+    if device.type == "cuda":
+        mp = cfg.fsdp_config.mixed_precision
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype],
+                                                   reduce_dtype=DTYPES[mp.reduce_dtype])
+    if offloads(cfg):
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    layers = model.decoder_layers()
+    for i, layer in enumerate(layers):
+        # The last layer is needed again at once by backward: resharding it would be wasted work.
+        reshard = cfg.fsdp_config.reshard_after_forward and i < len(layers) - 1
+        fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=cfg.fsdp_config.reshard_after_forward, **kwargs)
+    return model
+
+
+def compile_layers(model: SFTModel) -> None:
+    """torch.compile each decoder layer in place (same module objects, so FSDP hooks stay)."""
+    for layer in model.decoder_layers():
+        layer.compile()

@@ -1,0 +1,62 @@
+"""One optimizer step over this rank's micro-batches.
+
+The loss is the mean over every loss token of the whole step, across micro-batches and
+ranks: each micro-batch's summed loss is divided by the step's global token count before
+backward. (A mean of per-micro-batch means would weight short responses more.) FSDP
+averages gradients over ranks, so the world size is multiplied back in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from verlite.data.batching import MicroBatch
+from verlite.engine.distributed import all_reduce_sum
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per loss token over the global step
+    grad_norm: float
+    skipped: bool  # NaN/inf loss or gradient: nothing was updated
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm across all shards; gradients scaled down to max_norm (<= 0: no clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor: each rank holds a partial norm of its shards
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+    return norm
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], device: torch.device,
+               params: list[torch.nn.Parameter], clip_grad: float, autocast: bool, world_size: int) -> StepResult:
+    local = sum(mb.num_loss_tokens for mb in micro_batches)
+    count = all_reduce_sum(torch.tensor([float(local)], device=device))
+    scale = world_size / count.clamp(min=1.0)
+    loss_sum = torch.zeros(1, device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    for mb in micro_batches:
+        with amp:
+            loss = model(mb.to(device))
+        (loss * scale).backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_grad_norm(params, clip_grad).to(device)
+    totals = all_reduce_sum(torch.cat([loss_sum, count]))
+    mean_loss = totals[0] / totals[1].clamp(min=1.0)
+    # The one host sync of a step: a NaN must stop the update before it touches the weights.
+    loss_v, norm_v = torch.stack([mean_loss, grad_norm.reshape(())]).tolist()
+    finite = torch.isfinite(torch.tensor([loss_v, norm_v])).all().item()
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(loss_v, norm_v, skipped=not finite)

@@ -1,0 +1,102 @@
+"""Load a model for inference from whatever a user points at: a `global_step_N` folder, its
+`huggingface/` folder, a PEFT adapter folder, or a plain HF model path or hub id."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from verlite.errors import VerliteError
+from verlite.models.load import DTYPES, load_tokenizer, resolve_model_path
+from verlite.trainer.checkpoint import HF_DIR
+
+log = logging.getLogger("verlite.inference")
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_checkpoint(path: str) -> Path | str:
+    """The folder holding the HF files: `global_step_N` -> `global_step_N/huggingface`; a
+    run directory -> its newest checkpoint; a hub id is returned unchanged."""
+    from verlite.trainer.checkpoint import latest_checkpoint
+
+    local = Path(resolve_model_path(path)) if Path(path).expanduser().exists() else None
+    if local is None:
+        if path.startswith((".", "/", "~")):
+            raise VerliteError(f"checkpoint {path} does not exist; pass a global_step_N folder, a model folder or an id")
+        return path
+    if (local / HF_DIR).is_dir():
+        return local / HF_DIR
+    if (local / "config.json").is_file() or (local / ADAPTER_CONFIG).is_file():
+        return local
+    newest = latest_checkpoint(local)
+    if newest is not None:
+        log.info("using the newest checkpoint in %s: %s", local, newest.name)
+        return newest / HF_DIR
+    raise VerliteError(f"{path} is not a checkpoint: no huggingface/, config.json or adapter_config.json inside; "
+                       "pass a global_step_N folder, its huggingface/ folder, an adapter folder or a model folder")
+
+
+def adapter_base(folder: Path, model_name: Optional[str]) -> str:
+    with open(folder / ADAPTER_CONFIG, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if model_name:
+        return model_name  # the caller knows where the base lives (e.g. a local copy of the hub id)
+    if not base:
+        raise VerliteError(f"{folder / ADAPTER_CONFIG} names no base model; pass model_name= (or --base_model)")
+    return base
+
+
+def pick_dtype(device: torch.device, dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        return DTYPES[dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model_and_tokenizer(model_path: str, model_name: Optional[str] = None, device=None, dtype=None,
+                             merge: bool = False):
+    """(model, tokenizer) ready for `generate`, in eval mode, on `device` (default: GPU if any).
+
+    `model_name` is the base model for an adapter (the article passes the hub id); it
+    overrides the adapter's `base_model_name_or_path`. With merge=True a LoRA is folded in.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = pick_dtype(device, dtype)
+    folder = resolve_checkpoint(str(model_path))
+    is_adapter = isinstance(folder, Path) and (folder / ADAPTER_CONFIG).is_file()
+    base_id = adapter_base(folder, model_name) if is_adapter else folder
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(base_id)), dtype=dtype)
+    except (OSError, ValueError) as e:
+        what = "base model of the adapter" if is_adapter else "model"
+        raise VerliteError(f"cannot load the {what} '{base_id}': {' '.join(str(e).split())[:160]}; "
+                           "pass a local path (model_name= / --base_model)") from None
+    if is_adapter:
+        model = attach_adapter(model, folder, str(base_id), merge)
+    tokenizer = load_tokenizer(str(folder) if _has_tokenizer(folder) else str(base_id))
+    tokenizer.padding_side = "left"
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def attach_adapter(model, folder: Path, base_id: str, merge: bool):
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(folder))
+    except RuntimeError as e:  # size mismatch: the adapter was trained on another base
+        raise VerliteError(f"the adapter in {folder} does not fit base model '{base_id}' (shapes differ: "
+                           f"{' '.join(str(e).split())[:160]}); pass the base it was trained on") from None
+    return model.merge_and_unload() if merge else model
+
+
+def _has_tokenizer(folder) -> bool:
+    return isinstance(folder, Path) and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))

@@ -1,0 +1,136 @@
+"""Loading a Hugging Face causal LM and its tokenizer for training: path resolution,
+config overrides from `model:` keys, LoRA through PEFT, gradient checkpointing.
+
+The model definition stays the Hugging Face one; how it is sharded lives in engine/.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from verlite.config.schema import ModelConfig
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.model")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder as is (with ~ expanded); anything else is taken as a hub id."""
+    local = os.path.expandvars(os.path.expanduser(name))
+    if Path(local).exists():
+        if not Path(local).is_dir():
+            raise VerliteError(f"model path {name} is a file; give the folder holding config.json")
+        return local
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise VerliteError(f"model path {name} does not exist; check model.partial_pretrain")
+    return name
+
+
+def _hub_error(name: str, err: Exception, what: str) -> VerliteError:
+    reason = " ".join(str(err).split())[:160]
+    return VerliteError(f"cannot load the {what} of '{name}' (not a local folder, and the hub gave: {reason}); "
+                        "pass a local model folder, or check the id and your network")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e, "tokenizer") from None
+    if tok.pad_token_id is None:
+        # Padding never carries loss or attention; any id works, eos is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_hf_config(cfg: ModelConfig):
+    """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.partial_pretrain)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.partial_pretrain, e, "config") from None
+    known = set(hf_config.to_dict())
+    for key, value in cfg.config_overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known) + ["lora_rank", "target_modules",
+                                                                   "enable_gradient_checkpointing"], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise VerliteError(f"unknown config key 'model.{key}': not a verlite model key nor a field of "
+                               f"{type(hf_config).__name__}{hint}")
+        log.info("model config override: %s = %r (was %r)", key, value, getattr(hf_config, key, None))
+        setattr(hf_config, key, value)
+    return hf_config
+
+
+def master_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """Dtype the weights live in. Trainable weights default to fp32 (bf16 compute comes from
+    FSDP's mixed precision); a frozen LoRA base defaults to the compute dtype, since
+    nothing is ever added to it."""
+    if cfg.fsdp_config.model_dtype:
+        return DTYPES[cfg.fsdp_config.model_dtype]
+    if device.type == "cuda" and cfg.lora_rank > 0:
+        return DTYPES[cfg.fsdp_config.mixed_precision.param_dtype]
+    return torch.float32
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype):
+    """The HF model on CPU in `dtype`, with LoRA and gradient checkpointing applied."""
+    from transformers import AutoModelForCausalLM
+
+    from verlite.models import attention
+
+    hf_config = load_hf_config(cfg)
+    path = resolve_model_path(cfg.partial_pretrain)
+    attention.register()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code,
+                                                     attn_implementation=attention.NAME)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.partial_pretrain, e, "weights") from None
+    model.config.use_cache = False
+    if cfg.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank > 0:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def linear_module_names(model) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and name})
+
+
+def apply_lora(model, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    if isinstance(targets, list):
+        present = linear_module_names(model)
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise VerliteError(f"model.target_modules: {missing} not found in {type(model).__name__}; "
+                               f"its linear layers are {present} (or use all-linear)")
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    # Non-reentrant checkpointing (enabled above) needs no grads on the frozen embeddings' output.
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)", cfg.lora_rank, cfg.lora_alpha,
+             targets, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model

@@ -1,0 +1,208 @@
+"""Checkpoints: `global_step_N/` with `huggingface/` (model or PEFT adapter + tokenizer, the
+only copy of the weights, kept at master precision so resuming is exact) and
+`trainer_state.pt` (optimizer, scheduler, step, RNG).
+
+A checkpoint is written into `global_step_N.tmp` and renamed into place, and
+`latest_checkpointed_iteration.txt` moves only after that: a run killed at any moment
+leaves every earlier checkpoint whole, and a folder named `global_step_N` is complete.
+Weights are gathered to rank 0 one parameter at a time, so the format is the same for
+any number of GPUs and a run can resume on a different number.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.checkpoint")
+
+LATEST = "latest_checkpointed_iteration.txt"
+STATE = "trainer_state.pt"
+HF_DIR = "huggingface"
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / STATE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def gather_state_dict(model: torch.nn.Module, trainable_only: bool, is_main: bool) -> dict[str, torch.Tensor]:
+    """Full (unsharded) parameters on rank 0's CPU; every rank must call this (collectives)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        if is_main:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: str | Path, step: int, sft_model, tokenizer, optimizer, scheduler, extra: dict,
+                    is_lora: bool, is_main: bool) -> Optional[Path]:
+    """Write global_step_{step}; returns its path, or None when writing failed (reported)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = _strip(gather_state_dict(sft_model, trainable_only=is_lora, is_main=is_main), "hf.")
+    optim_sd = get_optimizer_state_dict(sft_model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ok = torch.tensor([1.0])
+    final = Path(root) / f"global_step_{step}"
+    if is_main:
+        tmp = Path(root) / f"global_step_{step}.tmp"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            sft_model.hf.save_pretrained(tmp / HF_DIR, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp / HF_DIR)
+            torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                        "rng": rng_state(), **extra}, tmp / STATE)
+            _fsync_tree(tmp)
+            _replace_dir(tmp, final)
+            _write_atomic(Path(root) / LATEST, str(step))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            prev = latest_checkpoint(root)
+            log.error("could not save checkpoint %s: %s; %s", final, e.strerror or e,
+                      f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
+            ok = torch.tensor([0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = ok.to("cuda") if dist.get_backend() == "nccl" else ok
+        dist.broadcast(flag, src=0)
+        ok = flag.cpu()
+    return final if ok.item() > 0 else None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():  # re-saving the same step (e.g. after a resume): swap, then drop the old
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune_checkpoints(root: str | Path, keep: Optional[int]) -> None:
+    if not keep or keep < 1:
+        return
+    for step, path in step_dirs(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, keep)
+
+
+def load_weights_into(model, ckpt: Path, is_lora: bool) -> None:
+    """Put a checkpoint's weights into the freshly loaded (unsharded) HF or PEFT model."""
+    from safetensors.torch import load_file
+
+    hf_dir = ckpt / HF_DIR
+    if is_lora:
+        from peft import set_peft_model_state_dict
+
+        path = hf_dir / "adapter_model.safetensors"
+        if not path.is_file():
+            raise VerliteError(f"{ckpt} holds no LoRA adapter ({path} missing) but model.lora_rank > 0; "
+                               "resume with the same model settings or set trainer.resume_mode=disable")
+        result = set_peft_model_state_dict(model, load_file(path))
+        if getattr(result, "unexpected_keys", None):
+            raise VerliteError(f"{path} does not match the LoRA settings (unexpected {result.unexpected_keys[:3]}); "
+                               "resume with the same model.target_modules / lora_rank")
+        return
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files or (hf_dir / "adapter_model.safetensors").exists():
+        raise VerliteError(f"{ckpt} holds no full model weights (a LoRA checkpoint?) but model.lora_rank is 0; "
+                           "resume with the same model settings or set trainer.resume_mode=disable")
+    sd = {}
+    for f in files:
+        sd.update(load_file(f))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise VerliteError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); resume with the same model.partial_pretrain")
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise VerliteError(f"{ckpt / STATE} cannot be read ({e}); resume from another checkpoint") from None
+
+
+def restore_optimizer(sft_model, optimizer, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(sft_model, optimizer, osd,
+                             options=StateDictOptions(full_state_dict=True))

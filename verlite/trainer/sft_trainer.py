@@ -1,0 +1,277 @@
+"""The SFT recipe: set up, loop, evaluate, checkpoint. Read it top to bottom.
+
+Everything it calls is a small builder elsewhere: data/ makes samples and micro-batches,
+models/ loads the HF model, engine/ shards it and does one optimizer step, checkpoint.py
+and metrics.py write what the run leaves behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from verlite.config import SFTConfig, loggers
+from verlite.data.batching import StepPlan, collate
+from verlite.data.dataset import SFTDataset, load_dataset
+from verlite.data.formatting import apply_chat_template_override
+from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from verlite.engine.optim import build_optimizer, build_scheduler
+from verlite.engine.prefetch import prefetch
+from verlite.engine.sharding import compile_layers, offloads, shard_model, uses_fsdp
+from verlite.engine.step import train_step
+from verlite.errors import VerliteError
+from verlite.models.load import load_model, load_tokenizer, master_dtype
+from verlite.models.sft_model import SFTModel
+from verlite.trainer import checkpoint as ckpt
+from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_mem_gb
+from verlite.trainer.signals import StopRequest, TrainingInterrupted
+
+log = logging.getLogger("verlite.trainer")
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
+    dist_info = init_distributed(cfg.trainer.device)
+    try:
+        return Trainer(cfg, dist_info).fit()
+    finally:
+        shutdown()
+
+
+class Trainer:
+    def __init__(self, cfg: SFTConfig, dist_info: DistInfo):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.is_lora = cfg.model.lora_rank > 0
+        self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
+        random.seed(cfg.trainer.seed)
+        torch.manual_seed(cfg.trainer.seed)
+
+        # Data first: a bad file fails here, before any model or GPU memory is touched.
+        self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        apply_chat_template_override(self.tokenizer, cfg.data.chat_template)
+        self.train_ds = load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files")
+        self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files")
+                       if cfg.data.val_files else None)
+        self.plan = self._build_plan()
+        self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.plan.steps_per_epoch
+        self.total_epochs = math.ceil(self.total_steps / self.plan.steps_per_epoch)
+
+        resume_from = self._resume_point()
+        hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
+        if resume_from is not None:
+            ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
+        self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
+        if cfg.model.compile and self.device.type == "cuda":
+            compile_layers(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device, offloads(cfg.model))
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
+        self.start_step = 0
+        if resume_from is not None:
+            self._restore(resume_from)
+        # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
+        self.autocast = not uses_fsdp(cfg.model) and self.device.type == "cuda"
+
+    # ---- set-up helpers -------------------------------------------------------------
+    def _build_plan(self) -> StepPlan:
+        d = self.cfg.data
+        if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
+            from verlite.engine.memory import resolve_auto_batching
+
+            resolve_auto_batching(self.cfg, self.device, self.train_ds)
+        world = self.dist.world_size
+        mb = d.micro_batch_size_per_gpu
+        global_batch = d.train_batch_size or mb * world
+        budget = d.max_token_len_per_gpu
+        if budget is None and d.packing:
+            budget = mb * d.max_length  # packing with no budget: as many tokens as a padded micro-batch holds
+        if budget is None and mb * world > global_batch:
+            raise VerliteError(f"data.micro_batch_size_per_gpu={mb} x {world} process(es) is larger than "
+                               f"data.train_batch_size={global_batch}; lower the micro batch or raise train_batch_size")
+        plan = StepPlan(self.train_ds.lengths, global_batch, world, self.cfg.trainer.seed,
+                        mb if budget is None else None, budget, packed=d.packing)
+        log.info("data: %d samples, %d steps per epoch (train_batch_size=%d, %s per GPU, %d process(es))",
+                 len(self.train_ds), plan.steps_per_epoch, global_batch,
+                 f"micro batch {mb}" if budget is None else f"{budget} tokens per micro-batch", world)
+        return plan
+
+    def _resume_point(self) -> Optional[Path]:
+        t = self.cfg.trainer
+        if t.resume_mode == "disable":
+            return None
+        if t.resume_mode == "resume_path":
+            path = Path(t.resume_from_path).expanduser()
+            if not (path / ckpt.STATE).is_file():
+                raise VerliteError(f"trainer.resume_from_path {t.resume_from_path} is not a complete checkpoint "
+                                   f"(no {ckpt.STATE}); point it at a global_step_N folder")
+            return path
+        return ckpt.latest_checkpoint(self.run_dir)
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_trainer_state(path)
+        ckpt.restore_optimizer(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.start_step = int(state["global_step"])
+        log.info("Resumed from %s at step %d/%d", path, self.start_step, self.total_steps)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        metrics = MetricsLogger(str(self.run_dir), loggers(cfg), self.total_steps, self.start_step,
+                                enabled=self.dist.is_main, project=t.project_name, experiment=t.experiment_name,
+                                config=dataclasses.asdict(cfg))
+        speed = Throughput()
+        last_saved = self.start_step if self.start_step else None
+        last_loss, bad_streak, skipped = float("nan"), 0, 0
+        if self.start_step >= self.total_steps:
+            log.info("nothing to do: the checkpoint is already at step %d of %d", self.start_step, self.total_steps)
+        log.info("Training %d steps (%d epoch(s)) from step %d on %s", self.total_steps, self.total_epochs,
+                 self.start_step, self.device)
+        batches = prefetch(self._micro_batches, range(self.start_step, self.total_steps))
+        with StopRequest() as stop:
+            try:
+                for step, micro_batches in zip(range(self.start_step, self.total_steps), batches):
+                    global_step = step + 1
+                    result = self._step(micro_batches)
+                    speed.add(int(self.train_ds.lengths[self.plan.step_indices(step)].sum()))
+                    if result.skipped:
+                        skipped += 1
+                        bad_streak += 1
+                        log.warning("step %d: loss or gradient is NaN/inf; update skipped (%d in a row, %d in all)",
+                                    global_step, bad_streak, skipped)
+                        if bad_streak >= t.max_bad_steps:
+                            good = ckpt.latest_checkpoint(self.run_dir)
+                            raise VerliteError(f"step {global_step}: {bad_streak} NaN/inf steps in a row "
+                                               f"(trainer.max_bad_steps={t.max_bad_steps}); last good checkpoint: "
+                                               f"{good or 'none'}; lower optim.lr or check the data")
+                    else:
+                        bad_streak, last_loss = 0, result.loss
+                    metrics.advance(result.loss)
+                    if global_step % t.log_interval == 0 or global_step in (1, self.total_steps):
+                        m = {"train/loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
+                             "grad_norm": result.grad_norm, "tokens/s": speed.rate_since_mark(),
+                             "gpu_mem": gpu_mem_gb(), "skipped_steps": skipped,
+                             "epoch": step // self.plan.steps_per_epoch}
+                        log.info(format_line(m["epoch"], self.total_epochs, global_step, self.total_steps, m))
+                        metrics.write(global_step, m)
+                    if self.val_ds is not None and t.test_freq > 0 and global_step % t.test_freq == 0:
+                        self._validate(global_step, metrics)
+                    if t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps:
+                        self._save(global_step)
+                        last_saved = global_step
+                    if self._stop_requested(stop):
+                        path = self._save(global_step) if last_saved != global_step else self.run_dir
+                        raise TrainingInterrupted(
+                            f"stopped at step {global_step}/{self.total_steps}; checkpoint: {path}. Run the same "
+                            "command again to resume (trainer.resume_mode=auto)", stop.signum)
+                final_step = max(self.start_step, self.total_steps)
+                if self.val_ds is not None and self.total_steps > self.start_step:
+                    self._validate(final_step, metrics)
+                final = self._save(final_step, final=True) if last_saved != final_step else \
+                    self.run_dir / f"global_step_{final_step}"
+            except torch.OutOfMemoryError:
+                raise VerliteError(self._oom_advice()) from None
+            finally:
+                metrics.close()
+        return self._summary(speed, last_loss, final, skipped)
+
+    def _micro_batches(self, step: int):
+        pin = self.device.type == "cuda"
+        out = []
+        for indices, placeholder in self.plan.rank_micro_batches(step, self.dist.rank):
+            mb = collate(self.train_ds, indices, self.cfg.data.packing, self.tokenizer.pad_token_id, placeholder)
+            out.append(mb.pin_memory() if pin else mb)
+        return out
+
+    def _step(self, micro_batches):
+        return train_step(self.model, self.optimizer, self.scheduler, micro_batches, self.device, self.params,
+                          self.cfg.optim.clip_grad, self.autocast, self.dist.world_size)
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        if self.dist.world_size == 1:
+            return stop.signum is not None
+        flag = torch.tensor([1.0 if stop.signum else 0.0], device=self.device)
+        all_reduce_sum(flag)
+        if flag.item() > 0 and stop.signum is None:
+            stop.signum = 15  # another rank was told to stop (torchrun forwards SIGTERM)
+        return flag.item() > 0
+
+    @torch.no_grad()
+    def _validate(self, global_step: int, metrics: MetricsLogger) -> float:
+        self.model.eval()
+        ds: SFTDataset = self.val_ds
+        world, rank = self.dist.world_size, self.dist.rank
+        mb = self.cfg.data.micro_batch_size_per_gpu if isinstance(self.cfg.data.micro_batch_size_per_gpu, int) else 1
+        mine = list(range(rank, len(ds), world))
+        chunks = [mine[i:i + mb] for i in range(0, len(mine), mb)]
+        rounds = math.ceil(math.ceil(len(ds) / world) / mb)
+        totals = torch.zeros(2, device=self.device)
+        for i in range(rounds):  # every rank runs the same number of forwards (FSDP collectives)
+            indices, placeholder = (chunks[i], False) if i < len(chunks) else ([0], True)
+            batch = collate(ds, indices, self.cfg.data.packing, self.tokenizer.pad_token_id, placeholder)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.model(batch.to(self.device))
+            totals += torch.stack([loss.float().reshape(()), torch.tensor(float(batch.num_loss_tokens),
+                                                                          device=self.device)])
+        all_reduce_sum(totals)
+        val_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        self.model.train()
+        log.info("Step %d/%d | val/loss=%.3f", global_step, self.total_steps, val_loss)
+        metrics.write(global_step, {"val/loss": val_loss})
+        return val_loss
+
+    def _save(self, global_step: int, final: bool = False) -> Path:
+        extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg),
+                 "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
+        if not self._weights_finite():
+            log.error("step %d: weights hold NaN/inf; checkpoint not written", global_step)
+            return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
+        path = ckpt.save_checkpoint(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer,
+                                    self.scheduler, extra, self.is_lora, self.dist.is_main)
+        if path is None:
+            if final:
+                raise VerliteError(f"the final checkpoint could not be written under {self.run_dir}; "
+                                   "free disk space or fix permissions, then run again to resume")
+            return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
+        log.info("Checkpoint saved to %s", path)
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
+        return path
+
+    def _weights_finite(self) -> bool:
+        bad = torch.zeros(1, device=self.device)
+        for p in self.params:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local)).any().to(bad.device, torch.float32)
+        return all_reduce_sum(bad).item() == 0
+
+    def _oom_advice(self) -> str:
+        d, m = self.cfg.data, self.cfg.model
+        peak = gpu_mem_gb() or 0.0
+        return (f"out of GPU memory (peak {peak:.1f} GB) with micro_batch_size_per_gpu={d.micro_batch_size_per_gpu}, "
+                f"max_length={d.max_length}, enable_gradient_checkpointing={m.enable_gradient_checkpointing}, "
+                f"lora_rank={m.lora_rank}, cpu_offload={m.fsdp_config.cpu_offload}; try, in this order: "
+                f"data.micro_batch_size_per_gpu={max(1, (d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 2) // 2)}"
+                f" (train_batch_size keeps the effective batch), model.enable_gradient_checkpointing=true, "
+                f"a lower data.max_length, model.fsdp_config.cpu_offload=true, or `verlite plan` to size it")
+
+    def _summary(self, speed: Throughput, last_loss: float, final: Path, skipped: int) -> dict:
+        summary = {"steps": self.total_steps, "start_step": self.start_step, "tokens": speed.tokens,
+                   "wall_time_s": round(speed.elapsed, 2), "tokens_per_s": round(speed.tokens / max(speed.elapsed, 1e-9), 1),
+                   "peak_gpu_mem_gb": gpu_mem_gb(), "final_loss": last_loss, "skipped_steps": skipped,
+                   "checkpoint": str(final)}
+        mem = f", peak gpu_mem {summary['peak_gpu_mem_gb']:.1f}GB" if summary["peak_gpu_mem_gb"] is not None else ""
+        log.info("Done: %d steps, %s tokens in %.1f s (%.0f tokens/s)%s, final train/loss=%.3f",
+                 self.total_steps - self.start_step, f"{speed.tokens:,}", speed.elapsed, summary["tokens_per_s"],
+                 mem, last_loss)
+        log.info("Final checkpoint: %s", final)
+        return summary
