@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="run the same flow on this HF model (path or id) instead")
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: 40 for the tiny model, the article's 1 with --model)")
     _common(p)
     return parser
 
@@ -50,7 +52,7 @@ def _cmd_sft(args) -> int:
 def _cmd_quickstart(args) -> int:
     from verlite.quickstart import run_quickstart
 
-    run_quickstart(args.output_dir, model=args.model, device=args.device)
+    run_quickstart(args.output_dir, model=args.model, device=args.device, epochs=args.epochs)
     return 0
 
 

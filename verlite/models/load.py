@@ -64,10 +64,16 @@ def load_hf_config(cfg: ModelConfig):
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.partial_pretrain, e, "config") from None
     known = set(hf_config.to_dict())
+    # transformers 5 keeps rope settings in a nested dict; `model.rope_theta` still means them.
+    rope = getattr(hf_config, "rope_parameters", None)
     for key, value in cfg.config_overrides.items():
+        if isinstance(rope, dict) and key in rope:
+            log.info("model config override: rope_parameters.%s = %r (was %r)", key, value, rope[key])
+            rope[key] = value
+            continue
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known) + ["lora_rank", "target_modules",
-                                                                   "enable_gradient_checkpointing"], n=1)
+            candidates = sorted(known) + sorted(rope or {}) + ["lora_rank", "target_modules", "lora_alpha"]
+            close = difflib.get_close_matches(key, candidates, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise VerliteError(f"unknown config key 'model.{key}': not a verlite model key nor a field of "
                                f"{type(hf_config).__name__}{hint}")
@@ -104,7 +110,11 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
         raise _hub_error(cfg.partial_pretrain, e, "weights") from None
     model.config.use_cache = False
     if cfg.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Renamed in transformers 5.2x; the GPU machine's 5.17 has only the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
     return model

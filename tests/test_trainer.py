@@ -1,0 +1,93 @@
+"""In-process training runs on a tiny model: accumulation equivalence, reload equality."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from verlite.config import load_config
+from verlite.data.batching import collate
+from verlite.engine.distributed import init_distributed, shutdown
+from verlite.trainer.sft_trainer import Trainer, run_sft
+
+
+def rows(n=16):
+    return [{"question": f"计算 {i} + {i + 1} 的结果是多少?", "answer": f"{i} + {i + 1} = {2 * i + 1}。答案是{2 * i + 1}。" * (1 + i % 3)}
+            for i in range(n)]
+
+
+def config(tmp_path, model, *extra):
+    data = write_jsonl(tmp_path / "train.jsonl", rows())
+    return load_config(None, [f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
+                              f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.save_freq=-1",
+                              "trainer.logger=console", "optim.lr=1e-3", "optim.warmup_steps_ratio=0",
+                              "optim.clip_grad=100", "model.enable_gradient_checkpointing=false", *extra])
+
+
+def weights(path):
+    return load_file(str(path / "huggingface" / "model.safetensors"))
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, tiny_model):
+    """4 micro-batches of 1 sample == 1 micro-batch of 4 samples: loss normalised over the step's tokens."""
+    big = run_sft(config(tmp_path / "a", tiny_model, "data.micro_batch_size_per_gpu=4", "data.train_batch_size=4",
+                         "trainer.total_training_steps=2"))
+    acc = run_sft(config(tmp_path / "b", tiny_model, "data.micro_batch_size_per_gpu=1", "data.train_batch_size=4",
+                         "trainer.total_training_steps=2"))
+    assert big["final_loss"] == pytest.approx(acc["final_loss"], rel=1e-5)
+    wa, wb = weights(tmp_path / "a" / "ckpt" / "global_step_2"), weights(tmp_path / "b" / "ckpt" / "global_step_2")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_is_token_mean_not_mean_of_means(tmp_path, tiny_model):
+    cfg = config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=1", "data.train_batch_size=4",
+                 "optim.lr=0", "trainer.total_training_steps=1")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        mbs = trainer._micro_batches(0)
+        with torch.no_grad():
+            sums = [trainer.model(mb).item() for mb in mbs]
+        counts = [mb.num_loss_tokens for mb in mbs]
+        assert len(set(counts)) > 1  # responses of different lengths, so the two means differ
+        result = trainer._step(mbs)
+        assert result.loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+        assert result.loss != pytest.approx(sum(s / c for s, c in zip(sums, counts)) / 4, rel=1e-3)
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoint_reloads_with_the_same_logits(tmp_path, tiny_model, lora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-2"] if lora else []
+    cfg = config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=2", "trainer.total_training_steps=3", *extra)
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        summary = trainer.fit()
+        mb = collate(trainer.train_ds, [0, 1, 2], packed=False, pad_id=trainer.tokenizer.pad_token_id)
+        with torch.no_grad():
+            in_memory = trainer.model(mb).item()
+    finally:
+        shutdown()
+    hf_dir = tmp_path / "ckpt" / "global_step_3" / "huggingface"
+    assert summary["checkpoint"].endswith("global_step_3")
+    if lora:
+        assert (hf_dir / "adapter_model.safetensors").is_file()
+        assert json.loads((hf_dir / "adapter_config.json").read_text())["r"] == 4
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), hf_dir)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(hf_dir)
+    with torch.no_grad():
+        logits = reloaded(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits.float()
+    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, mb.loss_index)
+    reloaded_loss = torch.nn.functional.cross_entropy(flat, mb.labels.reshape(-1)[mb.loss_index], reduction="sum")
+    assert reloaded_loss.item() == pytest.approx(in_memory, rel=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        base_logits = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    assert not torch.allclose(base_logits, logits, atol=1e-4)  # training changed the model
