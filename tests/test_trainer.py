@@ -91,3 +91,19 @@ def test_checkpoint_reloads_with_the_same_logits(tmp_path, tiny_model, lora):
     with torch.no_grad():
         base_logits = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
     assert not torch.allclose(base_logits, logits, atol=1e-4)  # training changed the model
+
+
+def test_validation_tensorboard_and_pruning(tmp_path, tiny_model):
+    val = write_jsonl(tmp_path / "val.jsonl", rows(6))
+    cfg = config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=2", "trainer.total_training_steps=6",
+                 f"data.val_files={val}", "trainer.test_freq=3", "trainer.save_freq=2", "trainer.max_ckpt_to_keep=2",
+                 "trainer.logger=[console,tensorboard]", "trainer.log_interval=1")
+    run_sft(cfg)
+    run = tmp_path / "ckpt"
+    assert sorted(p.name for p in run.glob("global_step_*")) == ["global_step_4", "global_step_6"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [x["step"] for x in lines if "val/loss" in x]
+    assert val_steps == [3, 6]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

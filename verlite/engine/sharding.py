@@ -57,3 +57,14 @@ def compile_layers(model: SFTModel) -> None:
     """torch.compile each decoder layer in place (same module objects, so FSDP hooks stay)."""
     for layer in model.decoder_layers():
         layer.compile()
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Back to sharded parameters after forward-only passes (validation): with no backward
+    to do it, FSDP leaves the root unsharded, and the optimizer's parameters would not be
+    the module's parameters when a checkpoint is taken."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

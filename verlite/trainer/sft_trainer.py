@@ -23,7 +23,7 @@ from verlite.data.formatting import apply_chat_template_override
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
-from verlite.engine.sharding import compile_layers, offloads, shard_model, uses_fsdp
+from verlite.engine.sharding import compile_layers, offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import train_step
 from verlite.errors import VerliteError
 from verlite.models.load import load_model, load_tokenizer, master_dtype
@@ -174,7 +174,8 @@ class Trainer:
                             f"stopped at step {global_step}/{self.total_steps}; checkpoint: {path}. Run the same "
                             "command again to resume (trainer.resume_mode=auto)", stop.signum)
                 final_step = max(self.start_step, self.total_steps)
-                if self.val_ds is not None and self.total_steps > self.start_step:
+                validated = t.test_freq > 0 and final_step % t.test_freq == 0
+                if self.val_ds is not None and self.total_steps > self.start_step and not validated:
                     self._validate(final_step, metrics)
                 final = self._save(final_step, final=True) if last_saved != final_step else \
                     self.run_dir / f"global_step_{final_step}"
@@ -224,6 +225,7 @@ class Trainer:
                                                                           device=self.device)])
         all_reduce_sum(totals)
         val_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        reshard_all(self.model)
         self.model.train()
         log.info("Step %d/%d | val/loss=%.3f", global_step, self.total_steps, val_loss)
         metrics.write(global_step, {"val/loss": val_loss})

@@ -1,0 +1,38 @@
+"""Checks on the GPU machine that CPU tests cannot make: the varlen flash path of packed
+attention equals padded attention in bf16, and the fused loss equals the plain one."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from verlite.config.schema import ModelConfig
+from verlite.data.batching import collate
+from verlite.data.dataset import SFTDataset
+from verlite.data.formatting import Encoded
+from verlite.models import attention
+from verlite.models.load import load_model
+from verlite.models.sft_model import SFTModel
+
+
+def main(model_path: str) -> None:
+    print("varlen kernel:", attention._VARLEN is not None, attention._VARLEN_ARGS)
+    hf = load_model(ModelConfig(partial_pretrain=model_path, enable_gradient_checkpointing=False), torch.bfloat16)
+    model = SFTModel(hf).cuda()
+    rng = np.random.default_rng(0)
+    ds = SFTDataset()
+    for n in rng.integers(100, 900, 8):
+        ds.append(Encoded(rng.integers(10, 4000, n).tolist(), [0] * (n // 3) + [1] * (n - n // 3)))
+    with torch.no_grad():
+        padded = model(collate(ds, list(range(8)), False, 0).to("cuda")).item()
+        packed = model(collate(ds, list(range(8)), True, 0).to("cuda")).item()
+        model.fused_loss = False
+        plain = model(collate(ds, list(range(8)), True, 0).to("cuda")).item()
+    print(f"padded {padded:.4f} packed {packed:.4f} plain-loss {plain:.4f} rel {abs(packed - padded) / padded:.2e}")
+    assert abs(packed - padded) / padded < 1e-2 and abs(plain - packed) / packed < 1e-2
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
