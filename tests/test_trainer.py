@@ -47,12 +47,13 @@ def test_loss_is_token_mean_not_mean_of_means(tmp_path, tiny_model):
                  "optim.lr=0", "trainer.total_training_steps=1")
     trainer = Trainer(cfg, init_distributed("cpu"))
     try:
-        mbs = trainer._micro_batches(0)
+        batches = trainer._micro_batches(0)
+        mbs = batches.micro_batches
         with torch.no_grad():
             sums = [trainer.model(mb).item() for mb in mbs]
         counts = [mb.num_loss_tokens for mb in mbs]
         assert len(set(counts)) > 1  # responses of different lengths, so the two means differ
-        result = trainer._step(mbs)
+        result = trainer._step(batches)
         assert result.loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
         assert result.loss != pytest.approx(sum(s / c for s, c in zip(sums, counts)) / 4, rel=1e-3)
     finally:
@@ -107,3 +108,30 @@ def test_validation_tensorboard_and_pruning(tmp_path, tiny_model):
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_out_of_memory_halves_micro_batches_and_retries(tmp_path, tiny_model, monkeypatch, caplog):
+    from verlite.models.sft_model import SFTModel
+
+    cfg = config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "data.train_batch_size=4",
+                 "trainer.total_training_steps=1")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        batches = trainer._micro_batches(0)
+        with torch.no_grad():
+            expected = trainer.model(batches.micro_batches[0]).item() / batches.micro_batches[0].num_loss_tokens
+        real_forward = SFTModel.forward
+
+        def forward(self, mb):  # a card that holds at most 2 samples at once
+            if mb.num_samples > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_forward(self, mb)
+
+        monkeypatch.setattr(SFTModel, "forward", forward)
+        result = trainer._step(batches)
+        assert trainer.oom_splits == 1
+        assert result.loss == pytest.approx(expected, rel=1e-5) and not result.skipped
+        assert [mb.num_samples for mb in trainer._micro_batches(1).micro_batches] == [2, 2]
+        assert "micro-batches halved" in caplog.text
+    finally:
+        shutdown()

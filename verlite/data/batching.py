@@ -32,6 +32,10 @@ class MicroBatch:
     num_tokens: int  # real (non-padding) tokens
     num_loss_tokens: int
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.cu_seqlens) - 1 if self.cu_seqlens is not None else self.input_ids.shape[0]
+
     def _map(self, fn) -> "MicroBatch":
         tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self)
                    if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -42,6 +46,27 @@ class MicroBatch:
 
     def pin_memory(self) -> "MicroBatch":
         return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class StepBatches:
+    """This rank's micro-batches of one optimizer step, and how many times they were halved."""
+
+    step: int
+    splits: int
+    micro_batches: list[MicroBatch]
+
+
+def split_evenly(indices: list[int], parts: int) -> list[list[int]]:
+    """`indices` in at most `parts` non-empty, contiguous pieces of near-equal size."""
+    parts = max(1, min(parts, len(indices)))
+    size, extra = divmod(len(indices), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        out.append(indices[start:end])
+        start = end
+    return out
 
 
 def shifted_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

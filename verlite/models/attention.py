@@ -32,6 +32,11 @@ def _varlen_kernel():
 _VARLEN, _VARLEN_ARGS = _varlen_kernel()
 
 
+def supports_varlen(device: torch.device) -> bool:
+    """Whether packed rows run on the fused varlen kernel (else segment by segment)."""
+    return _VARLEN is not None and device.type == "cuda"
+
+
 def _segments_sdpa(q, k, v, cu: torch.Tensor, scale):
     """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D], causal within each segment."""
     out = torch.empty_like(q)

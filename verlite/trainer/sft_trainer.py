@@ -17,15 +17,16 @@ from typing import Optional
 import torch
 
 from verlite.config import SFTConfig, loggers
-from verlite.data.batching import StepPlan, collate
+from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
 from verlite.engine.sharding import compile_layers, offloads, reshard_all, shard_model, uses_fsdp
-from verlite.engine.step import train_step
+from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
+from verlite.models.attention import supports_varlen
 from verlite.models.load import load_model, load_tokenizer, master_dtype
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
@@ -45,7 +46,8 @@ def run_sft(cfg: SFTConfig) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: SFTConfig, dist_info: DistInfo):
+    def __init__(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset] = None):
+        """`train_ds` replaces data.train_files with samples already tokenized (the benchmark's)."""
         self.cfg = cfg
         self.dist = dist_info
         self.device = dist_info.device
@@ -57,7 +59,8 @@ class Trainer:
         # Data first: a bad file fails here, before any model or GPU memory is touched.
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         apply_chat_template_override(self.tokenizer, cfg.data.chat_template)
-        self.train_ds = load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files")
+        self.train_ds = train_ds if train_ds is not None else \
+            load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files")
         self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files")
                        if cfg.data.val_files else None)
         self.plan = self._build_plan()
@@ -77,6 +80,11 @@ class Trainer:
         self.start_step = 0
         if resume_from is not None:
             self._restore(resume_from)
+        # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
+        # the same numbers as padded rows without computing on padding. data.packing decides
+        # only how samples are grouped (by token budget rather than by count).
+        self.packed_layout = cfg.data.packing or (self.device.type == "cuda" and supports_varlen(self.device))
+        self.oom_splits = 0  # each OOM halves every micro-batch from then on
         # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
         self.autocast = not uses_fsdp(cfg.model) and self.device.type == "cuda"
 
@@ -185,17 +193,36 @@ class Trainer:
                 metrics.close()
         return self._summary(speed, last_loss, final, skipped)
 
-    def _micro_batches(self, step: int):
+    def _micro_batches(self, step: int) -> StepBatches:
         pin = self.device.type == "cuda"
+        splits = self.oom_splits
         out = []
         for indices, placeholder in self.plan.rank_micro_batches(step, self.dist.rank):
-            mb = collate(self.train_ds, indices, self.cfg.data.packing, self.tokenizer.pad_token_id, placeholder)
-            out.append(mb.pin_memory() if pin else mb)
-        return out
+            for part in split_evenly(indices, 2 ** splits):
+                mb = collate(self.train_ds, part, self.packed_layout, self.tokenizer.pad_token_id, placeholder)
+                out.append(mb.pin_memory() if pin else mb)
+        return StepBatches(step, splits, out)
 
-    def _step(self, micro_batches):
-        return train_step(self.model, self.optimizer, self.scheduler, micro_batches, self.device, self.params,
-                          self.cfg.optim.clip_grad, self.autocast, self.dist.world_size)
+    def _step(self, batches: StepBatches) -> StepResult:
+        """One optimizer step. On one GPU, running out of memory halves the micro-batches and
+        retries the step (gradient accumulation keeps the effective batch) instead of dying."""
+        while True:
+            try:
+                return train_step(self.model, self.optimizer, self.scheduler, batches.micro_batches, self.device,
+                                  self.params, self.cfg.optim.clip_grad, self.autocast, self.dist.world_size)
+            except torch.OutOfMemoryError:
+                # With several ranks the others already wait in a collective: no retry is possible.
+                single = all(mb.num_samples == 1 for mb in batches.micro_batches)
+                if self.dist.world_size > 1 or (single and batches.splits == self.oom_splits):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)  # a half-done backward left partial gradients
+                torch.cuda.empty_cache()
+                if batches.splits == self.oom_splits:  # batches prefetched before an earlier split are only rebuilt
+                    self.oom_splits += 1
+                    log.warning("out of GPU memory: micro-batches halved (1/%d of the planned size) and the step "
+                                "retried; set a lower data.micro_batch_size_per_gpu or max_token_len_per_gpu "
+                                "to avoid the retry", 2 ** self.oom_splits)
+                batches = self._micro_batches(batches.step)
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         if self.dist.world_size == 1:
