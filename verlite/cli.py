@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_fsdp2", action="store_true", help=argparse.SUPPRESS)
     _common(p)
 
+    p = sub.add_parser("plan", help="predict peak GPU memory for a config and the largest micro-batch that fits")
+    p.add_argument("--config_path", "--config", dest="config_path", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--gpu_mem_gb", type=float, default=None, help="plan for this much GPU memory (default: this GPU)")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs the run will shard over")
+    _common(p)
+
     p = sub.add_parser("quickstart", help="train a tiny model on the article's 100 math samples, then answer one")
     p.add_argument("--model", default=None, help="run the same flow on this HF model (path or id) instead")
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
@@ -49,6 +56,20 @@ def _cmd_sft(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    import torch
+
+    from verlite.config import load_config
+    from verlite.engine.memory import gpu_capacity_gib, plan_report
+
+    cfg = load_config(args.config_path, args.overrides)
+    if args.gpu_mem_gb:
+        cfg.trainer.gpu_mem_gb = args.gpu_mem_gb
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    print(plan_report(cfg, gpu_capacity_gib(cfg, device), args.nproc))
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     from verlite.quickstart import run_quickstart
 
@@ -56,7 +77,7 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"sft": _cmd_sft, "quickstart": _cmd_quickstart}
+COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # Overrides may stand between flags (verl's scripts interleave them).
-    stray = [a for a in rest if a.startswith("-") or "=" not in a or args.command != "sft"]
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or args.command not in ("sft", "plan")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:

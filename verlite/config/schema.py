@@ -98,6 +98,7 @@ class TrainerConfig:
     seed: int = 42
     device: str = "auto"  # auto | cuda | cpu
     max_bad_steps: int = 5  # consecutive NaN/inf steps tolerated before the run stops
+    gpu_mem_gb: Optional[float] = None  # cap GPU memory (GiB) for this process; also what "auto" plans for
 
 
 @dataclass

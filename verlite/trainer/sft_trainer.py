@@ -20,6 +20,7 @@ from verlite.config import SFTConfig, loggers
 from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
+from verlite.engine.memory import apply_memory_cap
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
@@ -55,6 +56,7 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
+        apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
 
         # Data first: a bad file fails here, before any model or GPU memory is touched.
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
@@ -94,7 +96,7 @@ class Trainer:
         if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
             from verlite.engine.memory import resolve_auto_batching
 
-            resolve_auto_batching(self.cfg, self.device, self.train_ds)
+            resolve_auto_batching(self.cfg, self.device, self.dist.world_size)
         world = self.dist.world_size
         mb = d.micro_batch_size_per_gpu
         global_batch = d.train_batch_size or mb * world
