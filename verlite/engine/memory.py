@@ -118,7 +118,10 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     from verlite.models.loss import chunk_size_for
 
     chunk = min(tokens, chunk_size_for(shape.vocab))
-    est.parts["logits (one chunk)"] = chunk * shape.vocab * (4 + 2) + tokens * shape.hidden * 4
+    # bf16 logits of one chunk (turned into their gradient in place), the bf16 partial LM-head
+    # gradient of the chunk, and the gathered hidden states with their gradient.
+    est.parts["logits (one chunk)"] = chunk * shape.vocab * 2 + shape.vocab * shape.hidden * 2 * (not lora) \
+        + tokens * shape.hidden * 4
     if not lora:  # the LM head's fp32 gradient accumulator of the chunked loss
         est.parts["LM head gradient buffer"] = shape.vocab * shape.hidden * 4
     return est

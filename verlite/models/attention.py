@@ -75,6 +75,10 @@ def verlite_attention(module, query, key, value, attention_mask, scaling=None, d
     if query.shape[0] != 1:
         raise ValueError("packed batches hold a single row")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # autocast does not know the varlen op; the flash kernel takes only half precision.
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out = _varlen(q, k, v, cu, int(kwargs.get("max_length_q") or q.shape[0]), scaling)
     return out[None], None
 

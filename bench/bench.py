@@ -1,0 +1,193 @@
+"""verlite vs TRL on the workload of ../shared/docs/benchmark.md, on the GPU machine.
+
+    python bench/bench.py --cases full,lora,lora7b_24g,lora7b_long,offload1.5b --trl   # driver: one table
+    python bench/bench.py --run verlite --case full                                    # one case, JSON line
+    torchrun --nproc_per_node=2 bench/bench.py --run verlite --case full               # the same on 2 GPUs
+
+Every case runs in its own process (clean GPU memory). verlite runs through its Trainer
+(the same micro-batching, sharding and step as `verlite sft`), fed the pre-tokenized
+synthetic samples directly. Tokens/s counts real tokens of the timed steps (after warm-up)
+over their wall time, each step ending in a device sync; peak is max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from shapes import SHAPES, build  # noqa: E402
+from workload import long_samples, synthetic_samples  # noqa: E402
+
+PEAK_FLOPS = 800e12  # measured bf16 matmul rate of an H100 (benchmark.md)
+
+# name: (shape, lora, global batch, max_length, extra verlite overrides, memory cap GiB)
+CASES = {
+    "full": ("qwen0.5b", False, 32, 1024, ["data.max_token_len_per_gpu=32768", "model.enable_gradient_checkpointing=false"], None),
+    "lora": ("qwen0.5b", True, 32, 1024, ["data.max_token_len_per_gpu=32768", "model.enable_gradient_checkpointing=false"], None),
+    "lora7b_24g": ("qwen7b", True, 8, 1024, ["data.micro_batch_size_per_gpu=auto"], 24),
+    "lora7b_long": ("qwen7b", True, 1, 16384, ["data.max_token_len_per_gpu=16384", "model.enable_gradient_checkpointing=true"], 24),
+    "offload1.5b": ("qwen1.5b", False, 8, 1024, ["data.max_token_len_per_gpu=8192", "model.enable_gradient_checkpointing=true",
+                                                   "model.fsdp_config.cpu_offload=true"], 12),
+    "nooffload1.5b": ("qwen1.5b", False, 8, 1024, ["data.max_token_len_per_gpu=8192", "model.enable_gradient_checkpointing=true"], 12),
+}
+# TRL's best setting for each case, as benchmark.md measured it (H100, TRL 1.16): tokens/s, peak GiB.
+PEER = {"full": (36213, 49.0), "lora": (21505, 34.1), "lora7b_24g": (4761, 16.4), "lora7b_long": (8483, 17.1)}
+# The TRL command-line flags of that best setting (bench/trl_bench.py).
+TRL_ARGS = {"full": ["--batch", "32"], "lora": ["--batch", "32", "--lora", "--liger"],
+            "lora7b_24g": ["--batch", "8", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24"],
+            "lora7b_long": ["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
+                            "--max_length", "8192"]}
+
+
+def model_dir(root: Path, shape: str) -> Path:
+    path = root / shape
+    if not (path / "config.json").is_file():
+        build(shape, path, gsm8k=None)
+    return path
+
+
+def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int | None, extra: list[str]) -> dict:
+    import torch
+
+    from verlite.config import load_config
+    from verlite.data.dataset import SFTDataset
+    from verlite.data.formatting import Encoded
+    from verlite.engine.distributed import init_distributed, shutdown
+    from verlite.engine.prefetch import prefetch
+    from verlite.logs import setup_logging
+    from verlite.trainer.sft_trainer import Trainer
+
+    shape, lora, batch, length, overrides, cap = CASES[case]
+    length = max_length or length
+    setup_logging("WARNING")
+    dist = init_distributed("cuda")
+    cfg_over = [f"model.partial_pretrain={model}", f"data.train_batch_size={batch}", f"data.max_length={length}",
+                "data.packing=true", "trainer.device=cuda", "trainer.resume_mode=disable", "optim.lr=1e-5",
+                "trainer.default_local_dir=/tmp/bench_ckpt", "trainer.save_freq=-1", "data.micro_batch_size_per_gpu=1"]
+    if lora:
+        cfg_over += ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"]
+    if cap:
+        cfg_over.append(f"trainer.gpu_mem_gb={cap}")
+    cfg = load_config(None, cfg_over + overrides + extra)
+    vocab = SHAPES[shape]["vocab_size"]
+    n = batch * (warmup + steps)
+    samples = long_samples(n, vocab, length) if case.endswith("long") else synthetic_samples(n, vocab, length)
+    ds = SFTDataset()
+    for s in samples:
+        ds.append(Encoded(s.input_ids, s.loss_mask))
+    result = {"impl": "verlite", "case": case, "global_batch": batch, "max_length": length, "world": dist.world_size,
+              "master_dtype": "bf16 base (frozen) + fp32 LoRA" if lora else "fp32 master, fp32 AdamW, bf16 compute"}
+    try:
+        trainer = Trainer(cfg, dist, train_ds=ds)
+        n_params = sum(p.numel() for n_, p in trainer.model.named_parameters() if "lora_" not in n_)
+        times, tokens = [], []
+        batches = prefetch(trainer._micro_batches, range(warmup + steps))
+        profiler = None
+        for step, b in zip(range(warmup + steps), batches):
+            if step == warmup and os.environ.get("VERLITE_BENCH_PROFILE"):
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                              torch.profiler.ProfilerActivity.CUDA])
+                profiler.__enter__()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = trainer._step(b)
+            torch.cuda.synchronize()
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
+                tokens.append(int(ds.lengths[trainer.plan.step_indices(step)].sum()))
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
+        tps = sum(tokens) / sum(times)
+        result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(times) / len(times), 4),
+                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), last_loss=round(r.loss, 4),
+                      mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
+                      token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
+                      oom_splits=trainer.oom_splits)
+    except torch.OutOfMemoryError as e:
+        result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160],
+                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    finally:
+        shutdown()
+    return result
+
+
+def run_case_subprocess(cmd: list[str], env: dict | None = None, timeout: int = 900) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if os.environ.get("VERLITE_BENCH_PROFILE"):
+        print(proc.stderr[-12000:], file=sys.stderr)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"ok": False, "error": (proc.stderr or proc.stdout)[-600:]}
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'case':<14}{'impl':<9}{'world':>5}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'vs TRL':>8}  notes"
+    out = [head, "-" * len(head)]
+    trl = {r["case"]: r for r in rows if r.get("impl") == "trl" and r.get("ok")}
+    for r in rows:
+        if not r.get("ok"):
+            out.append(f"{r.get('case', '?'):<14}{r.get('impl', '?'):<9}{r.get('world', 1):>5}{'failed':>10}"
+                       f"{r.get('peak_gib') or '':>10}{'':>7}{'':>8}  {r.get('error', '')[:90]}")
+            continue
+        ref = trl.get(r["case"], {}).get("tokens_per_s") or PEER.get(r["case"], (None,))[0]
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref and r["impl"] == "verlite" else ""
+        mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else ""
+        notes = f"max_length {r.get('max_length')}" + (f", budget {r['token_budget']}" if r.get("token_budget") else "")
+        out.append(f"{r['case']:<14}{r['impl']:<9}{r.get('world', 1):>5}{r['tokens_per_s']:>10}{r['peak_gib'] or 0:>10}"
+                   f"{mfu:>7}{ratio:>8}  {notes}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", choices=["verlite"], help="run one case in this process and print its JSON line")
+    p.add_argument("--case", default="full")
+    p.add_argument("--cases", default="full,lora")
+    p.add_argument("--models", default="/tmp/bench_models", help="where the random-init models are built")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--max_length", type=int, default=None, help="override the case's max_length")
+    p.add_argument("--trl", action="store_true", help="also run TRL's best setting of each case (bench/trl_bench.py)")
+    p.add_argument("--out", default=None, help="append JSON results to this file")
+    p.add_argument("extra", nargs="*", help="verlite overrides for every case (key=value)")
+    a = p.parse_args()
+    if a.run:
+        model = model_dir(Path(a.models), CASES[a.case][0])
+        res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(res), flush=True)
+        return
+    rows = []
+    for case in a.cases.split(","):
+        model = model_dir(Path(a.models), CASES[case][0])
+        cmd = [sys.executable, __file__, "--run", "verlite", "--case", case, "--models", a.models,
+               "--warmup", str(a.warmup), "--steps", str(a.steps), *a.extra]
+        if a.max_length:
+            cmd += ["--max_length", str(a.max_length)]
+        rows.append(run_case_subprocess(cmd))
+        print(json.dumps(rows[-1]), flush=True)
+        if a.trl and case in TRL_ARGS:
+            trl_cmd = [sys.executable, str(HERE / "trl_bench.py"), "--model", str(model), "--case", case,
+                       "--warmup", str(a.warmup), "--steps", str(a.steps), *TRL_ARGS[case]]
+            rows.append(run_case_subprocess(trl_cmd))
+            print(json.dumps(rows[-1]), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                for r in rows[-2 if a.trl and case in TRL_ARGS else -1:]:
+                    f.write(json.dumps(r) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
