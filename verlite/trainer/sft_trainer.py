@@ -88,7 +88,7 @@ class Trainer:
         self.packed_layout = cfg.data.packing or (self.device.type == "cuda" and supports_varlen(self.device))
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
         # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
-        self.autocast = not uses_fsdp(cfg.model) and self.device.type == "cuda"
+        self.autocast = not uses_fsdp(cfg.model, dist_info.world_size) and self.device.type == "cuda"
 
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
