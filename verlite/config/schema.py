@@ -56,6 +56,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     strategy: str = "fsdp2"  # fsdp2 | fsdp (treated as fsdp2) | none
     enable_gradient_checkpointing: bool = True
+    checkpoint_layers: Optional[int] = None  # recompute only this many decoder layers (None: all)
     lora_rank: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0

@@ -48,6 +48,10 @@ def init_distributed(requested_device: str) -> DistInfo:
     rank = int(os.environ.get("RANK", 0)) if launched else 0
     world = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    # Variable-length micro-batches fragment the caching allocator; growable segments give
+    # the memory back (measured: a 7B LoRA step at 16k tokens failed 0.4 GiB short of a
+    # 24 GiB cap with 23.4 GiB allocated). Must be set before CUDA's first allocation.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -92,38 +92,45 @@ def activation_bytes_per_token(s: ModelShape, lora: bool) -> float:
 
 
 def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
-             checkpointing: bool | None = None) -> Estimate:
-    """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs."""
+             checkpointing: bool | None = None, checkpoint_layers: int | None = None) -> Estimate:
+    """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs.
+
+    `checkpoint_layers` of the decoder layers are recomputed in backward (None: all of them
+    when checkpointing is on); the others keep their activations."""
     m = cfg.model
     lora = m.lora_rank > 0
     ckpt = m.enable_gradient_checkpointing if checkpointing is None else checkpointing
     offload = m.fsdp_config.cpu_offload or m.fsdp_config.offload_params
+    fsdp = m.strategy in ("fsdp2", "fsdp") and (world > 1 or offload)
+    shard = world if fsdp else 1
     est = Estimate()
-    frozen = shape.params if lora else 0
-    master = 2 if lora and not m.fsdp_config.model_dtype else 4  # a frozen LoRA base stays bf16
     if not offload:
-        est.parts["weights (sharded)"] = (frozen * master + shape.trainable * 4) / world if lora \
-            else shape.params * 4 / world
-        est.parts["gradients (fp32, sharded)"] = shape.trainable * 4 / world
-        est.parts["AdamW state (fp32, sharded)"] = shape.trainable * 8 / world
-    # bf16 copies FSDP gathers for compute: the root, and a layer or two in flight (all of them
-    # when nothing is resharded after forward).
-    in_flight = shape.layers if not m.fsdp_config.reshard_after_forward else 2
-    est.parts["bf16 compute copies"] = (shape.root_params + in_flight * shape.layer_params) * 2
+        if lora:  # a frozen base stays in the compute dtype unless model_dtype says otherwise
+            base_bytes = 4 if m.fsdp_config.model_dtype in ("fp32", "float32") else 2
+            est.parts["weights"] = (shape.params * base_bytes + shape.trainable * 4) / shard
+        else:
+            est.parts["weights (fp32 master)"] = shape.params * 4 / shard
+        est.parts["gradients (fp32)"] = shape.trainable * 4 / shard
+        est.parts["AdamW state (fp32)"] = shape.trainable * 8 / shard
+    if fsdp:  # bf16 copies FSDP gathers: the root and a layer or two in flight (all when not resharded)
+        in_flight = shape.layers if not m.fsdp_config.reshard_after_forward else 2
+        est.parts["bf16 compute copies"] = (shape.root_params + in_flight * shape.layer_params) * 2
+    elif not lora:  # autocast's bf16 weight copies are kept for backward
+        est.parts["bf16 compute copies"] = shape.params * 2
     per_layer = activation_bytes_per_token(shape, lora)
-    if ckpt:
-        est.parts["activations (checkpointed)"] = tokens * (shape.layers * shape.hidden * 2 + per_layer)
-    else:
-        est.parts["activations"] = tokens * shape.layers * per_layer
+    recomputed = 0 if not ckpt else (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers))
+    kept = shape.layers - recomputed
+    est.parts["activations"] = tokens * (kept * per_layer + recomputed * shape.hidden * 2)
+    # Backward of one layer holds its activations (recomputed or kept) plus their gradients.
+    est.parts["backward working set"] = tokens * per_layer * (2 if recomputed else 1)
     from verlite.models.loss import chunk_size_for
 
     chunk = min(tokens, chunk_size_for(shape.vocab))
     # bf16 logits of one chunk (turned into their gradient in place), the bf16 partial LM-head
     # gradient of the chunk, and the gathered hidden states with their gradient.
-    est.parts["logits (one chunk)"] = chunk * shape.vocab * 2 + shape.vocab * shape.hidden * 2 * (not lora) \
-        + tokens * shape.hidden * 4
-    if not lora:  # the LM head's fp32 gradient accumulator of the chunked loss
-        est.parts["LM head gradient buffer"] = shape.vocab * shape.hidden * 4
+    est.parts["logits (one chunk)"] = chunk * shape.vocab * 2 + tokens * shape.hidden * 4
+    if not lora:  # the LM head's fp32 gradient accumulator and its per-chunk bf16 partial
+        est.parts["LM head gradient buffer"] = shape.vocab * shape.hidden * (4 + 2)
     return est
 
 
@@ -135,33 +142,31 @@ def gpu_capacity_gib(cfg: SFTConfig, device: torch.device | None = None) -> floa
     raise VerliteError("no GPU to plan for; pass --gpu_mem_gb N (or set trainer.gpu_mem_gb)")
 
 
-def largest_budget(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int = 1,
-                   checkpointing: bool | None = None) -> int:
-    """The most tokens per micro-batch whose predicted peak fits `capacity_gib` (0: none fit)."""
-    limit = capacity_gib * GIB * USABLE
-    lo, hi = 0, 1 << 20
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if estimate(cfg, shape, mid, world, checkpointing).total <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def fits(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int,
+         checkpoint_layers: int) -> bool:
+    est = estimate(cfg, shape, tokens, world, checkpointing=checkpoint_layers > 0, checkpoint_layers=checkpoint_layers)
+    return est.total <= capacity_gib * GIB * USABLE
 
 
-def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int = 1) -> tuple[int, bool]:
-    """(token budget, gradient checkpointing): checkpointing only when a max_length sample
-    would not fit without it. The budget is a whole number of max_length samples at least."""
-    need = cfg.data.max_length
-    budget = largest_budget(cfg, shape, capacity_gib, world, checkpointing=False)
-    if budget >= need:
-        return budget, False
-    budget = largest_budget(cfg, shape, capacity_gib, world, checkpointing=True)
-    if budget < need:
-        raise VerliteError(f"even with gradient checkpointing a {need}-token sample is predicted not to fit in "
-                           f"{capacity_gib:.1f} GiB (max {budget} tokens); lower data.max_length, use LoRA, or "
-                           "set model.fsdp_config.cpu_offload=true")
-    return budget, True
+def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int = 1) -> tuple[int, int]:
+    """(tokens per micro-batch, decoder layers to recompute) for the fastest plan that fits.
+
+    Aim for a micro-batch holding the rank's whole share of the step (capped at 16k tokens,
+    where matmuls are efficient anyway), recomputing as few layers as possible; shrink the
+    micro-batch only when even full recomputation cannot fit it."""
+    d = cfg.data
+    per_rank = max(1, (d.train_batch_size or world) // world)
+    want = max(d.max_length, min(per_rank * d.max_length, 16384))
+    while want >= d.max_length:
+        for layers in range(shape.layers + 1):
+            if fits(cfg, shape, want, capacity_gib, world, layers):
+                return want, layers
+        if want == d.max_length:
+            break
+        want = max(d.max_length, want // 2)
+    raise VerliteError(f"even with gradient checkpointing a {d.max_length}-token sample is predicted not to fit "
+                       f"in {capacity_gib:.1f} GiB; lower data.max_length, use LoRA (model.lora_rank) or set "
+                       "model.fsdp_config.cpu_offload=true")
 
 
 def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> None:
@@ -171,15 +176,16 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
         raise VerliteError("data.micro_batch_size_per_gpu is auto: set data.train_batch_size (samples per step) too")
     shape = model_shape(cfg)
     capacity = gpu_capacity_gib(cfg, device)
-    budget, ckpt = choose_batching(cfg, shape, capacity, world)
-    budget = min(budget, max(d.max_length, d.train_batch_size // world * d.max_length if d.train_batch_size else 0))
+    budget, layers = choose_batching(cfg, shape, capacity, world)
     d.max_token_len_per_gpu = budget
     d.packing = True  # micro-batches grouped by tokens, not by count
     if d.micro_batch_size_per_gpu == "auto":
         d.micro_batch_size_per_gpu = max(1, budget // d.max_length)
-    cfg.model.enable_gradient_checkpointing = ckpt
-    log.info("auto: %d tokens per micro-batch, gradient checkpointing %s (plan for %.1f GiB, predicted peak %.1f GiB)",
-             budget, "on" if ckpt else "off", capacity, estimate(cfg, shape, budget, world, ckpt).total / GIB)
+    cfg.model.enable_gradient_checkpointing = layers > 0
+    cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
+    predicted = estimate(cfg, shape, budget, world, layers > 0, layers).total / GIB
+    log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed (planned for %.1f GiB, predicted peak "
+             "%.1f GiB)", budget, layers, shape.layers, capacity, predicted)
 
 
 def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
@@ -203,12 +209,13 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
                   f"{'on' if cfg.model.enable_gradient_checkpointing else 'off'}):", est.table(),
                   f"  -> {'fits' if fits else 'does NOT fit'} ({USABLE:.0%} of {capacity_gib:.1f} GiB usable)"]
     try:
-        budget, ckpt = choose_batching(cfg, shape, capacity_gib, world)
-        lines.append(f"largest that fits: {budget} tokens per micro-batch "
-                     f"({budget // d.max_length} samples of max_length {d.max_length}), gradient checkpointing "
-                     f"{'on' if ckpt else 'off'}: set data.max_token_len_per_gpu={budget} data.packing=true"
-                     f"{' model.enable_gradient_checkpointing=true' if ckpt else ' model.enable_gradient_checkpointing=false'}"
-                     " (or micro_batch_size_per_gpu=auto)")
+        budget, layers = choose_batching(cfg, shape, capacity_gib, world)
+        ckpt = f"model.enable_gradient_checkpointing={'true' if layers else 'false'}"
+        if 0 < layers < shape.layers:
+            ckpt += f" model.checkpoint_layers={layers}"
+        lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
+                     f"recomputed: data.packing=true data.max_token_len_per_gpu={budget} {ckpt} "
+                     "(or data.micro_batch_size_per_gpu=auto)")
     except VerliteError as e:
         lines.append(str(e))
     return "\n".join(lines)

@@ -115,9 +115,20 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        limit_checkpointing(model, cfg.checkpoint_layers)
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
     return model
+
+
+def limit_checkpointing(model, layers: int | None) -> None:
+    """Recompute only the first `layers` decoder layers: the rest keep their activations,
+    trading memory for the recompute time (a third of a LoRA step's work per layer)."""
+    if layers is None:
+        return
+    for i, layer in enumerate(model.get_decoder().layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i < layers
 
 
 def linear_module_names(model) -> list[str]:
