@@ -76,6 +76,8 @@ class Trainer:
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
         if cfg.model.compile and self.device.type == "cuda":
             compile_layers(self.model)
+        # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
+        self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device, offloads(cfg.model))
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
