@@ -135,3 +135,21 @@ def test_out_of_memory_halves_micro_batches_and_retries(tmp_path, tiny_model, mo
         assert "micro-batches halved" in caplog.text
     finally:
         shutdown()
+
+
+@pytest.mark.parametrize("layers, expected", [(None, 2), (1, 1)])
+def test_gradient_checkpointing_really_recomputes(tmp_path, tiny_model, layers, expected):
+    """from_pretrained leaves eval mode, where HF silently skips checkpointing."""
+    extra = ["model.enable_gradient_checkpointing=true", "trainer.total_training_steps=1"]
+    if layers is not None:
+        extra.append(f"model.checkpoint_layers={layers}")
+    trainer = Trainer(config(tmp_path, tiny_model, *extra), init_distributed("cpu"))
+    try:
+        calls = []
+        for layer in trainer.model.decoder_layers():
+            real = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k)
+        trainer._step(trainer._micro_batches(0))
+        assert len(calls) == expected
+    finally:
+        shutdown()
