@@ -122,7 +122,7 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     kept = shape.layers - recomputed
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * shape.hidden * 2)
     # Backward of one layer holds its activations (recomputed or kept) plus their gradients.
-    est.parts["backward working set"] = tokens * per_layer * (2 if recomputed else 1)
+    est.parts["backward working set"] = tokens * per_layer
     from verlite.models.loss import chunk_size_for
 
     chunk = min(tokens, chunk_size_for(shape.vocab))
