@@ -77,7 +77,8 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
         cfg_over += ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"]
     if cap:
         cfg_over.append(f"trainer.gpu_mem_gb={cap}")
-    cfg = load_config(None, cfg_over + overrides + extra)
+    # Every case compiles the decoder layers (model.compile): the measured default of this bench.
+    cfg = load_config(None, cfg_over + ["model.compile=true"] + overrides + extra)
     vocab = SHAPES[shape]["vocab_size"]
     n = batch * (warmup + steps)
     samples = long_samples(n, vocab, length) if case.endswith("long") else synthetic_samples(n, vocab, length)
