@@ -7,6 +7,8 @@ norm and LM head, so one `fully_shard` on it covers everything the decoder layer
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -58,6 +60,8 @@ def _liger_loss():
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
+        logging.getLogger("verlite.model").warning(
+            "model.use_liger is set but liger-kernel is not installed; using verlite's own fused loss")
         return None
 
     def loss(h, weight, targets):
