@@ -110,7 +110,7 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
             print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
         tps = sum(tokens) / sum(times)
         result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(times) / len(times), 4),
-                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), last_loss=round(r.loss, 4),
+                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), last_loss=round(r.loss.item(), 4),
                       mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
                       oom_splits=trainer.oom_splits)

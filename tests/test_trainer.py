@@ -54,8 +54,8 @@ def test_loss_is_token_mean_not_mean_of_means(tmp_path, tiny_model):
         counts = [mb.num_loss_tokens for mb in mbs]
         assert len(set(counts)) > 1  # responses of different lengths, so the two means differ
         result = trainer._step(batches)
-        assert result.loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
-        assert result.loss != pytest.approx(sum(s / c for s, c in zip(sums, counts)) / 4, rel=1e-3)
+        assert result.loss.item() == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+        assert result.loss.item() != pytest.approx(sum(s / c for s, c in zip(sums, counts)) / 4, rel=1e-3)
     finally:
         shutdown()
 
@@ -130,7 +130,7 @@ def test_out_of_memory_halves_micro_batches_and_retries(tmp_path, tiny_model, mo
         monkeypatch.setattr(SFTModel, "forward", forward)
         result = trainer._step(batches)
         assert trainer.oom_splits == 1
-        assert result.loss == pytest.approx(expected, rel=1e-5) and not result.skipped
+        assert result.loss.item() == pytest.approx(expected, rel=1e-5) and result.skipped.item() == 0
         assert [mb.num_samples for mb in trainer._micro_batches(1).micro_batches] == [2, 2]
         assert "micro-batches halved" in caplog.text
     finally:

@@ -19,9 +19,11 @@ from verlite.engine.distributed import all_reduce_sum
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss per loss token over the global step
-    grad_norm: float
-    skipped: bool  # NaN/inf loss or gradient: nothing was updated
+    """Device tensors, so the step needs no host sync; the trainer reads them at log steps."""
+
+    loss: torch.Tensor  # mean loss per loss token over the global step
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # 1.0 when the loss or gradient was NaN/inf and nothing was updated
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -49,14 +51,17 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
             loss = model(mb.to(device))
         (loss * scale).backward()
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm(params, clip_grad).to(device)
+    grad_norm = clip_grad_norm(params, clip_grad).to(device).reshape(())
     totals = all_reduce_sum(torch.cat([loss_sum, count]))
     mean_loss = totals[0] / totals[1].clamp(min=1.0)
-    # The one host sync of a step: a NaN must stop the update before it touches the weights.
-    loss_v, norm_v = torch.stack([mean_loss, grad_norm.reshape(())]).tolist()
-    finite = torch.isfinite(torch.tensor([loss_v, norm_v])).all().item()
-    if finite:
+    bad = (~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))).float()
+    if optimizer.defaults.get("fused") and device.type == "cuda":
+        # Fused AdamW skips the update (and un-counts the step) where found_inf is set, on the
+        # device: a NaN never touches weights or moments, and the host never waits here.
+        optimizer.found_inf = bad.reshape(1)
+        optimizer.step()
+    elif bad.item() == 0:  # host-side optimizers (CPU, offload): this read costs no GPU sync
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(loss_v, norm_v, skipped=not finite)
+    return StepResult(mean_loss.detach(), grad_norm.detach(), bad)

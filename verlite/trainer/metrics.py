@@ -69,6 +69,8 @@ class MetricsLogger:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.bar is not None and "train/loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
@@ -78,10 +80,9 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def advance(self, loss: float) -> None:
+    def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}")
 
     def close(self) -> None:
         if not self.enabled:

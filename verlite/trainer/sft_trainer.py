@@ -46,6 +46,38 @@ def run_sft(cfg: SFTConfig) -> dict:
         shutdown()
 
 
+class StepHealth:
+    """NaN/inf bookkeeping kept on the device: skipped steps, the current run of them, and
+    the loss of the last good step. `check` reads it (one sync) and stops a run gone bad."""
+
+    def __init__(self, device: torch.device):
+        self.streak_t = torch.zeros((), device=device)
+        self.skipped_t = torch.zeros((), device=device)
+        self.good_loss_t = torch.full((), float("nan"), device=device)
+        self.skipped = 0
+        self._reported = 0
+
+    def add(self, result: StepResult) -> None:
+        bad = result.skipped
+        self.streak_t = (self.streak_t + bad) * bad  # consecutive bad steps, 0 after a good one
+        self.skipped_t += bad
+        self.good_loss_t = torch.where(bad > 0, self.good_loss_t, result.loss)
+
+    def check(self, global_step: int, max_bad: int, run_dir: Path) -> None:
+        streak, self.skipped = (int(v) for v in torch.stack([self.streak_t, self.skipped_t]).tolist())
+        if self.skipped > self._reported:
+            log.warning("by step %d: %d step(s) with a NaN/inf loss or gradient were skipped, weights untouched "
+                        "(%d in a row now)", global_step, self.skipped - self._reported, streak)
+            self._reported = self.skipped
+        if streak >= max_bad:
+            good = ckpt.latest_checkpoint(run_dir)
+            raise VerliteError(f"step {global_step}: {streak} NaN/inf steps in a row (trainer.max_bad_steps="
+                               f"{max_bad}); last good checkpoint: {good or 'none'}; lower optim.lr or check the data")
+
+    def last_good_loss(self) -> float:
+        return self.good_loss_t.item()
+
+
 class Trainer:
     def __init__(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset] = None):
         """`train_ds` replaces data.train_files with samples already tokenized (the benchmark's)."""
@@ -143,7 +175,10 @@ class Trainer:
                                 config=dataclasses.asdict(cfg))
         speed = Throughput()
         last_saved = self.start_step if self.start_step else None
-        last_loss, bad_streak, skipped = float("nan"), 0, 0
+        health = StepHealth(self.device)
+        # Reading a step's numbers waits for the GPU, so it happens only at log steps and
+        # every few steps for the NaN guard and stop requests; other steps queue up freely.
+        check_every = max(1, min(t.log_interval, t.max_bad_steps))
         if self.start_step >= self.total_steps:
             log.info("nothing to do: the checkpoint is already at step %d of %d", self.start_step, self.total_steps)
         log.info("Training %d steps (%d epoch(s)) from step %d on %s", self.total_steps, self.total_epochs,
@@ -154,24 +189,18 @@ class Trainer:
                 for step, micro_batches in zip(range(self.start_step, self.total_steps), batches):
                     global_step = step + 1
                     result = self._step(micro_batches)
+                    health.add(result)
                     speed.add(int(self.train_ds.lengths[self.plan.step_indices(step)].sum()))
-                    if result.skipped:
-                        skipped += 1
-                        bad_streak += 1
-                        log.warning("step %d: loss or gradient is NaN/inf; update skipped (%d in a row, %d in all)",
-                                    global_step, bad_streak, skipped)
-                        if bad_streak >= t.max_bad_steps:
-                            good = ckpt.latest_checkpoint(self.run_dir)
-                            raise VerliteError(f"step {global_step}: {bad_streak} NaN/inf steps in a row "
-                                               f"(trainer.max_bad_steps={t.max_bad_steps}); last good checkpoint: "
-                                               f"{good or 'none'}; lower optim.lr or check the data")
-                    else:
-                        bad_streak, last_loss = 0, result.loss
-                    metrics.advance(result.loss)
-                    if global_step % t.log_interval == 0 or global_step in (1, self.total_steps):
-                        m = {"train/loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
-                             "grad_norm": result.grad_norm, "tokens/s": speed.rate_since_mark(),
-                             "gpu_mem": gpu_mem_gb(), "skipped_steps": skipped,
+                    metrics.advance()
+                    log_now = global_step % t.log_interval == 0 or global_step in (1, self.total_steps)
+                    check_now = log_now or global_step % check_every == 0
+                    if check_now:
+                        health.check(global_step, t.max_bad_steps, self.run_dir)
+                    if log_now:
+                        loss, grad_norm = result.loss.item(), result.grad_norm.item()
+                        m = {"train/loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                             "grad_norm": grad_norm, "tokens/s": speed.rate_since_mark(),
+                             "gpu_mem": gpu_mem_gb(), "skipped_steps": health.skipped,
                              "epoch": step // self.plan.steps_per_epoch}
                         log.info(format_line(m["epoch"], self.total_epochs, global_step, self.total_steps, m))
                         metrics.write(global_step, m)
@@ -180,7 +209,7 @@ class Trainer:
                     if t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps:
                         self._save(global_step)
                         last_saved = global_step
-                    if self._stop_requested(stop):
+                    if (check_now or self.dist.world_size == 1) and self._stop_requested(stop):
                         path = self._save(global_step) if last_saved != global_step else self.run_dir
                         raise TrainingInterrupted(
                             f"stopped at step {global_step}/{self.total_steps}; checkpoint: {path}. Run the same "
@@ -195,7 +224,8 @@ class Trainer:
                 raise VerliteError(self._oom_advice()) from None
             finally:
                 metrics.close()
-        return self._summary(speed, last_loss, final, skipped)
+        health.check(self.total_steps, t.max_bad_steps, self.run_dir)
+        return self._summary(speed, health.last_good_loss(), final, health.skipped)
 
     def _micro_batches(self, step: int) -> StepBatches:
         pin = self.device.type == "cuda"
