@@ -14,6 +14,8 @@ from verlite.quickstart import article_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No hub is reachable from CI: fail hub look-ups at once instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def corpus() -> list[str]:

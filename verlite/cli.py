@@ -38,6 +38,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="GPUs the run will shard over")
     _common(p)
 
+    def checkpoint_args(p):
+        p.add_argument("--checkpoint", required=True,
+                       help="global_step_N folder, its huggingface/ folder, an adapter folder, a model path or id")
+        p.add_argument("--base_model", default=None, help="base model of a LoRA checkpoint (default: the one it records)")
+        p.add_argument("--device", default=None, help="cuda or cpu (default: GPU if there is one)")
+        p.add_argument("--max_new_tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top_p", type=float, default=1.0)
+        _common(p)
+
+    p = sub.add_parser("generate", help="answer prompts with a trained model, formatted as in training")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    checkpoint_args(p)
+
+    p = sub.add_parser("chat", help="talk to a trained model, multi-turn (exit with /exit or Ctrl-D)")
+    checkpoint_args(p)
+
+    p = sub.add_parser("eval", help="exact-match accuracy of generated final answers on a data file")
+    p.add_argument("--data", required=True, help=".json / .jsonl / .parquet with prompts and reference answers")
+    p.add_argument("--prompt_key", default="question")
+    p.add_argument("--response_key", default="answer")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
+    checkpoint_args(p)
+
+    p = sub.add_parser("export-lora", help="write a PEFT/vLLM adapter folder from a LoRA checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--base_model", default=None, help="base_model_name_or_path to record (default: the trained one)")
+    _common(p)
+
+    p = sub.add_parser("merge-lora", help="write a full HF model with the LoRA adapter merged in")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--base_model", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: the base model's")
+    _common(p)
+
+    p = sub.add_parser("plot", help="loss / lr / tokens-per-second curves of a run as PNG")
+    p.add_argument("run_dir", help="the run's trainer.default_local_dir (holds metrics.jsonl)")
+    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/training_curves.png)")
+    _common(p)
+
     p = sub.add_parser("quickstart", help="train a tiny model on the article's 100 math samples, then answer one")
     p.add_argument("--model", default=None, help="run the same flow on this HF model (path or id) instead")
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
@@ -70,6 +114,91 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _load(args):
+    from verlite.inference import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(args.checkpoint, model_name=args.base_model, device=args.device)
+
+
+def _cmd_generate(args) -> int:
+    from verlite.inference import generate
+
+    model, tokenizer = _load(args)
+    outs = generate(model, tokenizer, list(args.prompts), max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p)
+    for prompt, out in zip(args.prompts, outs):
+        print(f"输入: {prompt}\n输出: {out}" if len(args.prompts) > 1 else out)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from verlite.inference import generate
+
+    model, tokenizer = _load(args)
+    messages: list[dict] = []
+    print("verlite chat: type a message; /reset clears the conversation, /exit or Ctrl-D leaves.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, messages, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from verlite.inference.evaluate import evaluate
+    from verlite.inference.loading import resolve_checkpoint
+
+    model, tokenizer = _load(args)
+    if args.output:
+        output = Path(args.output)
+    else:  # next to the checkpoint when it is a local folder, else in the current one
+        folder = resolve_checkpoint(args.checkpoint)
+        base = folder.parent if isinstance(folder, Path) and folder.name == "huggingface" else \
+            (folder if isinstance(folder, Path) else Path("."))
+        output = base / f"eval_{Path(args.data).stem}.jsonl"
+    result = evaluate(model, tokenizer, args.data, output, args.prompt_key, args.response_key, args.limit,
+                      args.batch_size, args.max_new_tokens)
+    print(f"exact-match accuracy: {result.accuracy:.4f} ({result.correct}/{result.total}); "
+          f"predictions: {result.predictions_path}")
+    return 0
+
+
+def _cmd_export_lora(args) -> int:
+    from verlite.lora import export_lora_to_hf
+
+    print(export_lora_to_hf(args.base_model, args.checkpoint, args.output))
+    return 0
+
+
+def _cmd_merge_lora(args) -> int:
+    from verlite.lora import merge_lora
+
+    print(merge_lora(args.checkpoint, args.output, base_model=args.base_model, dtype=args.dtype))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from verlite.plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     from verlite.quickstart import run_quickstart
 
@@ -77,7 +206,9 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart}
+COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart, "generate": _cmd_generate,
+            "chat": _cmd_chat, "eval": _cmd_eval, "export-lora": _cmd_export_lora, "merge-lora": _cmd_merge_lora,
+            "plot": _cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,14 +41,33 @@ def resolve_checkpoint(path: str) -> Path | str:
                        "pass a global_step_N folder, its huggingface/ folder, an adapter folder or a model folder")
 
 
-def adapter_base(folder: Path, model_name: Optional[str]) -> str:
+def adapter_base_candidates(folder: Path, model_name: Optional[str]) -> list[str]:
+    """Where the adapter's base may be: the caller's `model_name` first (the article passes the
+    hub id), then the base recorded in adapter_config.json (the path it was trained from)."""
     with open(folder / ADAPTER_CONFIG, encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if model_name:
-        return model_name  # the caller knows where the base lives (e.g. a local copy of the hub id)
-    if not base:
+        recorded = json.load(f).get("base_model_name_or_path")
+    candidates = [c for c in (model_name, recorded) if c]
+    if not candidates:
         raise VerliteError(f"{folder / ADAPTER_CONFIG} names no base model; pass model_name= (or --base_model)")
-    return base
+    return list(dict.fromkeys(candidates))
+
+
+def load_base_model(candidates: list[str], dtype: torch.dtype, what: str):
+    """The first candidate that loads; a one-line error naming all of them otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    reasons = []
+    for i, name in enumerate(candidates):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+        except (OSError, ValueError, VerliteError) as e:
+            reasons.append(f"'{name}': {' '.join(str(e).split())[:120]}")
+            continue
+        if i:
+            log.info("%s %s could not be loaded; using %s", what, candidates[0], name)
+        return model, name
+    raise VerliteError(f"cannot load the {what} ({'; '.join(reasons)}); pass a local model folder "
+                       "(model_name= in Python, --base_model on the command line)")
 
 
 def pick_dtype(device: torch.device, dtype) -> torch.dtype:
@@ -63,28 +82,27 @@ def load_model_and_tokenizer(model_path: str, model_name: Optional[str] = None, 
                              merge: bool = False):
     """(model, tokenizer) ready for `generate`, in eval mode, on `device` (default: GPU if any).
 
-    `model_name` is the base model for an adapter (the article passes the hub id); it
-    overrides the adapter's `base_model_name_or_path`. With merge=True a LoRA is folded in.
+    `model_name` is the base model of an adapter (the article passes the hub id): tried
+    first, then the adapter's own `base_model_name_or_path`. With merge=True a LoRA is
+    folded into the base weights.
     """
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = pick_dtype(device, dtype)
     folder = resolve_checkpoint(str(model_path))
-    is_adapter = isinstance(folder, Path) and (folder / ADAPTER_CONFIG).is_file()
-    base_id = adapter_base(folder, model_name) if is_adapter else folder
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(base_id)), dtype=dtype)
-    except (OSError, ValueError) as e:
-        what = "base model of the adapter" if is_adapter else "model"
-        raise VerliteError(f"cannot load the {what} '{base_id}': {' '.join(str(e).split())[:160]}; "
-                           "pass a local path (model_name= / --base_model)") from None
-    if is_adapter:
-        model = attach_adapter(model, folder, str(base_id), merge)
-    tokenizer = load_tokenizer(str(folder) if _has_tokenizer(folder) else str(base_id))
+    if is_adapter(folder):
+        model, base_id = load_base_model(adapter_base_candidates(folder, model_name), dtype,
+                                         "base model of the adapter")
+        model = attach_adapter(model, folder, base_id, merge)
+    else:
+        model, base_id = load_base_model([str(folder)], dtype, "model")
+    tokenizer = load_tokenizer(str(folder) if _has_tokenizer(folder) else base_id)
     tokenizer.padding_side = "left"
     model.to(device).eval()
     return model, tokenizer
+
+
+def is_adapter(folder) -> bool:
+    return isinstance(folder, Path) and (folder / ADAPTER_CONFIG).is_file()
 
 
 def attach_adapter(model, folder: Path, base_id: str, merge: bool):

@@ -1,0 +1,1 @@
+"""The article's `verl.utils.*` import paths, as `verlite.utils.*`."""
