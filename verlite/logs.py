@@ -42,3 +42,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.propagate = False
     for noisy in ("transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel("ERROR" if level != "DEBUG" else "INFO")
+    if level != "DEBUG":  # transformers' per-shard bars would interleave with ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -101,6 +101,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
 
     hf_config = load_hf_config(cfg)
     path = resolve_model_path(cfg.partial_pretrain)
+    if cfg.lora_rank > 0:
+        check_lora_targets(cfg, hf_config)  # before reading gigabytes of weights
     attention.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
@@ -136,16 +138,25 @@ def linear_module_names(model) -> list[str]:
                    if isinstance(mod, torch.nn.Linear) and name})
 
 
+def check_lora_targets(cfg: ModelConfig, hf_config) -> None:
+    """Every named target must be a linear layer of the model (checked on a weightless copy)."""
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(cfg.target_modules, list):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
+    present = linear_module_names(model)
+    missing = [t for t in cfg.target_modules if t not in present]
+    if missing:
+        raise VerliteError(f"model.target_modules: {missing} not found in {type(model).__name__}; "
+                           f"its linear layers are {present} (or use all-linear)")
+
+
 def apply_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.target_modules
-    if isinstance(targets, list):
-        present = linear_module_names(model)
-        missing = [t for t in targets if t not in present]
-        if missing:
-            raise VerliteError(f"model.target_modules: {missing} not found in {type(model).__name__}; "
-                               f"its linear layers are {present} (or use all-linear)")
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
     # Non-reentrant checkpointing (enabled above) needs no grads on the frozen embeddings' output.
