@@ -240,5 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def run_and_exit(argv: list[str] | None = None) -> None:
+    """Exit with main()'s code. Under torchrun the interpreter's teardown of gloo/c10d
+    threads sometimes aborts a finished run (SIGABRT, "terminate called without an active
+    exception"); by then everything is written and closed, so the process leaves at once."""
+    import os
+
+    code = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -79,4 +79,7 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Ranks leave together: one tearing gloo down while another still talks to it aborts
+        # the process at exit ("terminate called without an active exception").
+        barrier()
         dist.destroy_process_group()

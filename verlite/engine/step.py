@@ -52,8 +52,8 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
         (loss * scale).backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm(params, clip_grad).to(device).reshape(())
-    totals = all_reduce_sum(torch.cat([loss_sum, count]))
-    mean_loss = totals[0] / totals[1].clamp(min=1.0)
+    # `count` is already the global token count; only the loss sums still differ per rank.
+    mean_loss = (all_reduce_sum(loss_sum) / count.clamp(min=1.0)).reshape(())
     bad = (~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))).float()
     if optimizer.defaults.get("fused") and device.type == "cuda":
         # Fused AdamW skips the update (and un-counts the step) where found_inf is set, on the

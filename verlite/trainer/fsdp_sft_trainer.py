@@ -5,6 +5,6 @@ is `verlite.trainer.sft_trainer.run_sft`."""
 import sys
 
 if __name__ == "__main__":
-    from verlite.cli import main
+    from verlite.cli import run_and_exit
 
-    sys.exit(main(["sft", *sys.argv[1:]]))
+    run_and_exit(["sft", *sys.argv[1:]])

@@ -1,0 +1,92 @@
+"""Two processes under torchrun (gloo, CPU) against one: the same loss curve, checkpoints
+that resume on another world size, the same Hugging Face export."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+
+ROWS = [{"question": f"计算 {i} + {i + 1} 的结果是多少?", "answer": f"{i} + {i + 1} = {2 * i + 1}。答案是{2 * i + 1}。" * (1 + i % 3)}
+        for i in range(16)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp: Path, model: Path, nproc: int, steps: int, *extra: str, run_dir: str = "run"):
+    data = write_jsonl(tmp / "train.jsonl", ROWS)
+    args = ["--config_path", str(Path(__file__).resolve().parent.parent / "examples" / "sft_single.yaml"),
+            f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
+            f"trainer.default_local_dir={tmp / run_dir}", "data.micro_batch_size_per_gpu=2", "data.train_batch_size=4",
+            f"trainer.total_training_steps={steps}", "trainer.log_interval=1", "optim.lr=1e-3",
+            "trainer.save_freq=2", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "verlite.trainer.fsdp_sft_trainer", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+               "--node_rank=0", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+               "-m", "verlite.trainer.fsdp_sft_trainer", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_processes_follow_the_one_process_curve(tmp_path, tiny_model, lora):
+    extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-2"] if lora else \
+        ["model.lora_rank=0"]
+    one = run(tmp_path / "one", tiny_model, 1, 6, *extra)
+    two = run(tmp_path / "two", tiny_model, 2, 6, *extra)
+    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert a[6] != pytest.approx(a[1], rel=1e-3)  # it trained
+    # Only rank 0 speaks and writes: each step line once.
+    assert two.stdout.count("Step 3/6") == 1 and one.stdout.count("Step 3/6") == 1
+    # The Hugging Face export is the same whatever the world size.
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    wa = load_file(tmp_path / "one" / "run" / "global_step_6" / "huggingface" / name)
+    wb = load_file(tmp_path / "two" / "run" / "global_step_6" / "huggingface" / name)
+    assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    cfg = "adapter_config.json" if lora else "config.json"
+    ca = json.loads((tmp_path / "one" / "run" / "global_step_6" / "huggingface" / cfg).read_text())
+    cb = json.loads((tmp_path / "two" / "run" / "global_step_6" / "huggingface" / cfg).read_text())
+    for c in (ca, cb):  # PEFT keeps target_modules as a set: its order is arbitrary
+        if isinstance(c.get("target_modules"), list):
+            c["target_modules"] = sorted(c["target_modules"])
+    assert ca == cb
+
+
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path, tiny_model):
+    import shutil
+
+    run(tmp_path, tiny_model, 2, 6, "model.lora_rank=0")  # checkpoints at steps 2, 4, 6
+    shutil.rmtree(tmp_path / "run" / "global_step_6")    # as if the 2-GPU job had died after step 4
+    resumed = run(tmp_path, tiny_model, 1, 6, "model.lora_rank=0")  # same dir: resumes from step 4
+    assert "Resumed from" in resumed.stdout and "global_step_4" in resumed.stdout
+    straight = run(tmp_path / "ref", tiny_model, 1, 6, "model.lora_rank=0")
+    a, b = losses(tmp_path / "run"), losses(tmp_path / "ref" / "run")
+    assert sorted(a) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert "Step 6/6" in straight.stdout
