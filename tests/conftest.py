@@ -73,3 +73,16 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "verlite.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _reset_verlite_logging():
+    """cli.main() run in-process installs verlite's console handler and stops propagation;
+    undo that so later tests' caplog sees verlite's records."""
+    yield
+    import logging
+
+    logger = logging.getLogger("verlite")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
