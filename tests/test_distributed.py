@@ -90,3 +90,14 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path, tiny_model):
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
     assert "Step 6/6" in straight.stdout
+
+
+def test_cpu_offload_runs_fsdp2_and_matches(tmp_path, tiny_model):
+    """Offload goes through FSDP2's CPUOffloadPolicy even with one process; same curve."""
+    plain = run(tmp_path / "plain", tiny_model, 1, 4, "model.lora_rank=0")
+    offload = run(tmp_path / "offload", tiny_model, 1, 4, "model.lora_rank=0", "model.fsdp_config.cpu_offload=true",
+                  "model.fsdp_config.offload_params=true")
+    a, b = losses(tmp_path / "plain" / "run"), losses(tmp_path / "offload" / "run")
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    assert "Step 4/4" in plain.stdout and "Step 4/4" in offload.stdout
