@@ -41,11 +41,13 @@ CASES = {
 }
 # TRL's best setting for each case, as benchmark.md measured it (H100, TRL 1.16): tokens/s, peak GiB.
 PEER = {"full": (36213, 49.0), "lora": (21505, 34.1), "lora7b_24g": (4761, 16.4), "lora7b_long": (8483, 17.1)}
-# The TRL command-line flags of that best setting (bench/trl_bench.py).
-TRL_ARGS = {"full": ["--batch", "32"], "lora": ["--batch", "32", "--lora", "--liger"],
-            "lora7b_24g": ["--batch", "8", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24"],
-            "lora7b_long": ["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
-                            "--max_length", "8192"]}
+# The TRL settings run beside each case (bench/trl_bench.py flags): benchmark.md's best one, and
+# where it tells something, a variant (bf16 weights and optimizer state; twice the length).
+TRL_ARGS = {"full": [["--batch", "32"], ["--batch", "32", "--dtype", "bfloat16"]],
+            "lora": [["--batch", "32", "--lora", "--liger"]],
+            "lora7b_24g": [["--batch", "8", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24"]],
+            "lora7b_long": [["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
+                             "--max_length", str(n)] for n in (8192, 16384)]}
 
 
 def model_dir(root: Path, shape: str) -> Path:
@@ -133,20 +135,28 @@ def run_case_subprocess(cmd: list[str], env: dict | None = None, timeout: int = 
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'case':<14}{'impl':<9}{'world':>5}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'vs TRL':>8}  notes"
+    """One line per run; verlite's ratio against TRL measured in this invocation (its best
+    setting per case) and against benchmark.md's TRL figure."""
+    head = (f"{'case':<14}{'impl':<9}{'world':>5}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'vs TRL':>8}"
+            f"{'vs doc':>8}  notes")
     out = [head, "-" * len(head)]
-    trl = {r["case"]: r for r in rows if r.get("impl") == "trl" and r.get("ok")}
+    trl: dict[str, int] = {}
+    for r in rows:
+        if r.get("impl") == "trl" and r.get("ok"):
+            trl[r["case"]] = max(trl.get(r["case"], 0), r["tokens_per_s"])
     for r in rows:
         if not r.get("ok"):
             out.append(f"{r.get('case', '?'):<14}{r.get('impl', '?'):<9}{r.get('world', 1):>5}{'failed':>10}"
-                       f"{r.get('peak_gib') or '':>10}{'':>7}{'':>8}  {r.get('error', '')[:90]}")
+                       f"{r.get('peak_gib') or '':>10}{'':>7}{'':>8}{'':>8}  {r.get('error', '')[-90:]!r}")
             continue
-        ref = trl.get(r["case"], {}).get("tokens_per_s") or PEER.get(r["case"], (None,))[0]
-        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref and r["impl"] == "verlite" else ""
+        ratios = ["", ""]
+        if r["impl"] == "verlite":
+            for i, ref in enumerate([trl.get(r["case"]), PEER.get(r["case"], (None,))[0]]):
+                ratios[i] = f"{r['tokens_per_s'] / ref:.2f}x" if ref else ""
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else ""
-        notes = f"max_length {r.get('max_length')}" + (f", budget {r['token_budget']}" if r.get("token_budget") else "")
+        notes = r.get("setting") or (f"budget {r['token_budget']}" if r.get("token_budget") else "")
         out.append(f"{r['case']:<14}{r['impl']:<9}{r.get('world', 1):>5}{r['tokens_per_s']:>10}{r['peak_gib'] or 0:>10}"
-                   f"{mfu:>7}{ratio:>8}  {notes}")
+                   f"{mfu:>7}{ratios[0]:>8}{ratios[1]:>8}  max_length {r.get('max_length')}, {notes}")
     return "\n".join(out)
 
 
@@ -178,15 +188,14 @@ def main() -> None:
             cmd += ["--max_length", str(a.max_length)]
         rows.append(run_case_subprocess(cmd))
         print(json.dumps(rows[-1]), flush=True)
-        if a.trl and case in TRL_ARGS:
+        for trl_args in TRL_ARGS.get(case, []) if a.trl else []:
             trl_cmd = [sys.executable, str(HERE / "trl_bench.py"), "--model", str(model), "--case", case,
-                       "--warmup", str(a.warmup), "--steps", str(a.steps), *TRL_ARGS[case]]
+                       "--warmup", str(a.warmup), "--steps", str(a.steps), *trl_args]
             rows.append(run_case_subprocess(trl_cmd))
             print(json.dumps(rows[-1]), flush=True)
         if a.out:
-            with open(a.out, "a") as f:
-                for r in rows[-2 if a.trl and case in TRL_ARGS else -1:]:
-                    f.write(json.dumps(r) + "\n")
+            with open(a.out, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
     print(table(rows))
 
 

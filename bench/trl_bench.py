@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--liger", action="store_true", help="use_liger_kernel + padding_free")
     p.add_argument("--long", action="store_true", help="long-context samples (responses max_length/2..max_length)")
     p.add_argument("--mem_cap_gib", type=float, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="weights (and so AdamW state) dtype; default fp32 for full FT, bf16 base for LoRA")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
@@ -53,12 +55,15 @@ def main() -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib * 2**30 / total))
     result = {"impl": "trl", "case": a.case, "global_batch": a.batch, "max_length": a.max_length, "world": 1,
-              "setting": f"batch {a.batch}" + (", ckpt" if a.ckpt else "") + (", Liger+pf" if a.liger else ", padded"),
-              "master_dtype": "bf16 base (frozen) + fp32 LoRA" if a.lora else "fp32 master, fp32 AdamW, bf16 autocast"}
+              "setting": f"batch {a.batch}" + (", ckpt" if a.ckpt else "") + (", Liger+pf" if a.liger else ", padded")
+              + (", bf16 weights" if a.dtype == "bfloat16" and not a.lora else "")}
+    dtype = a.dtype or ("bfloat16" if a.lora else "float32")
+    result["master_dtype"] = ("bf16 base (frozen) + fp32 LoRA" if a.lora else
+                              f"{'fp32' if dtype == 'float32' else 'bf16'} weights and AdamW state, bf16 autocast")
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
-    # Same dtypes as verlite's runs: fp32 master weights for full FT, a bf16 frozen base for LoRA.
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.lora else torch.float32,
+    # By default the dtypes of verlite's runs: fp32 master weights for full FT, a bf16 frozen base for LoRA.
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, dtype),
                                                  attn_implementation="sdpa")
     vocab = model.config.vocab_size
     n = a.batch * (a.warmup + a.steps)

@@ -34,10 +34,14 @@ def snapshot(trainer):
     return weights, moments
 
 
-def test_nan_step_is_skipped_and_counted(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_nan_step_is_skipped_and_counted(tmp_path, tiny_model, monkeypatch, fused):
+    # The GPU's path is fused AdamW told by found_inf to skip; CPU has the same fused kernel.
+    monkeypatch.setattr("verlite.engine.optim.use_fused", lambda device, offloaded: fused)
     trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3"),
                       init_distributed("cpu"))
     try:
+        assert bool(trainer.optimizer.defaults.get("fused")) == fused
         trainer._step(trainer._micro_batches(0))
         before = snapshot(trainer)
         poison(monkeypatch, {0})

@@ -9,10 +9,14 @@ import torch
 from verlite.config.schema import OptimConfig
 
 
+def use_fused(device: torch.device, offloaded: bool) -> bool:
+    # Fused AdamW is one kernel for all parameters on GPU; with offload the state is on the host.
+    return device.type == "cuda" and not offloaded
+
+
 def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: bool) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
-    # Fused AdamW is one kernel for all parameters on GPU; with offload the state is on the host.
-    fused = device.type == "cuda" and not offloaded
+    fused = use_fused(device, offloaded)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                              fused=fused, foreach=None if fused else True)
 

@@ -55,10 +55,11 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
     # `count` is already the global token count; only the loss sums still differ per rank.
     mean_loss = (all_reduce_sum(loss_sum) / count.clamp(min=1.0)).reshape(())
     bad = (~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))).float()
-    if optimizer.defaults.get("fused") and device.type == "cuda":
+    if optimizer.defaults.get("fused"):
         # Fused AdamW skips the update (and un-counts the step) where found_inf is set, on the
         # device: a NaN never touches weights or moments, and the host never waits here.
-        optimizer.found_inf = bad.reshape(1)
+        # found_inf must be 0-dim: the kernel subtracts it in place from the 0-dim step counts.
+        optimizer.found_inf = bad
         optimizer.step()
     elif bad.item() == 0:  # host-side optimizers (CPU, offload): this read costs no GPU sync
         optimizer.step()
