@@ -39,7 +39,10 @@ if triton is not None:
             cols = off + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, x)
-            s = s * tl.exp(m - m_new) + tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
+            # A lane that has seen only masked columns (V < BLOCK) keeps m = -inf: exp(-inf - -inf)
+            # would be NaN there, so its running sum is carried unscaled (it is still 0).
+            s = s * tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new)) + \
+                tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
             m = m_new
         m_all = tl.max(m, 0)
         lse = m_all + tl.log(tl.sum(s * tl.exp(m - m_all), 0))
