@@ -35,6 +35,8 @@ CASES = {
     "lora": ("qwen0.5b", True, 32, 1024, ["data.max_token_len_per_gpu=32768", "model.enable_gradient_checkpointing=false"], None),
     "lora7b_24g": ("qwen7b", True, 8, 1024, ["data.micro_batch_size_per_gpu=auto"], 24),
     "lora7b_long": ("qwen7b", True, 1, 16384, ["data.max_token_len_per_gpu=16384", "model.enable_gradient_checkpointing=true"], 24),
+    "lora7b_long32k": ("qwen7b", True, 1, 32768, ["data.max_token_len_per_gpu=32768", "model.enable_gradient_checkpointing=true",
+                                                  "model.enable_activation_offload=true"], 24),
     "offload1.5b": ("qwen1.5b", False, 8, 1024, ["data.max_token_len_per_gpu=8192", "model.enable_gradient_checkpointing=true",
                                                    "model.fsdp_config.cpu_offload=true"], 12),
     "nooffload1.5b": ("qwen1.5b", False, 8, 1024, ["data.max_token_len_per_gpu=8192", "model.enable_gradient_checkpointing=true"], 12),
@@ -47,7 +49,9 @@ TRL_ARGS = {"full": [["--batch", "32"], ["--batch", "32", "--dtype", "bfloat16"]
             "lora": [["--batch", "32", "--lora", "--liger"]],
             "lora7b_24g": [["--batch", "8", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24"]],
             "lora7b_long": [["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
-                             "--max_length", str(n)] for n in (8192, 16384)]}
+                             "--max_length", str(n)] for n in (8192, 16384)],
+            "lora7b_long32k": [["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
+                                "--max_length", "32768"]]}
 
 
 def model_dir(root: Path, shape: str) -> Path:
@@ -83,7 +87,7 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
     cfg = load_config(None, cfg_over + ["model.compile=true"] + overrides + extra)
     vocab = SHAPES[shape]["vocab_size"]
     n = batch * (warmup + steps)
-    samples = long_samples(n, vocab, length) if case.endswith("long") else synthetic_samples(n, vocab, length)
+    samples = long_samples(n, vocab, length) if "long" in case else synthetic_samples(n, vocab, length)
     ds = SFTDataset()
     for s in samples:
         ds.append(Encoded(s.input_ids, s.loss_mask))

@@ -47,6 +47,22 @@ def test_choose_batching_prefers_no_recompute_then_fewest_layers(tiny_model):
         choose_batching(cfg, shape, capacity_gib=1e-4)
 
 
+def test_activation_offload_is_the_last_resort(tiny_model):
+    cfg = cfg_for(tiny_model, "data.train_batch_size=1", "data.max_length=65536")
+    shape = model_shape(cfg)
+    on_gpu = estimate(cfg, shape, 65536, checkpointing=True)
+    cfg.model.enable_activation_offload = True
+    offloaded = estimate(cfg, shape, 65536, checkpointing=True)
+    assert offloaded.parts["activations"] == 0 < on_gpu.parts["activations"]
+    cfg.model.enable_activation_offload = False
+    between = (offloaded.total + on_gpu.total) / 2 / GIB / 0.92  # fits only with the inputs on the host
+    assert choose_batching(cfg, shape, capacity_gib=between) == (65536, shape.layers)
+    assert cfg.model.enable_activation_offload
+    cfg.model.enable_activation_offload = False
+    roomy = (on_gpu.total + 1) / GIB / 0.92
+    assert choose_batching(cfg, shape, capacity_gib=roomy)[0] == 65536 and not cfg.model.enable_activation_offload
+
+
 def test_auto_micro_batch_resolves_on_cpu(tiny_model):
     cfg = cfg_for(tiny_model, "data.micro_batch_size_per_gpu=auto", "data.train_batch_size=4",
                   "data.max_length=128", "trainer.gpu_mem_gb=4")

@@ -153,3 +153,24 @@ def test_gradient_checkpointing_really_recomputes(tmp_path, tiny_model, layers, 
         assert len(calls) == expected
     finally:
         shutdown()
+
+
+def test_activation_offload_gives_the_same_step(tmp_path, tiny_model):
+    """Recomputing from the host copy of each layer's input changes nothing in the maths."""
+    results = {}
+    for offload in (False, True):
+        cfg = config(tmp_path / str(offload), tiny_model, "model.enable_gradient_checkpointing=true",
+                     f"model.enable_activation_offload={str(offload).lower()}", "model.lora_rank=0",
+                     "trainer.total_training_steps=2")
+        trainer = Trainer(cfg, init_distributed("cpu"))
+        try:
+            wrapped = [getattr(layer._gradient_checkpointing_func, "__qualname__", "checkpoint") for layer in trainer.model.decoder_layers()]
+            assert all(("_offloading" in q) == offload for q in wrapped), wrapped
+            losses = [trainer._step(trainer._micro_batches(s)).loss.item() for s in range(2)]
+            weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+            results[offload] = losses, weights
+        finally:
+            shutdown()
+    assert results[True][0] == results[False][0]
+    for name, w in results[False][1].items():
+        assert torch.equal(w, results[True][1][name]), name

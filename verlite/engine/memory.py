@@ -120,7 +120,9 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     per_layer = activation_bytes_per_token(shape, lora)
     recomputed = 0 if not ckpt else (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers))
     kept = shape.layers - recomputed
-    est.parts["activations"] = tokens * (kept * per_layer + recomputed * shape.hidden * 2)
+    # A recomputed layer keeps only its bf16 input, and not even that with activation offload.
+    kept_input = 0 if m.enable_activation_offload else shape.hidden * 2
+    est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
     # Backward of one layer holds its activations (recomputed or kept) plus their gradients.
     est.parts["backward working set"] = tokens * per_layer
     from verlite.models.loss import chunk_size_for
@@ -153,7 +155,9 @@ def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
 
     Aim for a micro-batch holding the rank's whole share of the step (capped at 16k tokens,
     where matmuls are efficient anyway), recomputing as few layers as possible; shrink the
-    micro-batch only when even full recomputation cannot fit it."""
+    micro-batch only when even full recomputation cannot fit it. When not even one
+    max_length sample fits, activation offload is the last resort: it turns
+    cfg.model.enable_activation_offload on if that makes the sample fit."""
     d = cfg.data
     per_rank = max(1, (d.train_batch_size or world) // world)
     want = max(d.max_length, min(per_rank * d.max_length, 16384))
@@ -164,9 +168,16 @@ def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
         if want == d.max_length:
             break
         want = max(d.max_length, want // 2)
-    raise VerliteError(f"even with gradient checkpointing a {d.max_length}-token sample is predicted not to fit "
-                       f"in {capacity_gib:.1f} GiB; lower data.max_length, use LoRA (model.lora_rank) or set "
-                       "model.fsdp_config.cpu_offload=true")
+    if not cfg.model.enable_activation_offload:
+        cfg.model.enable_activation_offload = True
+        if fits(cfg, shape, d.max_length, capacity_gib, world, shape.layers):
+            log.info("a %d-token sample fits only with the recomputed layers' inputs in host memory: "
+                     "model.enable_activation_offload=true", d.max_length)
+            return d.max_length, shape.layers
+        cfg.model.enable_activation_offload = False
+    raise VerliteError(f"even with gradient checkpointing and activation offload a {d.max_length}-token sample is "
+                       f"predicted not to fit in {capacity_gib:.1f} GiB; lower data.max_length, use LoRA "
+                       "(model.lora_rank) or set model.fsdp_config.cpu_offload=true")
 
 
 def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> None:
@@ -213,6 +224,8 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
         ckpt = f"model.enable_gradient_checkpointing={'true' if layers else 'false'}"
         if 0 < layers < shape.layers:
             ckpt += f" model.checkpoint_layers={layers}"
+        if cfg.model.enable_activation_offload:
+            ckpt += " model.enable_activation_offload=true"
         lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
                      f"recomputed: data.packing=true data.max_token_len_per_gpu={budget} {ckpt} "
                      "(or data.micro_batch_size_per_gpu=auto)")

@@ -325,7 +325,8 @@ class Trainer:
                 f"lora_rank={m.lora_rank}, cpu_offload={m.fsdp_config.cpu_offload}; try, in this order: "
                 f"data.micro_batch_size_per_gpu={max(1, (d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 2) // 2)}"
                 f" (train_batch_size keeps the effective batch), model.enable_gradient_checkpointing=true, "
-                f"a lower data.max_length, model.fsdp_config.cpu_offload=true, or `verlite plan` to size it")
+                f"model.enable_activation_offload=true (long samples), a lower data.max_length, "
+                f"model.fsdp_config.cpu_offload=true, or `verlite plan` to size it")
 
     def _summary(self, speed: Throughput, last_loss: float, final: Path, skipped: int) -> dict:
         summary = {"steps": self.total_steps, "start_step": self.start_step, "tokens": speed.tokens,
