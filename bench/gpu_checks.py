@@ -54,6 +54,34 @@ def check_ce_kernel() -> None:
         assert loss_err < 1e-5 and grad_err < 1e-2, vocab
 
 
+def check_liger(model_path: str) -> None:
+    """model.use_liger: Liger's fused linear cross-entropy against verlite's, loss and grads."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        print("liger-kernel not installed: model.use_liger not checked")
+        return
+    hf = load_model(ModelConfig(partial_pretrain=model_path, enable_gradient_checkpointing=False), torch.bfloat16)
+    rng = np.random.default_rng(1)
+    ds = SFTDataset()
+    for n in rng.integers(100, 900, 4):
+        ds.append(Encoded(rng.integers(10, 4000, n).tolist(), [0] * (n // 3) + [1] * (n - n // 3)))
+    mb = collate(ds, list(range(4)), True, 0).to("cuda")
+    results = {}
+    for liger in (False, True):
+        model = SFTModel(hf, use_liger=liger).cuda()
+        model.zero_grad(set_to_none=True)
+        loss = model(mb)
+        loss.backward()
+        grad = model.causal_lm.get_output_embeddings().weight.grad.float().clone()
+        results[liger] = loss.item(), grad
+    (a, ga), (b, gb) = results[False], results[True]
+    grad_err = ((ga - gb).norm() / ga.norm()).item()
+    print(f"liger loss {b:.4f} verlite {a:.4f} rel {abs(a - b) / a:.2e}; LM-head grad rel err {grad_err:.2e}")
+    assert abs(a - b) / a < 1e-2 and grad_err < 2e-2
+
+
 if __name__ == "__main__":
     check_ce_kernel()
     main(sys.argv[1])
+    check_liger(sys.argv[1])
