@@ -15,6 +15,7 @@ import torch
 
 from verlite.config.schema import ModelConfig
 from verlite.errors import VerliteError
+from verlite.models.checkpointing import enable_checkpointing
 
 log = logging.getLogger("verlite.model")
 
@@ -112,60 +113,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
         raise _hub_error(cfg.partial_pretrain, e, "weights") from None
     model.config.use_cache = False
     if cfg.enable_gradient_checkpointing:
-        # Renamed in transformers 5.2x; the GPU machine's 5.17 has only the old name.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        limit_checkpointing(model, cfg.checkpoint_layers)
-        if cfg.enable_activation_offload:
-            offload_checkpoint_inputs(model)
+        enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload)
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
     return model
-
-
-def limit_checkpointing(model, layers: int | None) -> None:
-    """Recompute only the first `layers` decoder layers: the rest keep their activations,
-    trading memory for the recompute time (a third of a LoRA step's work per layer)."""
-    if layers is None:
-        return
-    for i, layer in enumerate(model.get_decoder().layers):
-        if hasattr(layer, "gradient_checkpointing"):
-            layer.gradient_checkpointing = i < layers
-
-
-def offload_checkpoint_inputs(model) -> None:
-    """Keep each recomputed layer's input on the host between forward and backward.
-
-    A checkpointed layer still holds its input hidden states (recomputation starts from
-    them): that is all checkpointing leaves on the GPU, and at long context it is most of
-    it. The forward pass runs on the GPU tensor as usual; only a host copy (pinned, copied
-    asynchronously on the compute stream) is handed to the recomputation, which brings it
-    back when backward reaches the layer."""
-    for layer in model.get_decoder().layers:
-        if getattr(layer, "gradient_checkpointing", False):
-            layer._gradient_checkpointing_func = _offloading(layer._gradient_checkpointing_func)
-
-
-def _offloading(checkpoint_fn):
-    def run(fn, hidden, *args, **kwargs):
-        pinned = hidden.is_cuda
-        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=pinned)
-        host.copy_(hidden.detach(), non_blocking=pinned)  # ordered before any reuse of hidden's memory
-        device, needs_grad, first = hidden.device, hidden.requires_grad, [hidden]
-        del hidden  # only `first` may reference the GPU tensor, and only until the forward has run
-
-        def body(h, *a, **k):
-            # The forward pass uses the original (its autograd edges lead to the previous
-            # layer); recomputation rebuilds it from the host copy, requires_grad alike so
-            # autograd saves the same tensors both times.
-            h = first.pop() if first else h.to(device, non_blocking=pinned).requires_grad_(needs_grad)
-            return fn(h, *a, **k)
-
-        return checkpoint_fn(body, host, *args, **kwargs)
-
-    return run
 
 
 def linear_module_names(model) -> list[str]:

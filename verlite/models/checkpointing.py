@@ -1,0 +1,61 @@
+"""Activation checkpointing of the decoder layers: which layers recompute in backward, and
+where the one input each of them keeps waits meanwhile (GPU, or pinned host memory)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def enable_checkpointing(model, layers: int | None = None, offload_inputs: bool = False) -> None:
+    """Recompute the decoder layers in backward (the first `layers` of them; None: all)."""
+    # Renamed in transformers 5.2x; the GPU machine's 5.17 has only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    limit_checkpointing(model, layers)
+    if offload_inputs:
+        offload_checkpoint_inputs(model)
+
+
+def limit_checkpointing(model, layers: int | None) -> None:
+    """Recompute only the first `layers` decoder layers: the rest keep their activations,
+    trading memory for the recompute time (a third of a LoRA step's work per layer)."""
+    if layers is None:
+        return
+    for i, layer in enumerate(model.get_decoder().layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i < layers
+
+
+def offload_checkpoint_inputs(model) -> None:
+    """Keep each recomputed layer's input on the host between forward and backward.
+
+    A checkpointed layer still holds its input hidden states (recomputation starts from
+    them): that is all checkpointing leaves on the GPU, and at long context it is most of
+    it. The forward pass runs on the GPU tensor as usual; only a host copy (pinned, copied
+    asynchronously on the compute stream) is handed to the recomputation, which brings it
+    back when backward reaches the layer."""
+    for layer in model.get_decoder().layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            layer._gradient_checkpointing_func = _offloading(layer._gradient_checkpointing_func)
+
+
+def _offloading(checkpoint_fn):
+    def run(fn, hidden, *args, **kwargs):
+        pinned = hidden.is_cuda
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=pinned)
+        host.copy_(hidden.detach(), non_blocking=pinned)  # ordered before any reuse of hidden's memory
+        device, needs_grad, first = hidden.device, hidden.requires_grad, [hidden]
+        del hidden  # only `first` may reference the GPU tensor, and only until the forward has run
+
+        def body(h, *a, **k):
+            # The forward pass uses the original (its autograd edges lead to the previous
+            # layer); recomputation rebuilds it from the host copy, requires_grad alike so
+            # autograd saves the same tensors both times.
+            h = first.pop() if first else h.to(device, non_blocking=pinned).requires_grad_(needs_grad)
+            return fn(h, *a, **k)
+
+        return checkpoint_fn(body, host, *args, **kwargs)
+
+    return run
