@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from verlite.config.schema import DataConfig
 from verlite.data.batching import IGNORE_INDEX, StepPlan, collate
 from verlite.data.dataset import SFTDataset
 from verlite.data.formatting import Encoded

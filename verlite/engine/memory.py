@@ -10,7 +10,6 @@ peaks on an H100 (bench/RESULTS.md gives the error).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
