@@ -24,14 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp: Path, model: Path, nproc: int, steps: int, *extra: str, run_dir: str = "run"):
+def run(tmp: Path, model: Path, nproc: int, steps: int, *extra: str, run_dir: str = "run",
+        launcher: list[str] | None = None):
     data = write_jsonl(tmp / "train.jsonl", ROWS)
     args = ["--config_path", str(Path(__file__).resolve().parent.parent / "examples" / "sft_single.yaml"),
             f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
             f"trainer.default_local_dir={tmp / run_dir}", "data.micro_batch_size_per_gpu=2", "data.train_batch_size=4",
             f"trainer.total_training_steps={steps}", "trainer.log_interval=1", "optim.lr=1e-3",
             "trainer.save_freq=2", *extra]
-    if nproc == 1:
+    if launcher is not None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "verlite.trainer.fsdp_sft_trainer", *args]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "verlite.trainer.fsdp_sft_trainer", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
@@ -101,3 +104,12 @@ def test_cpu_offload_runs_fsdp2_and_matches(tmp_path, tiny_model):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
     assert "Step 4/4" in plain.stdout and "Step 4/4" in offload.stdout
+
+
+def test_article_single_gpu_torchrun_flags(tmp_path, tiny_model):
+    """Section 2.2's launch: torchrun with one process, a static rendezvous on localhost."""
+    launcher = ["--nproc_per_node=1", "--rdzv_backend=static", f"--rdzv_endpoint=localhost:{free_port()}"]
+    plain = run(tmp_path / "plain", tiny_model, 1, 2, "model.lora_rank=0")
+    torchrun = run(tmp_path / "torchrun", tiny_model, 1, 2, "model.lora_rank=0", launcher=launcher)
+    assert losses(tmp_path / "torchrun" / "run") == losses(tmp_path / "plain" / "run")
+    assert "Step 2/2" in torchrun.stdout and "Step 2/2" in plain.stdout
