@@ -113,3 +113,14 @@ def test_article_single_gpu_torchrun_flags(tmp_path, tiny_model):
     torchrun = run(tmp_path / "torchrun", tiny_model, 1, 2, "model.lora_rank=0", launcher=launcher)
     assert losses(tmp_path / "torchrun" / "run") == losses(tmp_path / "plain" / "run")
     assert "Step 2/2" in torchrun.stdout and "Step 2/2" in plain.stdout
+
+
+def test_two_processes_with_activation_offload_follow_the_curve(tmp_path, tiny_model):
+    """Recomputing from host copies of the layer inputs under FSDP2 changes nothing."""
+    one = run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")
+    two = run(tmp_path / "two", tiny_model, 2, 3, "model.lora_rank=0", "model.enable_activation_offload=true")
+    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert "Step 3/3" in one.stdout and "Step 3/3" in two.stdout
