@@ -1,5 +1,8 @@
-"""Checks on the GPU machine that CPU tests cannot make: the varlen flash path of packed
-attention equals padded attention in bf16, and the fused loss equals the plain one."""
+"""Checks on the GPU machine that CPU tests cannot make: the Triton cross-entropy kernel
+against torch, the varlen flash path of packed attention against padded attention in bf16,
+the fused loss against the plain one, and Liger's loss (model.use_liger) against verlite's.
+
+    python bench/gpu_checks.py MODEL_DIR     # e.g. bench/shapes.py qwen0.5b's output"""
 
 from __future__ import annotations
 
@@ -17,14 +20,20 @@ from verlite.models.load import load_model
 from verlite.models.sft_model import SFTModel
 
 
-def main(model_path: str) -> None:
-    print("varlen kernel:", attention._VARLEN is not None, attention._VARLEN_ARGS)
-    hf = load_model(ModelConfig(partial_pretrain=model_path, enable_gradient_checkpointing=False), torch.bfloat16)
-    model = SFTModel(hf).cuda()
-    rng = np.random.default_rng(0)
+def random_samples(seed: int, count: int) -> SFTDataset:
+    """`count` samples of 100-900 random tokens, the last two thirds of each carrying loss."""
+    rng = np.random.default_rng(seed)
     ds = SFTDataset()
-    for n in rng.integers(100, 900, 8):
+    for n in rng.integers(100, 900, count):
         ds.append(Encoded(rng.integers(10, 4000, n).tolist(), [0] * (n // 3) + [1] * (n - n // 3)))
+    return ds
+
+
+def check_attention(hf) -> None:
+    """Packed (varlen) attention equals padded rows; the fused loss equals the plain one."""
+    print("varlen kernel:", attention._VARLEN is not None, attention._VARLEN_ARGS)
+    model = SFTModel(hf).cuda()
+    ds = random_samples(0, 8)
     with torch.no_grad():
         padded = model(collate(ds, list(range(8)), False, 0).to("cuda")).item()
         packed = model(collate(ds, list(range(8)), True, 0).to("cuda")).item()
@@ -54,18 +63,14 @@ def check_ce_kernel() -> None:
         assert loss_err < 1e-5 and grad_err < 1e-2, vocab
 
 
-def check_liger(model_path: str) -> None:
+def check_liger(hf) -> None:
     """model.use_liger: Liger's fused linear cross-entropy against verlite's, loss and grads."""
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
         print("liger-kernel not installed: model.use_liger not checked")
         return
-    hf = load_model(ModelConfig(partial_pretrain=model_path, enable_gradient_checkpointing=False), torch.bfloat16)
-    rng = np.random.default_rng(1)
-    ds = SFTDataset()
-    for n in rng.integers(100, 900, 4):
-        ds.append(Encoded(rng.integers(10, 4000, n).tolist(), [0] * (n // 3) + [1] * (n - n // 3)))
+    ds = random_samples(1, 4)
     mb = collate(ds, list(range(4)), True, 0).to("cuda")
     results = {}
     for liger in (False, True):
@@ -83,5 +88,6 @@ def check_liger(model_path: str) -> None:
 
 if __name__ == "__main__":
     check_ce_kernel()
-    main(sys.argv[1])
-    check_liger(sys.argv[1])
+    hf = load_model(ModelConfig(partial_pretrain=sys.argv[1], enable_gradient_checkpointing=False), torch.bfloat16)
+    check_attention(hf)
+    check_liger(hf)
