@@ -91,7 +91,8 @@ def activation_bytes_per_token(s: ModelShape, lora: bool) -> float:
 
 
 def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
-             checkpointing: bool | None = None, checkpoint_layers: int | None = None) -> Estimate:
+             checkpointing: bool | None = None, checkpoint_layers: int | None = None,
+             activation_offload: bool | None = None) -> Estimate:
     """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs.
 
     `checkpoint_layers` of the decoder layers are recomputed in backward (None: all of them
@@ -120,7 +121,8 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     recomputed = 0 if not ckpt else (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers))
     kept = shape.layers - recomputed
     # A recomputed layer keeps only its bf16 input, and not even that with activation offload.
-    kept_input = 0 if m.enable_activation_offload else shape.hidden * 2
+    offload_inputs = m.enable_activation_offload if activation_offload is None else activation_offload
+    kept_input = 0 if offload_inputs else shape.hidden * 2
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
     # Backward of one layer holds its activations (recomputed or kept) plus their gradients.
     est.parts["backward working set"] = tokens * per_layer
@@ -144,8 +146,9 @@ def gpu_capacity_gib(cfg: SFTConfig, device: torch.device | None = None) -> floa
 
 
 def fits(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int,
-         checkpoint_layers: int) -> bool:
-    est = estimate(cfg, shape, tokens, world, checkpointing=checkpoint_layers > 0, checkpoint_layers=checkpoint_layers)
+         checkpoint_layers: int, activation_offload: bool | None = None) -> bool:
+    est = estimate(cfg, shape, tokens, world, checkpointing=checkpoint_layers > 0, checkpoint_layers=checkpoint_layers,
+                   activation_offload=activation_offload)
     return est.total <= capacity_gib * GIB * USABLE
 
 
@@ -167,13 +170,12 @@ def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
         if want == d.max_length:
             break
         want = max(d.max_length, want // 2)
-    if not cfg.model.enable_activation_offload:
+    if not cfg.model.enable_activation_offload and \
+            fits(cfg, shape, d.max_length, capacity_gib, world, shape.layers, activation_offload=True):
+        log.info("a %d-token sample fits only with the recomputed layers' inputs in host memory: "
+                 "model.enable_activation_offload=true", d.max_length)
         cfg.model.enable_activation_offload = True
-        if fits(cfg, shape, d.max_length, capacity_gib, world, shape.layers):
-            log.info("a %d-token sample fits only with the recomputed layers' inputs in host memory: "
-                     "model.enable_activation_offload=true", d.max_length)
-            return d.max_length, shape.layers
-        cfg.model.enable_activation_offload = False
+        return d.max_length, shape.layers
     raise VerliteError(f"even with gradient checkpointing and activation offload a {d.max_length}-token sample is "
                        f"predicted not to fit in {capacity_gib:.1f} GiB; lower data.max_length, use LoRA "
                        "(model.lora_rank) or set model.fsdp_config.cpu_offload=true")
