@@ -28,7 +28,7 @@ VERL_KEYS_IGNORED = {
     "model.external_lib", "model.fsdp_config.wrap_policy", "model.use_shm",
     "model.fsdp_config.offload_policy", "trainer.nnodes", "trainer.n_gpus_per_node",
     "trainer.checkpoint", "trainer.default_hdfs_dir", "trainer.max_ckpt_to_keep_hdfs",
-    "ulysses_sequence_parallel_size", "use_remove_padding",
+    "use_remove_padding",
 }
 
 CHOICES = {

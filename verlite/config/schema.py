@@ -47,6 +47,9 @@ class FSDPConfig:
     offload_params: bool = False
     reshard_after_forward: bool = True
     model_dtype: Optional[str] = None  # master weights; default fp32 for trained params
+    # Only the optimizer state lives in host memory (verl: engine.optimizer_offload); the
+    # parameters stay on the GPU. Owned by the small-cards work (issue 10).
+    optimizer_offload: bool = False
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
 
@@ -68,6 +71,11 @@ class ModelConfig:
     fused_loss: bool = True  # chunked linear + cross-entropy: never builds [tokens x vocab] logits
     attn_implementation: str = "sdpa"
     compile: bool = False  # torch.compile each decoder layer (GPU only)
+    # Frozen base weights stored quantized for QLoRA: None (off) or "nf4". Owned by issue 10.
+    quantization: Optional[str] = None
+    # verl's model.tiled_mlp: the MLP runs over the sequence in tiles so its intermediate
+    # activations never exist for the whole sequence at once. Owned by issue 10.
+    tiled_mlp: bool = False
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     # Keys under `model:` that are not fields above (e.g. rope_theta) land here and
     # override the model's Hugging Face config; they are checked against it at load time.
@@ -83,6 +91,10 @@ class OptimConfig:
     lr_scheduler: str = "cosine"  # cosine | constant | linear
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
+    # verl's optim.optimizer / optim.optimizer_impl: the optimizer class and the module it
+    # comes from (e.g. AdamW from torch.optim, or an 8-bit AdamW from torchao.optim). Owned by issue 10.
+    optimizer: str = "AdamW"
+    optimizer_impl: str = "torch.optim"
 
 
 @dataclass
@@ -111,3 +123,6 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # verl's legacy top-level key: split every packed sequence over this many ranks (Ulysses
+    # sequence parallelism, all-to-all over attention heads). Owned by issue 11's SP work.
+    ulysses_sequence_parallel_size: int = 1
