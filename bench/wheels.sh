@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Fetch the pure-Python wheels the GPU machine lacks (it has no internet) into .whl/ (git-ignored):
-# omegaconf + antlr4 for verlite itself; trl, datasets, dill, multiprocess, liger-kernel for the
-# TRL side of bench/bench.py. Two datasets versions: 5.x wants pyarrow >= 24, 4.8 takes >= 21;
-# the GPU command installs the one its pyarrow allows (see bench/RESULTS.md for the command).
+# Fetch the wheels the GPU machine lacks (it has no internet) into .whl/ (git-ignored), for its
+# Python 3.12, torch 2.11, pyarrow 25 (checked there on 2026-11-25):
+#   verlite itself: omegaconf + antlr4 + hydra-core (the versions hydra-core 1.3 accepts),
+#                   torchao (QLoRA's NF4, 8-bit AdamW), fastapi/uvicorn/starlette/pydantic (serve);
+#   the peers:      trl, datasets, dill, multiprocess, liger-kernel, bitsandbytes (TRL's QLoRA and
+#                   8-bit AdamW).
+# antlr4 4.9.3 exists only as a source archive: it is pure Python, so it is built into a wheel here.
+# On the GPU machine, before verlite or the bench runs:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -euo pipefail
 cd "$(dirname "$0")/.."
 get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-          --platform manylinux2014_x86_64 -d "$1" "${@:2}"; }
-get .whl omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 trl==1.16.0 dill==0.4.1 multiprocess==0.70.19 \
-    liger-kernel==0.8.5
-get .whl/ds5 datasets==5.2.0
-get .whl/ds4 datasets==4.8.5
-ls -R .whl
+          --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+          --platform manylinux2014_x86_64 -d .whl "$@"; }
+get omegaconf==2.3.1 hydra-core==1.3.8 torchao==0.18.0 \
+    fastapi==0.165.0 uvicorn==0.54.0 starlette==1.10.0 pydantic==2.13.4 pydantic-core==2.46.4 \
+    annotated-types==0.7.0 annotated-doc==0.0.7 typing-inspection==0.4.2 typing-extensions==4.16.0 \
+    opentelemetry-api==1.45.2 \
+    trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 bitsandbytes==0.50.2
+python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+ls -la .whl
