@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -23,31 +22,9 @@ import torch
 import torch.distributed as dist
 
 from verlite.errors import VerliteError
+from verlite.layout import HF_DIR, LATEST, STATE, latest_checkpoint, step_dir, step_dirs  # noqa: F401 (re-exported)
 
 log = logging.getLogger("verlite.checkpoint")
-
-LATEST = "latest_checkpointed_iteration.txt"
-STATE = "trainer_state.pt"
-HF_DIR = "huggingface"
-_STEP_DIR = re.compile(r"^global_step_(\d+)$")
-
-
-def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / STATE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    dirs = step_dirs(root)
-    return dirs[-1][1] if dirs else None
 
 
 def gather_state_dict(model: torch.nn.Module, trainable_only: bool, is_main: bool) -> dict[str, torch.Tensor]:
