@@ -32,6 +32,7 @@ from verlite.models.load import load_model, load_tokenizer, master_dtype
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
 from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_mem_gb
+from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
 
 log = logging.getLogger("verlite.trainer")
@@ -41,7 +42,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
     dist_info = init_distributed(cfg.trainer.device)
     try:
-        return Trainer(cfg, dist_info).fit()
+        with hold_run_dir(Path(cfg.trainer.default_local_dir).expanduser(), dist_info):
+            return Trainer(cfg, dist_info).fit()
     finally:
         shutdown()
 
