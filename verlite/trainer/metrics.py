@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,16 +98,25 @@ class MetricsLogger:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep only lines up to `step`: a run killed after its last checkpoint logged steps that
+    the resumed run logs again, and a fresh start (step 0) owns the file alone."""
     if not path.exists():
         return
+    lines = path.read_text(encoding="utf-8").splitlines()
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             continue  # a line cut short by a kill
-    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")  # a kill now must not lose the lines kept
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("%s: dropped %d line(s) after step %d, left by an earlier run that stopped before saving them",
+             path, len(lines) - len(keep), step)
 
 
 class Throughput:
