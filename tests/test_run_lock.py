@@ -203,3 +203,28 @@ def test_torchrun_ranks_stop_together_on_a_held_lock(tmp_path, tiny_model):
                         env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert metrics_steps(run) == [1, 2] and not (run / LOCK_FILE).exists()
+
+
+def test_without_working_flock_a_live_holder_still_refuses(tmp_path, monkeypatch):
+    """Some shared filesystems refuse flock (ENOLCK): the holder file alone then decides."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "started": "x"}))
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        with pytest.raises(VerliteError, match=f"in use by another verlite run .*pid {live.pid}"):
+            RunLock(run).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    lock = RunLock(run)  # its holder is gone now
+    lock.acquire()
+    lock.release()
+    assert not (run / LOCK_FILE).exists()
