@@ -81,7 +81,7 @@ def test_export_lora_and_eval_outputs_that_cannot_be_written(lora_ckpt, tmp_path
     assert main(["eval", "--checkpoint", str(lora_ckpt), "--data", str(data), "--max_new_tokens", "2",
                  "--device", "cpu", "--output", str(blocker / "preds.jsonl")]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith(f"verlite: error: cannot write predictions file --output {blocker}/preds.jsonl")
+    assert line.startswith(f"verlite: error: cannot write eval --output {blocker}/preds.jsonl")
     # The same export into a writable place works, and a second export replaces the first whole.
     for _ in range(2):
         assert main(["export-lora", "--checkpoint", str(lora_ckpt), "--output", str(tmp_path / "adapter")]) == 0

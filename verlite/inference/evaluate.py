@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, data: str, output: Path, prompt_key: str = "quest
             if not isinstance(row.data.get(key), str):
                 raise VerliteError(f"{row.where}: no text under key '{key}'; pass {flag} with the right field name")
     correct = 0
-    with output_file(output, "predictions file --output") as f, tqdm(total=len(rows), unit="sample", desc="eval") as bar:
+    with output_file(output, "eval --output") as f, tqdm(total=len(rows), unit="sample", desc="eval") as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             outs = generate(model, tokenizer, [r.data[prompt_key] for r in batch], max_new_tokens=max_new_tokens,

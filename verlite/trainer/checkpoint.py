@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from verlite.errors import VerliteError
-from verlite.layout import HF_DIR, LATEST, STATE, latest_checkpoint, step_dir, step_dirs  # noqa: F401 (re-exported)
+from verlite.layout import HF_DIR, LATEST, STATE, latest_checkpoint, step_dirs  # noqa: F401 (re-exported)
 
 log = logging.getLogger("verlite.checkpoint")
 
