@@ -141,3 +141,14 @@ def test_verlite_never_unpickles_with_code_allowed():
                 continue
             hits.append(f"{path.relative_to(ROOT)}: {m.group(0)}")
     assert not hits
+
+
+def test_a_checkpoint_from_before_the_settings_record_resumes_with_a_warning(lora_run, tiny_model, tmp_path, capsys):
+    data, run = lora_run[0], Path(shutil.copytree(lora_run[1], tmp_path / "run"))
+    state_path = run / "global_step_2" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["settings"]
+    torch.save(state, state_path)
+    assert main(sft_args(data, tiny_model, run, 2, *LORA)) == 0  # already at step 2: nothing to train
+    out = capsys.readouterr().out
+    assert "records no settings (written by an older verlite)" in out and "Resumed from" in out
