@@ -163,22 +163,6 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path, caplog):
     assert not (run / LOCK_FILE).exists() and run.is_dir()
 
 
-def test_metrics_after_a_resume_hold_one_line_per_step(tmp_path):
-    """A run killed after its last checkpoint (step 2) logged steps 3-4, the last one cut short:
-    the resumed run starts its file at step 2 and logs 3 and 4 again itself."""
-    from verlite.trainer.metrics import METRICS_FILE, MetricsLogger
-
-    path = tmp_path / METRICS_FILE
-    path.write_text("".join(json.dumps({"step": s, "train/loss": float(s)}) + "\n" for s in (1, 2, 3))
-                    + '{"step": 4, "train/lo')
-    metrics = MetricsLogger(str(tmp_path), ["console"], total_steps=4, start_step=2, enabled=True)
-    for step in (3, 4):
-        metrics.write(step, {"train/loss": -float(step)})
-    metrics.close()
-    assert losses(tmp_path) == {1: 1.0, 2: 2.0, 3: -3.0, 4: -4.0}
-    assert metrics_steps(tmp_path) == [1, 2, 3, 4]
-
-
 @pytest.mark.slow
 def test_torchrun_ranks_stop_together_on_a_held_lock(tmp_path, tiny_model):
     """Rank 0 finds the lock held; both ranks stop with its message and nothing is written."""

@@ -4,6 +4,7 @@ closing summary. Only rank 0 constructs one of these with `enabled=True`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,8 +73,16 @@ class MetricsLogger:
             return
         if self.bar is not None and "train/loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            try:
+                self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.jsonl.flush()
+            except OSError as e:  # a full disk: the run and its checkpoints matter more than the log
+                log.error("%s cannot be written (%s): from step %d on, metrics go to the console only",
+                          self.jsonl_path, e.strerror or e, step)
+                with contextlib.suppress(OSError):
+                    self.jsonl.close()
+                self.jsonl = None
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and v is not None:
@@ -94,7 +103,8 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:
