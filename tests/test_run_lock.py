@@ -67,6 +67,15 @@ def concurrent_pair(tmp_path: Path, model: Path, steps: int) -> tuple[Path, Path
     run = tmp_path / "run"
     a = start(sft_cmd(data, model, run, steps, "trainer.save_freq=2"))
     b = start(sft_cmd(data, model, run, steps, "trainer.save_freq=2"))
+    # The winner is paused while it holds the lock, so that the other run surely meets it
+    # however slowly it starts on a busy machine (a run that finished first would be resumed).
+    winner = wait_for_holder(run, (a, b))
+    winner.send_signal(signal.SIGSTOP)
+    loser = b if winner is a else a
+    try:
+        loser.wait(timeout=300)
+    finally:
+        winner.send_signal(signal.SIGCONT)
     outs = [p.communicate(timeout=300) for p in (a, b)]
     codes = sorted(p.returncode for p in (a, b))
     assert codes == [0, 2], [o[1][-2000:] for o in outs]
@@ -80,6 +89,21 @@ def concurrent_pair(tmp_path: Path, model: Path, steps: int) -> tuple[Path, Path
         [f"global_step_{s}" for s in range(2, steps + 1, 2)] + ["latest_checkpointed_iteration.txt", "metrics.jsonl"])
     assert metrics_steps(run) == list(range(1, steps + 1))
     return data, run
+
+
+def wait_for_holder(run: Path, procs: tuple, timeout: float = 120) -> subprocess.Popen:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            pid = json.loads((run / LOCK_FILE).read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            pid = None
+        for p in procs:
+            if p.pid == pid:
+                return p
+        assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs]
+        time.sleep(0.01)
+    raise AssertionError("no run took the lock")
 
 
 def test_two_concurrent_runs_one_trains_the_other_writes_nothing(tmp_path, tiny_model):
