@@ -153,12 +153,11 @@ def _describe(key: str, saved: Any, now: Any) -> str:
 
 
 def _warn_data_change(saved: Optional[dict], now: dict, step: int, steps_per_epoch: int, seed: int) -> None:
-    if not isinstance(saved, dict) or (saved.get("samples"), saved.get("lengths_hash"), saved.get("files")) == \
-            (now["samples"], now["lengths_hash"], now["files"]):
+    def content(fp: dict) -> tuple:  # file names may change (a moved copy); sizes and samples may not
+        return fp.get("samples"), fp.get("lengths_hash"), [f[1] for f in fp.get("files", [])]
+
+    if not isinstance(saved, dict) or content(saved) == content(now):
         return
-    if saved.get("samples") == now["samples"] and saved.get("lengths_hash") == now["lengths_hash"] \
-            and [f[1] for f in saved.get("files", [])] == [f[1] for f in now["files"]]:
-        return  # the same data under another path
     epoch, within = divmod(step, max(1, steps_per_epoch))
     log.warning("data.train_files changed since the checkpoint (%s samples, %s bytes then; %d samples, %s bytes now): "
                 "training continues at step %d with the new data's order (epoch %d, batch %d of %d, trainer.seed=%d), "
