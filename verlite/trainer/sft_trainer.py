@@ -2,7 +2,8 @@
 
 Everything it calls is a small builder elsewhere: data/ makes samples and micro-batches,
 models/ loads the HF model, engine/ shards it and does one optimizer step, checkpoint.py
-and metrics.py write what the run leaves behind.
+and metrics.py write what the run leaves behind, run_lock.py keeps a second run out of the
+directory and resume_check.py refuses a checkpoint that does not fit the config.
 """
 
 from __future__ import annotations
