@@ -15,6 +15,7 @@ from typing import Optional
 
 from verlite.errors import VerliteError
 from verlite.inference.loading import ADAPTER_CONFIG, is_adapter, load_model_and_tokenizer, resolve_checkpoint
+from verlite.outputs import output_dir
 
 log = logging.getLogger("verlite.inference")
 
@@ -56,16 +57,16 @@ def export_lora_to_hf(base_model: Optional[str], lora_path: str, output_path: st
     folder or an adapter folder) whose config names `base_model` as its base."""
     src = _adapter_folder(lora_path)
     out = Path(output_path).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():  # adapter weights + tokenizer files
-        if item.is_file():
-            shutil.copy2(item, out / item.name)
     config = json.loads((src / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if base_model:
         config["base_model_name_or_path"] = base_model
     config["inference_mode"] = True
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    check_vllm_compatible(out)
+    with output_dir(out, "--output") as tmp:
+        for item in src.iterdir():  # adapter weights + tokenizer files
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        check_vllm_compatible(tmp)
     log.info("LoRA adapter (r=%s, alpha=%s, %s) for %s written to %s", config.get("r"), config.get("lora_alpha"),
              config.get("target_modules"), config.get("base_model_name_or_path"), out)
     return out
@@ -85,8 +86,9 @@ def merge_lora(checkpoint: str, output_path: str, base_model: Optional[str] = No
         if isinstance(saved, torch.dtype):
             model.to(saved)
     out = Path(output_path).expanduser()
-    model.save_pretrained(out, safe_serialization=True)
     tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(out)
+    with output_dir(out, "--output") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     log.info("merged model written to %s (serve it with: vllm serve %s)", out, out)
     return out

@@ -17,6 +17,7 @@ from typing import Optional
 from verlite.data.readers import read_rows, resolve_files
 from verlite.errors import VerliteError
 from verlite.inference.generate import generate
+from verlite.outputs import output_file
 
 log = logging.getLogger("verlite.inference")
 
@@ -65,9 +66,8 @@ def evaluate(model, tokenizer, data: str, output: Path, prompt_key: str = "quest
         for key, flag in ((prompt_key, "--prompt_key"), (response_key, "--response_key")):
             if not isinstance(row.data.get(key), str):
                 raise VerliteError(f"{row.where}: no text under key '{key}'; pass {flag} with the right field name")
-    output.parent.mkdir(parents=True, exist_ok=True)
     correct = 0
-    with open(output, "w", encoding="utf-8") as f, tqdm(total=len(rows), unit="sample", desc="eval") as bar:
+    with output_file(output, "eval --output") as f, tqdm(total=len(rows), unit="sample", desc="eval") as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             outs = generate(model, tokenizer, [r.data[prompt_key] for r in batch], max_new_tokens=max_new_tokens,

@@ -12,7 +12,7 @@ import torch
 
 from verlite.errors import VerliteError
 from verlite.models.load import DTYPES, load_tokenizer, resolve_model_path
-from verlite.trainer.checkpoint import HF_DIR
+from verlite.layout import HF_DIR, latest_checkpoint
 
 log = logging.getLogger("verlite.inference")
 
@@ -22,8 +22,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 def resolve_checkpoint(path: str) -> Path | str:
     """The folder holding the HF files: `global_step_N` -> `global_step_N/huggingface`; a
     run directory -> its newest checkpoint; a hub id is returned unchanged."""
-    from verlite.trainer.checkpoint import latest_checkpoint
-
     local = Path(resolve_model_path(path)) if Path(path).expanduser().exists() else None
     if local is None:
         if path.startswith((".", "/", "~")):

@@ -11,8 +11,10 @@ any number of GPUs and a run can resume on a different number.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -23,31 +25,9 @@ import torch
 import torch.distributed as dist
 
 from verlite.errors import VerliteError
+from verlite.layout import HF_DIR, LATEST, STATE, latest_checkpoint, step_dirs  # noqa: F401 (re-exported)
 
 log = logging.getLogger("verlite.checkpoint")
-
-LATEST = "latest_checkpointed_iteration.txt"
-STATE = "trainer_state.pt"
-HF_DIR = "huggingface"
-_STEP_DIR = re.compile(r"^global_step_(\d+)$")
-
-
-def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / STATE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    dirs = step_dirs(root)
-    return dirs[-1][1] if dirs else None
 
 
 def gather_state_dict(model: torch.nn.Module, trainable_only: bool, is_main: bool) -> dict[str, torch.Tensor]:
@@ -194,11 +174,47 @@ def load_weights_into(model, ckpt: Path, is_lora: bool) -> None:
                            f"{unexpected[:3]}); resume with the same model.partial_pretrain")
 
 
+# Packages whose tensor types may sit in an optimizer state (torchao's low-bit AdamW states);
+# importing them registers exactly those types with torch.load's weights-only unpickler.
+_STATE_TYPE_PACKAGES = ("torchao.optim",)
+
+
 def load_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.pt as data only (tensors, numbers, strings, lists, dicts): unpickling
+    never runs code from the file, so a checkpoint from someone else cannot run code here."""
+    path = ckpt / STATE
+    for attempt in range(2):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as e:
+            name = _refused_global(str(e))
+            package = next((p for p in _STATE_TYPE_PACKAGES if name.startswith(p + ".")), None)
+            if attempt == 0 and package and _import_quietly(package):
+                continue
+            raise VerliteError(f"{path} holds more than data (it names {name or 'a Python object'}, which loading "
+                               "would run): refused; resume only from checkpoints you trust, or set "
+                               "trainer.resume_mode=disable") from None
+        except Exception as e:
+            raise VerliteError(f"{path} cannot be read ({' '.join(str(e).split())[:200]}); resume from another "
+                               "checkpoint or set trainer.resume_mode=disable") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "global_step"} <= set(state):
+        raise VerliteError(f"{path} is not a verlite trainer state; resume from another checkpoint "
+                           "or set trainer.resume_mode=disable")
+    return state
+
+
+def _refused_global(message: str) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return m.group(1) if m else ""
+
+
+def _import_quietly(module: str) -> bool:
     try:
-        return torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise VerliteError(f"{ckpt / STATE} cannot be read ({e}); resume from another checkpoint") from None
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
 
 
 def restore_optimizer(sft_model, optimizer, osd: dict) -> None:

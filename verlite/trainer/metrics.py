@@ -4,8 +4,10 @@ closing summary. Only rank 0 constructs one of these with `enabled=True`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,8 +73,16 @@ class MetricsLogger:
             return
         if self.bar is not None and "train/loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            try:
+                self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.jsonl.flush()
+            except OSError as e:  # a full disk: the run and its checkpoints matter more than the log
+                log.error("%s cannot be written (%s): from step %d on, metrics go to the console only",
+                          self.jsonl_path, e.strerror or e, step)
+                with contextlib.suppress(OSError):
+                    self.jsonl.close()
+                self.jsonl = None
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and v is not None:
@@ -93,20 +103,30 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep only lines up to `step`: a run killed after its last checkpoint logged steps that
+    the resumed run logs again, and a fresh start (step 0) owns the file alone."""
     if not path.exists():
         return
+    lines = path.read_text(encoding="utf-8").splitlines()
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             continue  # a line cut short by a kill
-    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")  # a kill now must not lose the lines kept
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("%s: dropped %d line(s) after step %d, left by an earlier run that stopped before saving them",
+             path, len(lines) - len(keep), step)
 
 
 class Throughput:

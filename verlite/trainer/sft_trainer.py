@@ -2,7 +2,8 @@
 
 Everything it calls is a small builder elsewhere: data/ makes samples and micro-batches,
 models/ loads the HF model, engine/ shards it and does one optimizer step, checkpoint.py
-and metrics.py write what the run leaves behind.
+and metrics.py write what the run leaves behind, run_lock.py keeps a second run out of the
+directory and resume_check.py refuses a checkpoint that does not fit the config.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from verlite.models.load import load_model, load_tokenizer, master_dtype
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
 from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_mem_gb
+from verlite.trainer.resume_check import check_resume, run_settings
+from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
 
 log = logging.getLogger("verlite.trainer")
@@ -41,7 +44,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
     dist_info = init_distributed(cfg.trainer.device)
     try:
-        return Trainer(cfg, dist_info).fit()
+        with hold_run_dir(Path(cfg.trainer.default_local_dir).expanduser(), dist_info):
+            return Trainer(cfg, dist_info).fit()
     finally:
         shutdown()
 
@@ -102,6 +106,12 @@ class Trainer:
         self.total_epochs = math.ceil(self.total_steps / self.plan.steps_per_epoch)
 
         resume_from = self._resume_point()
+        # What gives this run's weights their meaning; checked against the checkpoint before
+        # any weights are read, and saved with every checkpoint.
+        self.settings = run_settings(cfg, self.tokenizer, self.train_ds)
+        resume_state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
+        if resume_state is not None:
+            check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
         hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
         if resume_from is not None:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
@@ -114,8 +124,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device, offloads(cfg.model))
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
         self.start_step = 0
-        if resume_from is not None:
-            self._restore(resume_from)
+        if resume_state is not None:
+            self._restore(resume_from, resume_state)
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
         # only how samples are grouped (by token budget rather than by count).
@@ -159,8 +169,7 @@ class Trainer:
             return path
         return ckpt.latest_checkpoint(self.run_dir)
 
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_trainer_state(path)
+    def _restore(self, path: Path, state: dict) -> None:
         ckpt.restore_optimizer(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
@@ -293,7 +302,7 @@ class Trainer:
         return val_loss
 
     def _save(self, global_step: int, final: bool = False) -> Path:
-        extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg),
+        extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
         if not self._weights_finite():
             log.error("step %d: weights hold NaN/inf; checkpoint not written", global_step)
