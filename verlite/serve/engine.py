@@ -120,8 +120,9 @@ class Engine:
                 if self.stopping and not self.live and not self.waiting:
                     return
                 self._drop_aborted()
-                admitted = []
-                while self.waiting and len(self.free) >= self.waiting[0].params.n:
+                admitted, free = [], len(self.free)
+                while self.waiting and free >= self.waiting[0].params.n:
+                    free -= self.waiting[0].params.n
                     admitted.append(self.waiting.popleft())
             try:
                 if admitted:

@@ -68,7 +68,7 @@ class TextStream:
         hits = [text.find(s) for s in self.stop if s in text]
         if hits:
             return self._release(text[:min(hits)]), True
-        hold = 1 if text.endswith("\ufffd") else 0
+        hold = len(text) - len(text.rstrip("\ufffd"))  # bytes of a character still to come
         for s in self.stop:  # a suffix that could grow into a stop string waits
             for k in range(min(len(s) - 1, len(text)), hold, -1):
                 if text.endswith(s[:k]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Optional
 
 from verlite.serve.app import create_app
@@ -22,6 +23,23 @@ def run_server(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_k
     app = create_app(served=served, api_key=api_key)
     log.info("verlite serve: http://%s:%d/v1 (models: %s)%s", host, port, ", ".join(served.models),
              "; API key required" if api_key else "")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=None)
-    log.info("verlite serve: stopped")
+    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found;
+    # this one turns it into a normal return, so a drained stop exits 0.
+    previous = {sig: signal.signal(sig, _drained) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=None)
+    except _Drained:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("verlite serve: stopped; in-flight requests were answered")
+
+
+class _Drained(Exception):
+    pass
+
+
+def _drained(signum, frame):
+    raise _Drained()
