@@ -15,6 +15,14 @@ from pathlib import Path
 import httpx
 
 
+def served_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """build_models once per test session (both serve test modules use the same folders)."""
+    root = tmp_path_factory.getbasetemp() / "serve_models"
+    if not (root / "b" / "adapter_config.json").is_file():
+        build_models(root, tokenizer)
+    return {name: root / name for name in ("base", "a", "b")}
+
+
 def build_models(root: Path, tokenizer) -> dict[str, Path]:
     import torch
     from peft import LoraConfig, get_peft_model

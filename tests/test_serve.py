@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from conftest import run_cli
-from serve_fixtures import Server, build_models
+from serve_fixtures import Server, served_models
 from verlite.inference import generate, load_model_and_tokenizer
 
 KEY = "test-secret"
@@ -22,7 +22,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer_chat):
-    return build_models(tmp_path_factory.mktemp("serve"), tokenizer_chat)
+    return served_models(tmp_path_factory, tokenizer_chat)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_queue_limit_then_sigterm_drains(models):
     srv = Server("--checkpoint", str(models["base"]), "--max_num_seqs", "1", "--max_queue", "1",
                  "--max_model_len", "512")
     name = str(models["base"])
-    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "ignore_eos": True}
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "ignore_eos": True}
     results = {}
 
     def stream_all():
@@ -216,5 +216,5 @@ def test_queue_limit_then_sigterm_drains(models):
     assert code == 0, printed[-3000:]
     assert results["stream"][-1] == "data: [DONE]"
     usage = json.loads(results["stream"][-2][len("data: "):])["usage"]
-    assert usage["completion_tokens"] == 300
+    assert usage["completion_tokens"] == 200
     assert results["queued"].status_code == 200 and results["queued"].json()["usage"]["completion_tokens"] == 5
