@@ -5,7 +5,7 @@ step (requests join and leave at any step), which transformers' caches do not ta
 step whose tensors never change shape can be replayed as a CUDA graph. So this module
 runs the Hugging Face model's own submodules (embeddings, norms, projections, rotary
 table, LM head) in the Llama/Qwen2 decoder order, over a cache of shape
-[layers, slots, kv_heads, max_model_len, head_dim] allocated once.
+[layers, slots, max_model_len, kv_heads, head_dim] allocated once.
 
 The cache is static per slot rather than paged: a slot holds room for max_model_len
 tokens. That costs memory when contexts are long and slots many, but keeps the decode
@@ -56,7 +56,7 @@ class SlotRunner:
         self.scaling = first.scaling
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        shape = (len(self.layers), num_slots, self.num_kv_heads, max_model_len, self.head_dim)
+        shape = (len(self.layers), num_slots, max_model_len, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         with torch.no_grad():  # the rotary table for every position, looked up per token
@@ -84,7 +84,8 @@ class SlotRunner:
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, adapter: torch.Tensor,
                  write_at: torch.Tensor, keys: int, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the final norm. x: [rows, tokens, hidden]; positions: [rows, tokens];
-        new keys/values go to cache[slot, :, write_at]; attention reads cache[slot, :, :keys] under mask."""
+        new keys/values go to cache[slot, write_at]; attention reads cache[slot, :keys] under mask.
+        slots None means every slot in order (the decode step)."""
         rows, tokens = x.shape[:2]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         for i, layer in enumerate(self.layers):
@@ -98,14 +99,17 @@ class SlotRunner:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            # [rows, kv_heads, tokens, dim] -> cache[layer, slot, :, position]
-            write_slots = self.all_slots if slots is None else slots
-            self.k_cache[i][write_slots[:, None], :, write_at] = k.transpose(1, 2)
-            self.v_cache[i][write_slots[:, None], :, write_at] = v.transpose(1, 2)
+            # Into cache[layer] viewed as [slot * max_model_len + position, kv_heads, dim]: index_copy_
+            # is one kernel with no host sync, so it is recorded in the CUDA graph like any other.
+            flat = (self.all_slots if slots is None else slots)[:, None] * self.max_model_len + write_at
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            self.k_cache[i].view(shape).index_copy_(0, flat.reshape(-1), k.transpose(1, 2).reshape(shape))
+            self.v_cache[i].view(shape).index_copy_(0, flat.reshape(-1), v.transpose(1, 2).reshape(shape))
             if slots is None:  # decode: every slot, a view of the cache, no copy
-                keys_i, values_i = self.k_cache[i][:, :, :keys], self.v_cache[i][:, :, :keys]
+                keys_i, values_i = self.k_cache[i][:, :keys], self.v_cache[i][:, :keys]
             else:
-                keys_i, values_i = self.k_cache[i][slots, :, :keys], self.v_cache[i][slots, :, :keys]
+                keys_i, values_i = self.k_cache[i][slots, :keys], self.v_cache[i][slots, :keys]
+            keys_i, values_i = keys_i.transpose(1, 2), values_i.transpose(1, 2)  # [rows, kv_heads, keys, dim]
             out = self._attention(q, keys_i, values_i, mask)
             out = out.transpose(1, 2).reshape(rows, tokens, -1)
             x = x + self._linear(i, "o_proj", attn.o_proj, out, adapter)
@@ -203,10 +207,26 @@ class SlotRunner:
                         out = self._decode_step(keys)
                     self.graphs[keys] = (graph, out)
             torch.cuda.synchronize()
+            self._check_graph(buckets[0])
             log.info("decode step captured as CUDA graphs for %d attention lengths", len(buckets))
         except Exception as e:  # an op that cannot be captured: stay correct, just slower
             self.graphs.clear()
             log.warning("CUDA graph capture failed (%s); decoding eagerly", " ".join(str(e).split())[:200])
+
+
+    @torch.no_grad()
+    def _check_graph(self, keys: int) -> None:
+        """The replayed graph must give the eager step's logits (no request is live yet)."""
+        vocab = self.model.config.vocab_size
+        self.tokens.copy_(torch.arange(self.num_slots, device=self.device) * 7 % vocab)
+        self.positions.copy_(torch.arange(self.num_slots, device=self.device) % keys)
+        eager = self._decode_step(keys).clone()
+        graph, out = self.graphs[keys]
+        graph.replay()
+        if not torch.allclose(out, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max())):
+            raise RuntimeError(f"graph logits differ from eager by {float((out - eager).abs().max()):.3g}")
+        self.tokens.zero_()
+        self.positions.zero_()
 
 
 def _projections(layer) -> dict[str, torch.nn.Module]:
