@@ -116,3 +116,34 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer_c
     plain = TextStream(tokenizer_chat, stop=[])
     text = "".join(plain.add(t)[0] for t in ids) + plain.flush()
     assert text == "答案是42, done"
+
+
+def test_create_app_embeds_in_process(models, tokenizer_chat):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from verlite.inference import generate, load_model_and_tokenizer
+    from verlite.serve import create_app
+
+    app, served = FastAPI(), create_app(str(models["base"]), loras={"a": str(models["a"])},
+                                        served_model_name="base", device="cpu", max_num_seqs=2, max_model_len=128)
+    app.mount("/llm", served)  # a mounted app's startup does not run: the engine starts on first use
+    with TestClient(app) as client:
+        reply = client.post("/llm/v1/chat/completions", json={
+            "model": "a", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6})
+        assert reply.status_code == 200, reply.text
+        model, tok = load_model_and_tokenizer(str(models["a"]), device="cpu")
+        assert reply.json()["choices"][0]["message"]["content"].strip() == generate(model, tok, "hello",
+                                                                                    max_new_tokens=6)
+        assert client.get("/llm/v1/models").json()["data"][1]["id"] == "a"
+    served.state.served.engine.stop()
+
+
+def test_serve_command_rejects_bad_arguments(models):
+    from conftest import run_cli
+
+    result = run_cli("serve", "--checkpoint", str(models["base"]), "--lora", "nameonly")
+    assert result.returncode == 2 and "--lora nameonly: write it as NAME=PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("serve", "--checkpoint", str(models["base"]), "--lora", f"x={models['base']}", "--device", "cpu")
+    assert result.returncode == 2 and "no adapter_config.json" in result.stderr
