@@ -188,9 +188,9 @@ def test_disconnect_mid_stream_frees_the_slot(server, references):
 
 def test_queue_limit_then_sigterm_drains(models):
     srv = Server("--checkpoint", str(models["base"]), "--max_num_seqs", "1", "--max_queue", "1",
-                 "--max_model_len", "512")
+                 "--max_model_len", "1024")
     name = str(models["base"])
-    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "ignore_eos": True}
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600, "ignore_eos": True}
     results = {}
 
     def stream_all():
@@ -216,5 +216,5 @@ def test_queue_limit_then_sigterm_drains(models):
     assert code == 0, printed[-3000:]
     assert results["stream"][-1] == "data: [DONE]"
     usage = json.loads(results["stream"][-2][len("data: "):])["usage"]
-    assert usage["completion_tokens"] == 200
+    assert usage["completion_tokens"] == 600
     assert results["queued"].status_code == 200 and results["queued"].json()["usage"]["completion_tokens"] == 5

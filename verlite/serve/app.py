@@ -132,16 +132,20 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
     async def follow(request: Request, job: EngineRequest, events: asyncio.Queue) -> AsyncIterator[Event]:
         """The request's events until all its choices finish; the engine drops it if the client leaves."""
         open_choices = job.params.n
+        checked = time.monotonic()
         try:
             while open_choices:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked > DISCONNECT_POLL_S:  # also while tokens keep coming
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                    continue
-                open_choices -= event.finish_reason is not None
-                yield event
+                if event is not None:
+                    open_choices -= event.finish_reason is not None
+                    yield event
         finally:
             if open_choices:
                 engine.abort(job.id)

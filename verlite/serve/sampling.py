@@ -54,21 +54,28 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 class TextStream:
     """The text of one generated sequence, released in pieces that are safe to send: never
-    half a UTF-8 character, never the start of a stop string that may still complete."""
+    half a UTF-8 character, never the start of a stop string that may still complete.
+
+    Decoding is incremental (each step decodes the last few tokens, not the whole sequence),
+    with one committed token of context so tokenizers that drop a leading space see it.
+    """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
+        self.text = ""  # committed: complete characters only
         self.sent = ""
+        self.prefix = self.read = 0  # ids[prefix:read] is context already in text
 
     def add(self, token: int) -> tuple[str, bool]:
         """(new text to send, whether a stop string ended the sequence)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._commit(final=False)
+        text = self.text
         hits = [text.find(s) for s in self.stop if s in text]
         if hits:
             return self._release(text[:min(hits)]), True
-        hold = len(text) - len(text.rstrip("\ufffd"))  # bytes of a character still to come
+        hold = 0
         for s in self.stop:  # a suffix that could grow into a stop string waits
             for k in range(min(len(s) - 1, len(text)), hold, -1):
                 if text.endswith(s[:k]):
@@ -78,7 +85,16 @@ class TextStream:
 
     def flush(self) -> str:
         """Whatever was held back, once the sequence ends for another reason."""
-        return self._release(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        self._commit(final=True)
+        return self._release(self.text)
+
+    def _commit(self, final: bool) -> None:
+        decode = self.tokenizer.decode
+        known = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        new = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(new) > len(known) and (final or not new.endswith("\ufffd")):
+            self.text += new[len(known):]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def _release(self, text: str) -> str:
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
