@@ -25,7 +25,9 @@ def test_mixed_adapters_in_one_batch_match_peft(models):
 
     base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
     runner = SlotRunner(base, num_slots=4, max_model_len=64, adapters={"a": models["a"], "b": models["b"]})
-    prompts = [[5, 17, 42, 99, 3], [8, 61, 7], [11, 12, 13, 14, 15, 16, 17], [40, 41]]
+    for slot in range(4):  # blocks in a scattered order, as after requests came and went
+        runner.assign(slot, [1 + slot + 4 * b for b in range(runner.blocks_per_seq)])
+    prompts = [[5, 17, 42, 99, 3], [8, 61, 7], list(range(60, 80)), [40, 41]]  # 20 tokens: two blocks
     adapters = [2, 0, 1, 2]  # b, base, a, b: every kind in one batch
     slots = [3, 0, 2, 1]
     first = runner.prefill(slots, prompts, adapters)
@@ -85,6 +87,26 @@ def test_engine_joins_and_retires_requests_between_steps(models, tokenizer_chat)
         assert events[i][-1].finish_reason == "length" and events[i][-1].completion_tokens == 3 + 4 * i
     # Greedy text does not depend on what else shared the batch.
     assert "".join(e.text for e in events[3]) == run_alone(base, tokenizer_chat, [5, 6, 13], 15)
+
+
+def test_kv_blocks_bound_admission(models, tokenizer_chat):
+    from transformers import AutoModelForCausalLM
+
+    from verlite.serve.engine import TooLarge
+
+    base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
+    engine = Engine(SlotRunner(base, num_slots=2, max_model_len=128, num_blocks=1 + 8), tokenizer_chat, stop_ids=[])
+    with pytest.raises(TooLarge):  # 3 + 200 tokens > the 128 the cache holds
+        engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=200), 0, lambda e: None))
+    events: dict[int, list] = {0: [], 1: []}
+    done = threading.Semaphore(0)
+    for i in range(2):  # 5 blocks each, 8 in all: the second waits for the first's blocks
+        engine.submit(Request([5, 6, 7 + i], SamplingParams(max_tokens=70), 0,
+                              lambda e, i=i: (events[i].append(e), e.finish_reason and done.release())))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    engine.stop()
+    assert all(events[i][-1].completion_tokens == 70 for i in range(2))
+    assert "".join(e.text for e in events[1]) == run_alone(base, tokenizer_chat, [5, 6, 8], 70)
 
 
 def test_sampling_rules():

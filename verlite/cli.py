@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_num_seqs", type=int, default=8, help="sequences decoded together (slots)")
     p.add_argument("--max_model_len", type=int, default=None, help="context per slot (default: the model's, <= 4096)")
     p.add_argument("--max_queue", type=int, default=256, help="requests that may wait for a slot; beyond: 429")
+    p.add_argument("--kv_cache_tokens", type=int, default=None,
+                   help="paged KV cache size in tokens (default: max_num_seqs x max_model_len)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: GPU if there is one)")
     p.add_argument("--enforce_eager", action="store_true", help="no CUDA graphs for the decode step")
     _common(p)
@@ -223,7 +225,8 @@ def _cmd_serve(args) -> int:
     run_server(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
                loras=parse_lora_args(args.lora), base_model=args.base_model,
                served_model_name=args.served_model_name, device=args.device, max_num_seqs=args.max_num_seqs,
-               max_model_len=args.max_model_len, max_queue=args.max_queue, cuda_graphs=not args.enforce_eager)
+               max_model_len=args.max_model_len, max_queue=args.max_queue, cuda_graphs=not args.enforce_eager,
+               kv_cache_tokens=args.kv_cache_tokens)
     return 0
 
 

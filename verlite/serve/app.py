@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verlite.data.formatting import encode_prompt
 from verlite.errors import VerliteError
-from verlite.serve.engine import EngineStopped, Event, QueueFull
+from verlite.serve.engine import EngineStopped, Event, QueueFull, TooLarge
 from verlite.serve.engine import Request as EngineRequest
 from verlite.serve.loading import Served, load_served
 from verlite.serve.sampling import SamplingParams
@@ -121,6 +121,8 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
         except QueueFull as e:
             raise ApiError(429, f"too many requests waiting: {e}; retry later", code="queue_full",
                            kind="rate_limit_error") from None
+        except TooLarge as e:
+            raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         except EngineStopped as e:
             raise ApiError(503, str(e), code="shutting_down", kind="server_error") from None
         stream = follow(request, job, events)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from verlite.serve.runner import BLOCK
 from verlite.serve.sampling import SamplingParams, TextStream, sample
 
 log = logging.getLogger("verlite.serve")
@@ -26,6 +27,10 @@ PREFILL_TOKENS = 8192  # prompt tokens (rows x padded width) per prefill batch
 
 class QueueFull(Exception):
     """More requests wait than the queue takes (the API answers 429)."""
+
+
+class TooLarge(Exception):
+    """The request needs more KV cache blocks than the server has in all (the API answers 400)."""
 
 
 class EngineStopped(Exception):
@@ -58,6 +63,7 @@ class Sequence:
     text: TextStream
     generator: Optional[torch.Generator]
     length: int  # tokens in this slot's cache
+    blocks: list[int] = field(default_factory=list)
     last: int = 0  # the sampled token not yet in the cache
     generated: int = 0
 
@@ -71,6 +77,7 @@ class Engine:
         self.aborted: set[int] = set()
         self.live: dict[int, Sequence] = {}  # slot -> sequence
         self.free = list(range(runner.num_slots))
+        self.free_blocks = list(range(1, runner.num_blocks))  # block 0 is the runner's scratch
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: Optional[threading.Thread] = None
@@ -83,8 +90,17 @@ class Engine:
                 self.thread = threading.Thread(target=self._loop, name="verlite-engine", daemon=True)
                 self.thread.start()
 
+    def blocks_needed(self, request: Request) -> int:
+        """Cache blocks for every choice's prompt and max_tokens, taken at admission."""
+        per_choice = -(-(len(request.prompt_ids) + request.params.max_tokens) // BLOCK)
+        return request.params.n * per_choice
+
     def submit(self, request: Request) -> None:
         self.start()
+        need = self.blocks_needed(request)
+        if need > self.runner.num_blocks - 1:
+            raise TooLarge(f"prompt + max_tokens x n need {need * BLOCK} tokens of KV cache; the server has "
+                           f"{(self.runner.num_blocks - 1) * BLOCK} (--kv_cache_tokens)")
         with self.cond:
             if self.stopping:
                 raise EngineStopped("the server is shutting down")
@@ -108,7 +124,8 @@ class Engine:
 
     def load(self) -> dict:
         with self.cond:
-            return {"running": len({s.request.id for s in self.live.values()}), "waiting": len(self.waiting)}
+            return {"running": len({s.request.id for s in self.live.values()}), "waiting": len(self.waiting),
+                    "free_kv_tokens": len(self.free_blocks) * BLOCK}
 
     # --- the scheduler thread ----------------------------------------------------------------
 
@@ -120,9 +137,11 @@ class Engine:
                 if self.stopping and not self.live and not self.waiting:
                     return
                 self._drop_aborted()
-                admitted, free = [], len(self.free)
-                while self.waiting and free >= self.waiting[0].params.n:
+                admitted, free, blocks = [], len(self.free), len(self.free_blocks)
+                while self.waiting and free >= self.waiting[0].params.n and \
+                        blocks >= self.blocks_needed(self.waiting[0]):
                     free -= self.waiting[0].params.n
+                    blocks -= self.blocks_needed(self.waiting[0])
                     admitted.append(self.waiting.popleft())
             try:
                 if admitted:
@@ -152,6 +171,10 @@ class Engine:
                     generator.manual_seed(request.params.seed + index)
                 seq = Sequence(request, index, self.free.pop(0), TextStream(self.tokenizer, request.params.stop),
                                generator, length=len(request.prompt_ids))
+                with self.cond:
+                    count = self.blocks_needed(request) // request.params.n
+                    seq.blocks = [self.free_blocks.pop() for _ in range(count)]
+                self.runner.assign(seq.slot, seq.blocks)
                 self.live[seq.slot] = seq
                 seqs.append(seq)
         for group in _prefill_groups(seqs):
@@ -200,6 +223,11 @@ class Engine:
             if self.live.get(seq.slot) is seq:
                 del self.live[seq.slot]
                 self.free.append(seq.slot)
+                # Idle slots still write (to position 0): point the row at scratch before the
+                # blocks go to another sequence.
+                self.runner.assign(seq.slot, [])
+                self.free_blocks.extend(seq.blocks)
+                seq.blocks = []
 
     def _send(self, seq: Sequence, event: Event) -> None:
         try:

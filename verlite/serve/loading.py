@@ -15,7 +15,7 @@ from verlite.inference.loading import (adapter_base_candidates, is_adapter, load
                                        pick_dtype, resolve_checkpoint)
 from verlite.models.load import load_tokenizer
 from verlite.serve.engine import Engine
-from verlite.serve.runner import SlotRunner
+from verlite.serve.runner import BLOCK, SlotRunner
 
 log = logging.getLogger("verlite.serve")
 
@@ -46,7 +46,8 @@ def parse_lora_args(items: list[str]) -> dict[str, str]:
 
 def load_served(checkpoint: str, loras: Optional[dict[str, str]] = None, base_model: Optional[str] = None,
                 served_model_name: Optional[str] = None, device=None, dtype=None, max_num_seqs: int = 8,
-                max_model_len: Optional[int] = None, max_queue: int = 256, cuda_graphs: bool = True) -> Served:
+                max_model_len: Optional[int] = None, max_queue: int = 256, cuda_graphs: bool = True,
+                kv_cache_tokens: Optional[int] = None) -> Served:
     """The base (or an adapter checkpoint's base) plus every LoRA, ready to serve.
 
     An adapter checkpoint is served under `served_model_name` (default: the path as given)
@@ -81,9 +82,13 @@ def load_served(checkpoint: str, loras: Optional[dict[str, str]] = None, base_mo
         raise VerliteError(f"--max_model_len {max_model_len}: the model takes 2 to {limit} positions")
     if max_num_seqs < 1:
         raise VerliteError(f"--max_num_seqs {max_num_seqs}: needs at least 1")
-    runner = SlotRunner(model, max_num_seqs, max_model_len, adapters, cuda_graphs=cuda_graphs)
+    if kv_cache_tokens is not None and kv_cache_tokens < max_model_len:
+        raise VerliteError(f"--kv_cache_tokens {kv_cache_tokens}: must hold at least one full context "
+                           f"(--max_model_len {max_model_len})")
+    num_blocks = 1 + -(-kv_cache_tokens // BLOCK) if kv_cache_tokens else None
+    runner = SlotRunner(model, max_num_seqs, max_model_len, adapters, cuda_graphs=cuda_graphs, num_blocks=num_blocks)
     engine = Engine(runner, tokenizer, stop_token_ids(model, tokenizer), max_queue=max_queue)
     models = {base_name: 0, **{name: i for i, name in enumerate(adapters, start=1)}}
-    log.info("serving %s on %s (%s), %d slots x %d tokens", ", ".join(models), device, runner.dtype,
-             max_num_seqs, max_model_len)
+    log.info("serving %s on %s (%s): %d slots, context %d, KV cache %d tokens", ", ".join(models), device,
+             runner.dtype, max_num_seqs, max_model_len, (runner.num_blocks - 1) * BLOCK)
     return Served(engine, tokenizer, models, max_model_len, max_num_seqs)

@@ -1,17 +1,18 @@
-"""The forward pass over a fixed set of slots, with a per-slot static KV cache.
+"""The forward pass over a fixed set of slots, with a paged KV cache.
 
 Why not the model's own forward: decoding needs every slot at its own position in one
 step (requests join and leave at any step), which transformers' caches do not take, and a
 step whose tensors never change shape can be replayed as a CUDA graph. So this module
 runs the Hugging Face model's own submodules (embeddings, norms, projections, rotary
-table, LM head) in the Llama/Qwen2 decoder order, over a cache of shape
-[layers, slots, max_model_len, kv_heads, head_dim] allocated once.
+table, LM head) in the Llama/Qwen2 decoder order.
 
-The cache is static per slot rather than paged: a slot holds room for max_model_len
-tokens. That costs memory when contexts are long and slots many, but keeps the decode
-step one fixed-shape graph per attention-length bucket. Decode attends only to the first
-`bucket` positions (the next power of two over the longest live sequence), so short
-requests do not pay for the whole context.
+The KV cache is paged: [layers, blocks, BLOCK tokens, kv_heads, head_dim], allocated once;
+each slot has a row of the block table naming its blocks in order (block 0 is scratch:
+idle slots and padding write there). The engine gives a sequence the blocks its prompt and
+max_tokens need when it is admitted, so memory follows what requests ask for, not
+slots x context. Decode attends only to the first `bucket` positions (the next power of two
+over the longest live sequence), gathered through the block table; the step keeps one
+shape per bucket, so on GPU each bucket is one CUDA graph.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger("verlite.serve")
 SUPPORTED = ("qwen2", "qwen3", "llama", "mistral")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_BUCKET = 64
+BLOCK = 16  # tokens per KV cache block
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,7 @@ class SlotRunner:
     """Prefill and one-token decode for `num_slots` sequences held in a static KV cache."""
 
     def __init__(self, model, num_slots: int, max_model_len: int, adapters: dict | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, num_blocks: int | None = None):
         config = model.config
         if config.model_type not in SUPPORTED:
             raise VerliteError(f"verlite serve runs {', '.join(SUPPORTED)} models; this checkpoint is "
@@ -56,9 +58,13 @@ class SlotRunner:
         self.scaling = first.scaling
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        shape = (len(self.layers), num_slots, max_model_len, self.num_kv_heads, self.head_dim)
+        self.blocks_per_seq = -(-max_model_len // BLOCK)
+        # Default: every slot can hold a full context at once (+ the scratch block).
+        self.num_blocks = num_blocks or num_slots * self.blocks_per_seq + 1
+        shape = (len(self.layers), self.num_blocks, BLOCK, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.block_table = torch.zeros(num_slots, self.blocks_per_seq, dtype=torch.long, device=self.device)
         with torch.no_grad():  # the rotary table for every position, looked up per token
             positions = torch.arange(max_model_len, device=self.device)[None]
             probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
@@ -71,7 +77,6 @@ class SlotRunner:
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
-        self.all_slots = torch.arange(num_slots, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
@@ -84,10 +89,13 @@ class SlotRunner:
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, adapter: torch.Tensor,
                  write_at: torch.Tensor, keys: int, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the final norm. x: [rows, tokens, hidden]; positions: [rows, tokens];
-        new keys/values go to cache[slot, write_at]; attention reads cache[slot, :keys] under mask.
-        slots None means every slot in order (the decode step)."""
+        new keys/values go to the slot's position write_at; attention reads its positions [0, keys)
+        under mask. slots None means every slot in order (the decode step)."""
         rows, tokens = x.shape[:2]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        table = self.block_table if slots is None else self.block_table[slots]
+        flat = (table.gather(1, write_at // BLOCK) * BLOCK + write_at % BLOCK).reshape(-1)
+        pages = table[:, :-(-keys // BLOCK)]  # the blocks holding positions [0, keys)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -99,16 +107,13 @@ class SlotRunner:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            # Into cache[layer] viewed as [slot * max_model_len + position, kv_heads, dim]: index_copy_
-            # is one kernel with no host sync, so it is recorded in the CUDA graph like any other.
-            flat = (self.all_slots if slots is None else slots)[:, None] * self.max_model_len + write_at
+            # Into cache[layer] viewed as [block * BLOCK + offset, kv_heads, dim]: index_copy_ is one
+            # kernel with no host sync, so it is recorded in the CUDA graph like any other op.
             shape = (-1, self.num_kv_heads, self.head_dim)
-            self.k_cache[i].view(shape).index_copy_(0, flat.reshape(-1), k.transpose(1, 2).reshape(shape))
-            self.v_cache[i].view(shape).index_copy_(0, flat.reshape(-1), v.transpose(1, 2).reshape(shape))
-            if slots is None:  # decode: every slot, a view of the cache, no copy
-                keys_i, values_i = self.k_cache[i][:, :keys], self.v_cache[i][:, :keys]
-            else:
-                keys_i, values_i = self.k_cache[i][slots, :keys], self.v_cache[i][slots, :keys]
+            self.k_cache[i].view(shape).index_copy_(0, flat, k.transpose(1, 2).reshape(shape))
+            self.v_cache[i].view(shape).index_copy_(0, flat, v.transpose(1, 2).reshape(shape))
+            keys_i = self.k_cache[i][pages].view(rows, -1, self.num_kv_heads, self.head_dim)[:, :keys]
+            values_i = self.v_cache[i][pages].view(rows, -1, self.num_kv_heads, self.head_dim)[:, :keys]
             keys_i, values_i = keys_i.transpose(1, 2), values_i.transpose(1, 2)  # [rows, kv_heads, keys, dim]
             out = self._attention(q, keys_i, values_i, mask)
             out = out.transpose(1, 2).reshape(rows, tokens, -1)
@@ -132,6 +137,12 @@ class SlotRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
+
+    def assign(self, slot: int, blocks: list[int]) -> None:
+        """Give `slot` these cache blocks, in position order (the rest of its row: scratch)."""
+        row = torch.zeros(self.blocks_per_seq, dtype=torch.long)
+        row[:len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self.block_table[slot].copy_(row)
 
     # --- prefill: new sequences, right-padded into one batch ------------------------------
 
