@@ -109,6 +109,32 @@ def test_kv_blocks_bound_admission(models, tokenizer_chat):
     assert "".join(e.text for e in events[1]) == run_alone(base, tokenizer_chat, [5, 6, 8], 70)
 
 
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(models, tokenizer_chat):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
+    runner = SlotRunner(base, num_slots=2, max_model_len=64)
+    engine = Engine(runner, tokenizer_chat, stop_ids=[])
+    real, events, done = runner.decode, [], threading.Semaphore(0)
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    runner.decode = broken
+    engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=5, n=2), 0,
+                          lambda e: (events.append(e), e.finish_reason and done.release())))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    assert sorted(e.index for e in events if e.error) == [0, 1] and "out of memory" in events[-1].error
+    runner.decode = real
+    later = []
+    engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=5), 0,
+                          lambda e: (later.append(e), e.finish_reason and done.release())))
+    assert done.acquire(timeout=60)
+    engine.stop()
+    assert later[-1].finish_reason == "length"
+    assert len(engine.free_blocks) == runner.num_blocks - 1 and len(engine.free) == 2  # nothing leaked
+
+
 def test_sampling_rules():
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
     generator = torch.Generator().manual_seed(0)

@@ -136,7 +136,7 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
         open_choices = job.params.n
         checked = time.monotonic()
         try:
-            while open_choices:
+            while open_choices > 0:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
@@ -149,7 +149,7 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
                     open_choices -= event.finish_reason is not None
                     yield event
         finally:
-            if open_choices:
+            if open_choices > 0:
                 engine.abort(job.id)
 
     def sampling_params(body: Sampling, prompt_len: int, max_tokens: Optional[int]) -> SamplingParams:

@@ -236,16 +236,19 @@ class Engine:
             log.debug("dropping an event for request %d", seq.request.id, exc_info=True)
 
     def _fail_all(self, admitted: list[Request], message: str) -> None:
-        failed = {s.request.id: s for s in self.live.values()}
+        """Every live sequence and every choice of the just-admitted requests ends with an error."""
+        told = set()
         for seq in list(self.live.values()):
             self._retire(seq)
-        for seq in failed.values():
-            for index in range(seq.request.params.n):
-                self._send(seq, Event(index, finish_reason="error", error=message))
+            self._send(seq, Event(seq.index, finish_reason="error", error=message))
+            told.add((seq.request.id, seq.index))
         for request in admitted:
-            if request.id not in failed:
-                for index in range(request.params.n):
-                    request.emit(Event(index, finish_reason="error", error=message))
+            for index in range(request.params.n):
+                if (request.id, index) not in told:
+                    try:
+                        request.emit(Event(index, finish_reason="error", error=message))
+                    except Exception:
+                        pass
 
 
 def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
