@@ -82,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/training_curves.png)")
     _common(p)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a checkpoint and its LoRA adapters")
+    p.add_argument("--checkpoint", required=True, help="what `generate` takes: a run, global_step_N, adapter, model")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this LoRA adapter as model NAME (repeatable)")
+    p.add_argument("--base_model", default=None, help="base model of a LoRA checkpoint (default: the one it records)")
+    p.add_argument("--served_model_name", default=None, help="the model name clients ask for (default: --checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $VERLITE_API_KEY, else none)")
+    p.add_argument("--max_num_seqs", type=int, default=8, help="sequences decoded together (slots)")
+    p.add_argument("--max_model_len", type=int, default=None, help="context per slot (default: the model's, <= 4096)")
+    p.add_argument("--max_queue", type=int, default=256, help="requests that may wait for a slot; beyond: 429")
+    p.add_argument("--kv_cache_tokens", type=int, default=None,
+                   help="paged KV cache size in tokens (default: max_num_seqs x max_model_len)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: GPU if there is one)")
+    p.add_argument("--enforce_eager", action="store_true", help="no CUDA graphs for the decode step")
+    _common(p)
+
     p = sub.add_parser("quickstart", help="train a tiny model on the article's 100 math samples, then answer one")
     p.add_argument("--model", default=None, help="run the same flow on this HF model (path or id) instead")
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
@@ -199,6 +218,18 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from verlite.serve.loading import parse_lora_args
+    from verlite.serve.server import run_server
+
+    run_server(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+               loras=parse_lora_args(args.lora), base_model=args.base_model,
+               served_model_name=args.served_model_name, device=args.device, max_num_seqs=args.max_num_seqs,
+               max_model_len=args.max_model_len, max_queue=args.max_queue, cuda_graphs=not args.enforce_eager,
+               kv_cache_tokens=args.kv_cache_tokens)
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     from verlite.quickstart import run_quickstart
 
@@ -208,7 +239,7 @@ def _cmd_quickstart(args) -> int:
 
 COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart, "generate": _cmd_generate,
             "chat": _cmd_chat, "eval": _cmd_eval, "export-lora": _cmd_export_lora, "merge-lora": _cmd_merge_lora,
-            "plot": _cmd_plot}
+            "plot": _cmd_plot, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,256 @@
+"""The forward pass over a fixed set of slots, with a paged KV cache.
+
+Why not the model's own forward: decoding needs every slot at its own position in one
+step (requests join and leave at any step), which transformers' caches do not take, and a
+step whose tensors never change shape can be replayed as a CUDA graph. So this module
+runs the Hugging Face model's own submodules (embeddings, norms, projections, rotary
+table, LM head) in the Llama/Qwen2 decoder order.
+
+The KV cache is paged: [layers, blocks, BLOCK tokens, kv_heads, head_dim], allocated once;
+each slot has a row of the block table naming its blocks in order (block 0 is scratch:
+idle slots and padding write there). The engine gives a sequence the blocks its prompt and
+max_tokens need when it is admitted, so memory follows what requests ask for, not
+slots x context. Decode attends only to the first `bucket` positions (the next power of two
+over the longest live sequence), gathered through the block table; the step keeps one
+shape per bucket, so on GPU each bucket is one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from verlite.errors import VerliteError
+from verlite.serve.lora import LoraBank
+
+log = logging.getLogger("verlite.serve")
+
+SUPPORTED = ("qwen2", "qwen3", "llama", "mistral")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MIN_BUCKET = 64
+BLOCK = 16  # tokens per KV cache block
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SlotRunner:
+    """Prefill and one-token decode for `num_slots` sequences held in a static KV cache."""
+
+    def __init__(self, model, num_slots: int, max_model_len: int, adapters: dict | None = None,
+                 cuda_graphs: bool = True, num_blocks: int | None = None):
+        config = model.config
+        if config.model_type not in SUPPORTED:
+            raise VerliteError(f"verlite serve runs {', '.join(SUPPORTED)} models; this checkpoint is "
+                               f"'{config.model_type}'; use `verlite generate` for it")
+        self.model = model
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.num_slots, self.max_model_len = num_slots, max_model_len
+        first = self.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = first.scaling
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.blocks_per_seq = -(-max_model_len // BLOCK)
+        # Default: every slot can hold a full context at once (+ the scratch block).
+        self.num_blocks = num_blocks or num_slots * self.blocks_per_seq + 1
+        shape = (len(self.layers), self.num_blocks, BLOCK, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.block_table = torch.zeros(num_slots, self.blocks_per_seq, dtype=torch.long, device=self.device)
+        with torch.no_grad():  # the rotary table for every position, looked up per token
+            positions = torch.arange(max_model_len, device=self.device)[None]
+            probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
+            cos, sin = self.inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]
+        linears = {(i, name): module for i, layer in enumerate(self.layers)
+                   for name, module in _projections(layer).items()}
+        self.lora = LoraBank.build(adapters or {}, linears, self.dtype, self.device)
+        # Static inputs of the decode step (CUDA graphs read them from fixed addresses).
+        self.tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self.capture_graphs()
+
+    # --- the decoder, shared by prefill and decode ---------------------------------------
+
+    def _linear(self, layer: int, name: str, module, x: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
+        return self.lora.apply((layer, name), x, module(x), adapter)
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, adapter: torch.Tensor,
+                 write_at: torch.Tensor, keys: int, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the final norm. x: [rows, tokens, hidden]; positions: [rows, tokens];
+        new keys/values go to the slot's position write_at; attention reads its positions [0, keys)
+        under mask. slots None means every slot in order (the decode step)."""
+        rows, tokens = x.shape[:2]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        table = self.block_table if slots is None else self.block_table[slots]
+        flat = (table.gather(1, write_at // BLOCK) * BLOCK + write_at % BLOCK).reshape(-1)
+        pages = table[:, :-(-keys // BLOCK)]  # the blocks holding positions [0, keys)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = self._linear(i, "q_proj", attn.q_proj, h, adapter).view(rows, tokens, -1, self.head_dim)
+            k = self._linear(i, "k_proj", attn.k_proj, h, adapter).view(rows, tokens, -1, self.head_dim)
+            v = self._linear(i, "v_proj", attn.v_proj, h, adapter).view(rows, tokens, -1, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            # Into cache[layer] viewed as [block * BLOCK + offset, kv_heads, dim]: index_copy_ is one
+            # kernel with no host sync, so it is recorded in the CUDA graph like any other op.
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            self.k_cache[i].view(shape).index_copy_(0, flat, k.transpose(1, 2).reshape(shape))
+            self.v_cache[i].view(shape).index_copy_(0, flat, v.transpose(1, 2).reshape(shape))
+            keys_i = self.k_cache[i][pages].view(rows, -1, self.num_kv_heads, self.head_dim)[:, :keys]
+            values_i = self.v_cache[i][pages].view(rows, -1, self.num_kv_heads, self.head_dim)[:, :keys]
+            keys_i, values_i = keys_i.transpose(1, 2), values_i.transpose(1, 2)  # [rows, kv_heads, keys, dim]
+            out = self._attention(q, keys_i, values_i, mask)
+            out = out.transpose(1, 2).reshape(rows, tokens, -1)
+            x = x + self._linear(i, "o_proj", attn.o_proj, out, adapter)
+            h = layer.post_attention_layernorm(x)
+            mlp = layer.mlp
+            gate = self._linear(i, "gate_proj", mlp.gate_proj, h, adapter)
+            up = self._linear(i, "up_proj", mlp.up_proj, h, adapter)
+            x = x + self._linear(i, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up, adapter)
+        return self.inner.norm(x)
+
+    def _attention(self, q, keys, values, mask):
+        """Grouped-query attention without repeating keys: the query heads sharing a key head are
+        folded into that head's query rows (head h reads key head h // group, as transformers does)."""
+        rows, heads, tokens, dim = q.shape
+        group = heads // self.num_kv_heads
+        q = q.reshape(rows, self.num_kv_heads, group * tokens, dim)
+        mask = mask.repeat(1, 1, group, 1) if group > 1 else mask
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        return out.reshape(rows, heads, tokens, dim)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def assign(self, slot: int, blocks: list[int]) -> None:
+        """Give `slot` these cache blocks, in position order (the rest of its row: scratch)."""
+        row = torch.zeros(self.blocks_per_seq, dtype=torch.long)
+        row[:len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self.block_table[slot].copy_(row)
+
+    # --- prefill: new sequences, right-padded into one batch ------------------------------
+
+    @torch.no_grad()
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters: list[int]) -> torch.Tensor:
+        """Fill the cache of `slots` with their prompts; returns next-token logits [rows, vocab]."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts])
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = torch.tensor(prompt)
+        ids, lengths = ids.to(self.device), lengths.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        # Causal within each prompt; padding keys (past a prompt's end) are never attended.
+        causal = positions[:, :, None] >= positions[:, None, :]
+        mask = (causal & (positions[:, None, :] < lengths[:, None, None]))[:, None]
+        slot_ids = torch.tensor(slots, device=self.device)
+        x = self.inner.embed_tokens(ids)
+        hidden = self._forward(x, positions, slot_ids, torch.tensor(adapters, device=self.device),
+                               positions, width, mask)
+        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return self.logits(last)
+
+    # --- decode: one token for every slot --------------------------------------------------
+
+    def bucket(self, longest: int) -> int:
+        """Keys a decode step attends to: a power of two covering `longest` positions."""
+        size = MIN_BUCKET
+        while size < longest:
+            size *= 2
+        return min(size, self.max_model_len)
+
+    def _decode_step(self, keys: int) -> torch.Tensor:
+        positions = self.positions[:, None]
+        mask = (torch.arange(keys, device=self.device)[None, :] <= positions)[:, None, None, :]
+        x = self.inner.embed_tokens(self.tokens[:, None])
+        hidden = self._forward(x, positions, None, self.adapter, positions, keys, mask)
+        return self.logits(hidden[:, 0])
+
+    @torch.no_grad()
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
+        """Logits [num_slots, vocab] for one new token per slot (idle slots pass any token, position 0)."""
+        self.tokens.copy_(torch.tensor(tokens), non_blocking=True)
+        self.positions.copy_(torch.tensor(positions), non_blocking=True)
+        self.adapter.copy_(torch.tensor(adapters), non_blocking=True)
+        keys = self.bucket(max(positions) + 1)
+        graph = self.graphs.get(keys)
+        if graph is None:
+            return self._decode_step(keys)
+        graph[0].replay()
+        return graph[1]
+
+    def capture_graphs(self) -> None:
+        """One CUDA graph per attention bucket; any failure leaves the step eager."""
+        buckets, size = [], MIN_BUCKET
+        while True:
+            buckets.append(min(size, self.max_model_len))
+            if size >= self.max_model_len:
+                break
+            size *= 2
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.no_grad():
+                for keys in reversed(buckets):  # largest first: later graphs reuse its memory
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        for _ in range(2):
+                            self._decode_step(keys)
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self._decode_step(keys)
+                    self.graphs[keys] = (graph, out)
+            torch.cuda.synchronize()
+            self._check_graph(buckets[0])
+            log.info("decode step captured as CUDA graphs for %d attention lengths", len(buckets))
+        except Exception as e:  # an op that cannot be captured: stay correct, just slower
+            self.graphs.clear()
+            log.warning("CUDA graph capture failed (%s); decoding eagerly", " ".join(str(e).split())[:200])
+
+    @torch.no_grad()
+    def _check_graph(self, keys: int) -> None:
+        """The replayed graph must give the eager step's logits (no request is live yet). Each
+        slot writes its own block, so the two runs write the same values to the same places."""
+        if self.num_blocks - 1 < self.num_slots:
+            return
+        for slot in range(self.num_slots):
+            self.assign(slot, [1 + slot])
+        slots = torch.arange(self.num_slots, device=self.device)
+        self.tokens.copy_(slots * 7 % self.model.config.vocab_size)
+        self.positions.copy_(slots % BLOCK)
+        eager = self._decode_step(keys).clone()
+        graph, out = self.graphs[keys]
+        graph.replay()
+        for slot in range(self.num_slots):
+            self.assign(slot, [])
+        self.tokens.zero_()
+        self.positions.zero_()
+        if not torch.allclose(out, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max())):
+            raise RuntimeError(f"graph logits differ from eager by {float((out - eager).abs().max()):.3g}")
+
+
+def _projections(layer) -> dict[str, torch.nn.Module]:
+    found = {}
+    for owner in (layer.self_attn, layer.mlp):
+        for name in PROJECTIONS:
+            module = getattr(owner, name, None)
+            if isinstance(module, torch.nn.Linear):
+                found[name] = module
+    return found
