@@ -75,7 +75,7 @@ def load_config(config_path: str | None, overrides: list[str] = (), dialect: str
     raw = raw or {}
     if dialect == "verl_engine" or isinstance(raw.get("engine"), dict):
         raw = verl.from_engine(raw, source)
-    raw, ignored = verl.from_legacy(raw, source)
+    raw, ignored = verl.from_legacy(raw, source, verl_defaults=dialect != "verlite")
     verl.warn_ignored(ignored)
     cfg = _build(SFTConfig, raw, "", source)
     _check_values(cfg, source)

@@ -225,7 +225,7 @@ def from_engine(raw: dict, source: str) -> dict:
     return raw
 
 
-def from_legacy(raw: dict, source: str) -> tuple[dict, list[str]]:
+def from_legacy(raw: dict, source: str, verl_defaults: bool = False) -> tuple[dict, list[str]]:
     """verl's renamed / deprecated keys -> verlite's; returns the accepted-but-ignored keys found."""
     if raw.get("engine") == {}:
         raw.pop("engine")
@@ -253,9 +253,11 @@ def from_legacy(raw: dict, source: str) -> tuple[dict, list[str]]:
         per_gpu = max(1, int(mbs) // dp)
         log.warning("data.micro_batch_size is deprecated (verl); using data.micro_batch_size_per_gpu=%d", per_gpu)
         _set(raw, "data.micro_batch_size_per_gpu", per_gpu)
-    device = _pop(raw, "trainer.device")
-    if device is not None:  # verl's "cuda" names the accelerator; verlite picks it when present
-        _set(raw, "trainer.device", "cpu" if device == "cpu" else "auto")
+    if verl_defaults:  # verl's SFTDataset: response text + eos token (not the template's turn end)
+        raw.setdefault("data", {}).setdefault("response_end", "eos")
+    if verl_defaults and _has(raw, "trainer.device"):
+        # verl's "cuda" names the accelerator, whatever the machine; verlite picks it when present
+        _set(raw, "trainer.device", "cpu" if _pop(raw, "trainer.device") == "cpu" else "auto")
     return raw, ignored
 
 
