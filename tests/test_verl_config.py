@@ -125,7 +125,7 @@ def test_verls_yaml_files_compose_as_hydra_does(tmp_path):
 
 def test_lora_adapter_path_turns_lora_on(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 12, "lora_alpha": 24,
-                                                              "target_modules": ["v_proj", "q_proj"]}))
+                                                              "target_modules": ["model.layers.0.self_attn.v_proj", "q_proj"]}))
     cfg = legacy(f"model.lora_adapter_path={tmp_path}")
     assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.target_modules) == (12, 24, ["q_proj", "v_proj"])
 

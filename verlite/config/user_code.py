@@ -78,4 +78,6 @@ def adopt_lora_adapter(model_cfg) -> None:
     model_cfg.lora_alpha = int(adapter.get("lora_alpha") or model_cfg.lora_alpha)
     targets = adapter.get("target_modules")
     if targets:
-        model_cfg.target_modules = sorted(targets) if isinstance(targets, list) else targets
+        # an adapter may list full module paths (model.layers.0.self_attn.q_proj): keep the layer names
+        model_cfg.target_modules = sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) \
+            else targets
