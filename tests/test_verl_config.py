@@ -137,3 +137,19 @@ def test_warmup_steps_and_num_cycles():
     assert lr_factor(2, 10, cfg) == pytest.approx(1.0)
     assert lr_factor(6, 10, cfg) == pytest.approx(0.1)
     assert lr_factor(9, 10, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(2 * math.pi * 7 / 8)))
+
+
+def test_an_engine_yaml_reads_through_verlite_sft_too(tmp_path):
+    path = tmp_path / "sft_trainer_engine.yaml"
+    path.write_text(yaml.safe_dump(verl_cfg.ENGINE_DEFAULTS), encoding="utf-8")
+    cfg = load_config(str(path), ["model.path=/m"])
+    assert cfg.model.partial_pretrain == "/m" and cfg.data.multiturn.enable and cfg.optim.lr == 1e-3
+    assert cfg.data.response_end == "template"  # verlite's own semantics under `verlite sft`
+
+
+def test_hydra_config_flags():
+    from verlite.verl_cli import _hydra_config
+
+    assert _hydra_config(["--config-path", "/c", "--config-name=run", "a=1"]) == (["a=1"], "/c/run.yaml")
+    assert _hydra_config(["-cn", "sft_trainer", "a=1"]) == (["a=1"], None)  # verl's packaged name: built in
+    assert _hydra_config(["a=1"]) == (["a=1"], None)

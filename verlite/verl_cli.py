@@ -13,6 +13,10 @@ import os
 import sys
 
 
+# verl's packaged config names; without --config-path they name the defaults built in here.
+BUILT_IN = ("sft_trainer", "sft_trainer_engine")
+
+
 def _hydra_config(argv: list[str]) -> tuple[list[str], str | None]:
     """Pull Hydra's --config-path/--config-name (either `--flag value` or `--flag=value`)."""
     values: dict[str, str] = {}
@@ -31,6 +35,8 @@ def _hydra_config(argv: list[str]) -> tuple[list[str], str | None]:
         i += 1
     if "name" not in values:
         return rest, None
+    if "path" not in values and values["name"] in BUILT_IN:
+        return rest, None  # verl's own config by name: the trainer's built-in verl defaults
     name = values["name"] if values["name"].endswith((".yaml", ".yml")) else values["name"] + ".yaml"
     return rest, os.path.join(values.get("path", "."), name)
 
