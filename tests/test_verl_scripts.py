@@ -121,3 +121,13 @@ def test_bad_dict_key_from_the_command_line_is_one_line(verl_home, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "train.parquet row 0: 'extra_info' has no field 'problem' (data.prompt_dict_keys)" in err
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    """bench/verl_check.py, the GPU check of these command lines, in its CPU form."""
+    env = dict(verl_env(tmp_path), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "verl_check.py"), "--smoke", "--work", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=900)
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert result.returncode == 0 and len(lines) == 5 and all(r["rc"] == 0 for r in lines), result.stdout[-2000:]

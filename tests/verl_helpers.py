@@ -53,11 +53,18 @@ def _write(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def write_gsm8k(folder: Path, n_train: int, n_test: int) -> Path:
+def _splits(n_train: int, n_test: int, pairs: dict | None):
+    """(split, [(question, answer), ...]): GSM8K-like pairs, or the given ones."""
+    if pairs:
+        return [(split, pairs[split]) for split in ("train", "test")]
+    return [("train", gsm8k_like(n_train, 0)), ("test", gsm8k_like(n_test, 1000))]
+
+
+def write_gsm8k(folder: Path, n_train: int, n_test: int, pairs: dict | None = None) -> Path:
     """The columns examples/data_preprocess/gsm8k.py writes."""
-    for split, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
+    for split, split_pairs in _splits(n_train, n_test, pairs):
         rows = []
-        for index, (question, answer) in enumerate(gsm8k_like(n, offset)):
+        for index, (question, answer) in enumerate(split_pairs):
             rows.append({"data_source": "openai/gsm8k",
                          "prompt": [{"role": "user", "content": question + " " + INSTRUCTION}],
                          "ability": "math",
@@ -67,11 +74,11 @@ def write_gsm8k(folder: Path, n_train: int, n_test: int) -> Path:
     return folder
 
 
-def write_multiturn(folder: Path, n_train: int, n_test: int) -> Path:
+def write_multiturn(folder: Path, n_train: int, n_test: int, pairs: dict | None = None) -> Path:
     """The `messages` column examples/data_preprocess/gsm8k_multiturn_sft.py writes."""
-    for split, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
+    for split, split_pairs in _splits(n_train, n_test, pairs):
         rows = [{"messages": [{"role": "user", "content": q + " " + INSTRUCTION}, {"role": "assistant", "content": a}]}
-                for q, a in gsm8k_like(n, offset)]
+                for q, a in split_pairs]
         _write(rows, folder / f"{split}.parquet")
     return folder
 
