@@ -40,12 +40,14 @@ def test_hydra_grammar():
     cfg = legacy("data.prompt_dict_keys=['question']", "+data.response_dict_keys=[answer]", "++optim.lr=3e-4",
                  "~trainer.seed", "data.val_files=null", "trainer.logger=[console,tensorboard]",
                  "trainer.experiment_name='a b'", "trainer.default_local_dir=${trainer.project_name}/x",
-                 "optim=fsdp", "data.apply_chat_template_kwargs={enable_thinking:false}")
+                 "optim=fsdp", "data.apply_chat_template_kwargs={enable_thinking:false}",
+                 "data.train_files=~/data/sft-test/train.json")
     assert cfg.data.prompt_dict_keys == ["question"] and cfg.data.response_dict_keys == ["answer"]
     assert cfg.optim.lr == 3e-4 and cfg.trainer.seed == 42  # ~key: back to verlite's default
     assert cfg.data.val_files is None and cfg.trainer.logger == ["console", "tensorboard"]
     assert cfg.trainer.experiment_name == "a b" and cfg.trainer.default_local_dir == "gsm8k-sft/x"
     assert cfg.data.apply_chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.data.train_files == "~/data/sft-test/train.json"  # `~` is outside Hydra's lexer: a plain string
 
 
 @pytest.mark.parametrize("override, fragment", [

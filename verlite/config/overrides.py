@@ -33,8 +33,10 @@ def parse(items: list[str], group_names: set[str]) -> Overrides:
         try:
             (ov,) = parser.parse_overrides([item])
         except HydraException as e:
-            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "parse error")
-            raise VerliteError(f"override '{item}' is not valid Hydra syntax: {first}") from None
+            ov = _as_plain_string(parser, item)
+            if ov is None:
+                first = next((line.strip() for line in str(e).splitlines() if line.strip()), "parse error")
+                raise VerliteError(f"override '{item}' is not valid Hydra syntax: {first}") from None
         if ov.is_sweep_override():
             raise VerliteError(f"override '{item}' is a sweep (several values); give one value per key")
         key = ov.key_or_group
@@ -63,3 +65,19 @@ def apply(cfg, edits: list[tuple[str, str, Any]]) -> None:
                 del parent[leaf]  # back to the schema's default
             continue
         OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+
+
+def _as_plain_string(parser, item: str):
+    """A value Hydra's lexer refuses only for a character such as `~` (data.train_files=~/x.json)
+    is taken as the plain string it obviously is, as verlite always read it; lists, dicts and
+    quoted values keep Hydra's rules."""
+    from hydra.errors import HydraException
+
+    key, _, value = item.partition("=")
+    if not value or value[0] in "[{'\"" or "'" in value or "${" in value:
+        return None
+    try:
+        (ov,) = parser.parse_overrides([f"{key}='{value}'"])
+    except HydraException:
+        return None
+    return ov
