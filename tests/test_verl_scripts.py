@@ -107,8 +107,10 @@ def test_legacy_trainer_with_verls_default_config_file(verl_home, tmp_path):
 @pytest.mark.slow
 def test_multiturn_sp2_script_on_two_processes(verl_home, tmp_path):
     out = tmp_path / "mt"
-    run(["bash", str(EXAMPLES / "run_qwen_05_sp2_multiturn.sh"), "2", str(out)], verl_home)
+    result = run(["bash", str(EXAMPLES / "run_qwen_05_sp2_multiturn.sh"), "2", str(out)], verl_home)
     assert (out / "global_step_1" / "huggingface" / "model.safetensors").is_file()
+    log = result.stdout + result.stderr
+    assert log.count("no effect in verlite") == 1 and log.count("data.micro_batch_size is deprecated") == 1
 
 
 def test_bad_dict_key_from_the_command_line_is_one_line(verl_home, tmp_path, capsys, monkeypatch):

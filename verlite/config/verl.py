@@ -251,7 +251,8 @@ def from_legacy(raw: dict, source: str, verl_defaults: bool = False) -> tuple[di
         sp = int(raw.get("ulysses_sequence_parallel_size") or 1)
         dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, sp))
         per_gpu = max(1, int(mbs) // dp)
-        log.warning("data.micro_batch_size is deprecated (verl); using data.micro_batch_size_per_gpu=%d", per_gpu)
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("data.micro_batch_size is deprecated (verl); using data.micro_batch_size_per_gpu=%d", per_gpu)
         _set(raw, "data.micro_batch_size_per_gpu", per_gpu)
     if verl_defaults:  # verl's SFTDataset: response text + eos token (not the template's turn end)
         raw.setdefault("data", {}).setdefault("response_end", "eos")
@@ -277,5 +278,5 @@ def check_checkpoint_contents(contents: list[str], key: str, source: str) -> Non
 
 
 def warn_ignored(keys: list[str]) -> None:
-    if keys:
+    if keys and os.environ.get("RANK", "0") == "0":  # every torchrun rank reads the config; one line is enough
         log.warning("verl keys with no effect in verlite (accepted, ignored): %s", ", ".join(keys))
