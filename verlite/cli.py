@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     # The article's single-GPU flags: verlite needs neither (one process is the default).
     p.add_argument("--disable_ddp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--use_fsdp2", action="store_true", help=argparse.SUPPRESS)
+    # Set by verl's module entry points (verlite/verl_cli.py): whose defaults and layout apply.
+    p.add_argument("--dialect", default="verlite", choices=["verlite", "verl", "verl_engine"], help=argparse.SUPPRESS)
     _common(p)
 
     p = sub.add_parser("plan", help="predict peak GPU memory for a config and the largest micro-batch that fits")
@@ -115,7 +117,7 @@ def _cmd_sft(args) -> int:
     from verlite.config import load_config
     from verlite.trainer.sft_trainer import run_sft
 
-    run_sft(load_config(args.config_path, args.overrides))
+    run_sft(load_config(args.config_path, args.overrides, dialect=args.dialect))
     return 0
 
 
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # Overrides may stand between flags (verl's scripts interleave them).
-    stray = [a for a in rest if a.startswith("-") or "=" not in a or args.command not in ("sft", "plan")]
+    stray = [a for a in rest if a.startswith("-") or ("=" not in a and not a.startswith("~"))
+             or args.command not in ("sft", "plan")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:

@@ -6,6 +6,7 @@ error is one line naming the key, the file and the closest known key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -20,19 +21,9 @@ from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.config")
 
-# Keys of verl's sft_trainer.yaml that have no meaning here; accepted so a verl config
-# pastes as is, with one warning each.
-VERL_KEYS_IGNORED = {
-    "data.prompt_dict_keys", "data.response_dict_keys", "data.custom_cls", "data.use_shm",
-    "data.balance_dp_token", "data.multiturn.tools_key", "data.multiturn.enable_thinking_key",
-    "model.external_lib", "model.fsdp_config.wrap_policy", "model.use_shm",
-    "model.fsdp_config.offload_policy", "trainer.nnodes", "trainer.n_gpus_per_node",
-    "trainer.checkpoint", "trainer.default_hdfs_dir", "trainer.max_ckpt_to_keep_hdfs",
-    "use_remove_padding",
-}
-
 CHOICES = {
     "data.truncation": ("error", "left", "right", "drop"),
+    "data.response_end": ("template", "eos"),
     "model.strategy": ("fsdp2", "fsdp", "none"),
     "optim.lr_scheduler": ("cosine", "constant", "linear", "wsd"),
     "trainer.resume_mode": ("auto", "disable", "resume_path"),
@@ -43,10 +34,21 @@ DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 LOGGERS = ("console", "tensorboard", "jsonl", "wandb")
 
 
-def load_config(config_path: str | None, overrides: list[str] = ()) -> SFTConfig:
-    """Read `config_path` (may be None: defaults only), apply `key.sub=value` overrides."""
+DIALECTS = ("verlite", "verl", "verl_engine")
+
+
+def load_config(config_path: str | None, overrides: list[str] = (), dialect: str = "verlite") -> SFTConfig:
+    """Read `config_path` (None: the dialect's defaults), apply Hydra-style overrides.
+
+    `dialect` names whose defaults apply without a YAML and how keys are read: "verlite"
+    (verlite's schema defaults), "verl" (verl's legacy sft_trainer.yaml) or "verl_engine"
+    (verl >= 0.8's sft_trainer_engine.yaml). verl's key names are accepted in every dialect.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from verlite.config import overrides as ov
+    from verlite.config import verl
 
     source = config_path or "<defaults>"
     if config_path is not None:
@@ -54,26 +56,28 @@ def load_config(config_path: str | None, overrides: list[str] = ()) -> SFTConfig
         if not path.is_file():
             raise VerliteError(f"config file {config_path} does not exist; pass --config_path PATH_TO_YAML")
         try:
-            base = OmegaConf.load(path)
+            base = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         except Exception as e:  # yaml.YAMLError carries the line in its text
             first = " ".join(str(e).split())
             raise VerliteError(f"{config_path}: not valid YAML: {first}") from None
-        if not isinstance(base, dict) and not OmegaConf.is_dict(base):
+        if not isinstance(base, dict):
             raise VerliteError(f"{config_path}: the top level must be a mapping of sections (data:, model:, ...)")
     else:
-        base = OmegaConf.create({})
-    dotlist = []
-    for item in overrides:
-        if "=" not in item:
-            raise VerliteError(f"override '{item}' must look like section.key=value (e.g. data.max_length=512)")
-        dotlist.append(item.lstrip("+"))
+        base = copy.deepcopy({"verl": verl.LEGACY_DEFAULTS, "verl_engine": verl.ENGINE_DEFAULTS}.get(dialect, {}))
+    parsed = ov.parse(list(overrides), verl.group_names(base))
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.create(verl.compose(base, parsed.groups, source))
+        ov.apply(merged, parsed.edits)
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         msg = " ".join(str(e).split("\n")[0].split())
         raise VerliteError(f"{source}: {msg}") from None
-    cfg = _build(SFTConfig, raw or {}, "", source)
+    raw = raw or {}
+    if dialect == "verl_engine" or isinstance(raw.get("engine"), dict):
+        raw = verl.from_engine(raw, source)
+    raw, ignored = verl.from_legacy(raw, source, verl_defaults=dialect != "verlite")
+    verl.warn_ignored(ignored)
+    cfg = _build(SFTConfig, raw, "", source)
     _check_values(cfg, source)
     return cfg
 
@@ -111,9 +115,7 @@ def _build(cls: type, values: Any, prefix: str, source: str):
     for key, value in values.items():
         dotted = prefix + str(key)
         if key not in names:
-            if dotted in VERL_KEYS_IGNORED:
-                log.warning("config key '%s' has no effect in verlite; ignored", dotted)
-            elif cls is ModelConfig:
+            if cls is ModelConfig:
                 extras[key] = value  # an HF config override such as rope_theta; checked at model load
             else:
                 raise _unknown_key(dotted, source)
@@ -231,6 +233,19 @@ def _check_values(cfg: SFTConfig, source: str) -> None:
         raise VerliteError(f"{source}: trainer.resume_mode is resume_path but trainer.resume_from_path is not set")
     if not cfg.model.partial_pretrain:
         raise VerliteError(f"{source}: 'model.partial_pretrain' is not set; give a Hugging Face model id or local path")
+    from verlite.config import verl
+    from verlite.config.user_code import adopt_lora_adapter, check_custom_cls, import_external_lib
+
+    ck = cfg.trainer.checkpoint
+    verl.check_checkpoint_contents(ck.save_contents, "trainer.checkpoint.save_contents", source)
+    if ck.load_contents is not None:
+        verl.check_checkpoint_contents(ck.load_contents, "trainer.checkpoint.load_contents", source)
+    for key in ("train_max_samples", "val_max_samples"):
+        if getattr(cfg.data, key) == 0 or getattr(cfg.data, key) < -1:
+            raise VerliteError(f"{source}: 'data.{key}' must be a positive count or -1 (all rows)")
+    import_external_lib(cfg.model.external_lib)
+    check_custom_cls(cfg.data.custom_cls)
+    adopt_lora_adapter(cfg.model)
 
 
 def loggers(cfg: SFTConfig) -> list[str]:

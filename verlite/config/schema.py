@@ -15,6 +15,14 @@ from typing import Any, Optional, Union
 class MultiturnConfig:
     enable: bool = False
     messages_key: str = "messages"
+    tools_key: str = "tools"  # column of tool definitions, rendered by the chat template
+    enable_thinking_key: str = "enable_thinking"  # column passed to the template as enable_thinking
+
+
+@dataclass
+class CustomClsConfig:
+    path: Optional[str] = None  # a .py file defining a verl-style dataset class
+    name: Optional[str] = None
 
 
 @dataclass
@@ -32,6 +40,22 @@ class DataConfig:
     packing: bool = False  # pack samples into rows, attention isolated per sample
     max_token_len_per_gpu: Optional[Union[int, str]] = None  # token budget per micro-batch, or "auto"
     num_workers: int = 0  # accepted for verl compatibility; data is pre-tokenized in memory
+    # verl's nested dict fields: prompt = row[prompt_key][k1][k2]... (e.g. extra_info.question)
+    prompt_dict_keys: Optional[list[str]] = None
+    response_dict_keys: Optional[list[str]] = None
+    train_max_samples: int = -1  # first N rows only; -1 = all
+    val_max_samples: int = -1
+    apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # A single-turn response ends with the chat template's own turn end ("template"), or, as
+    # verl's SFTDataset builds it, with the response text followed by the tokenizer's eos ("eos").
+    response_end: str = "template"
+    # Multi-turn: a template that does not render conversations as growing prefixes (Qwen3
+    # thinking templates) is tokenized turn by turn instead of failing, as verl does.
+    ignore_input_ids_mismatch: bool = False
+    # The loss is already the mean over all loss tokens of the step across GPUs, which is
+    # what verl's balance_dp_token asks for; kept so configs that set it load.
+    balance_dp_token: bool = False
+    custom_cls: CustomClsConfig = field(default_factory=CustomClsConfig)
 
 
 @dataclass
@@ -76,6 +100,9 @@ class ModelConfig:
     # verl's model.tiled_mlp: the MLP runs over the sequence in tiles so its intermediate
     # activations never exist for the whole sequence at once. Owned by issue 10.
     tiled_mlp: bool = False
+    external_lib: Optional[str] = None  # a module imported before the model loads (registers custom models)
+    lora_adapter_path: Optional[str] = None  # continue training this PEFT adapter (rank etc. from its config)
+    exclude_modules: Optional[Union[str, list[str]]] = None  # modules LoRA leaves alone
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     # Keys under `model:` that are not fields above (e.g. rope_theta) land here and
     # override the model's Hugging Face config; they are checked against it at load time.
@@ -88,6 +115,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01
     warmup_steps_ratio: float = 0.1
+    warmup_steps: int = -1  # verl's lr_warmup_steps: when > 0 it wins over the ratio
+    num_cycles: float = 0.5  # cosine: half a wave from lr down to min_lr_ratio x lr
     lr_scheduler: str = "cosine"  # cosine | constant | linear
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
@@ -95,6 +124,14 @@ class OptimConfig:
     # comes from (e.g. AdamW from torch.optim, or an 8-bit AdamW from torchao.optim). Owned by issue 10.
     optimizer: str = "AdamW"
     optimizer_impl: str = "torch.optim"
+
+
+@dataclass
+class CheckpointConfig:
+    # verl's names. verlite's checkpoint always holds the Hugging Face model (hf_model) and,
+    # with "optimizer"/"extra", the optimizer, schedule, step and RNG needed to resume.
+    save_contents: list[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    load_contents: Optional[list[str]] = None  # default: save_contents
 
 
 @dataclass
@@ -114,6 +151,7 @@ class TrainerConfig:
     seed: int = 42
     device: str = "auto"  # auto | cuda | cpu
     max_bad_steps: int = 5  # consecutive NaN/inf steps tolerated before the run stops
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     gpu_mem_gb: Optional[float] = None  # cap GPU memory (GiB) for this process; also what "auto" plans for
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from verlite.config.schema import DataConfig
 from verlite.data.formatting import Encoded, encode_messages, encode_pair
-from verlite.data.readers import Row, read_rows, resolve_files
+from verlite.data.readers import Row, field_value, read_rows, resolve_files
 from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.data")
@@ -35,19 +35,26 @@ class SFTDataset:
 
 
 def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files") -> SFTDataset:
+    limit = cfg.val_max_samples if key == "data.val_files" else cfg.train_max_samples
+    if cfg.custom_cls.path:
+        from verlite.data.custom import load_custom_dataset
+
+        return load_custom_dataset(resolve_files(files, key), cfg, tokenizer, limit)
     ds = SFTDataset()
-    for path in resolve_files(files, key):
-        for row in read_rows(path):
-            full = encode_row(row, cfg, tokenizer)
-            enc = truncate(full, cfg.max_length, cfg.truncation, row.where)
-            if enc is None:
-                ds.dropped += 1
-                continue
-            if not any(enc.loss_mask):
-                raise VerliteError(f"{row.where}: no response token is left after truncation to "
-                                   f"data.max_length={cfg.max_length}; raise max_length or set data.truncation=drop")
-            ds.truncated += len(enc.input_ids) < len(full.input_ids)
-            ds.append(enc)
+    rows = (row for path in resolve_files(files, key) for row in read_rows(path))
+    for n, row in enumerate(rows):
+        if n == limit:  # verl's train_max_samples / val_max_samples: the first N rows
+            break
+        full = encode_row(row, cfg, tokenizer)
+        enc = truncate(full, cfg.max_length, cfg.truncation, row.where)
+        if enc is None:
+            ds.dropped += 1
+            continue
+        if not any(enc.loss_mask):
+            raise VerliteError(f"{row.where}: no response token is left after truncation to "
+                               f"data.max_length={cfg.max_length}; raise max_length or set data.truncation=drop")
+        ds.truncated += len(enc.input_ids) < len(full.input_ids)
+        ds.append(enc)
     if ds.truncated or ds.dropped:
         log.warning("%s: %d samples longer than max_length=%d were truncated (%s), %d dropped",
                     key, ds.truncated, cfg.max_length, cfg.truncation, ds.dropped)
@@ -56,35 +63,51 @@ def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files
     return ds
 
 
-def _text_field(row: Row, key: str, config_key: str) -> str:
-    if key not in row.data:
-        keys = ", ".join(sorted(map(str, row.data))) or "none"
-        raise VerliteError(f"{row.where}: missing key '{key}' ({config_key}); this row has: {keys}")
-    value = row.data[key]
+def _text_field(row: Row, key: str, config_key: str, dict_keys: list[str] | None = None) -> str:
+    value = field_value(row, key, dict_keys, config_key)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise VerliteError(f"{row.where}: key '{key}' must be text, got {type(value).__name__}")
     return str(value)
 
 
+def _check_messages(row: Row, key: str, messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise VerliteError(f"{row.where}: key '{key}' must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(messages):
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or
+                                              (m.get("content") is None and m.get("tool_calls")))
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not content_ok:
+            raise VerliteError(f"{row.where}: {key}[{i}] must be an object with string 'role' and 'content'")
+    if not any(m["role"] == "assistant" and ((m.get("content") or "").strip() or m.get("tool_calls"))
+               for m in messages):
+        raise VerliteError(f"{row.where}: '{key}' has no non-empty assistant message to learn from")
+
+
 def encode_row(row: Row, cfg: DataConfig, tokenizer) -> Encoded:
+    kwargs = dict(cfg.apply_chat_template_kwargs or {})
     if cfg.multiturn.enable:
-        key = cfg.multiturn.messages_key
-        messages = row.data.get(key)
+        mt = cfg.multiturn
+        key = mt.messages_key
         if key not in row.data:
             raise VerliteError(f"{row.where}: missing key '{key}' (data.multiturn.messages_key)")
-        if not isinstance(messages, list) or not messages:
-            raise VerliteError(f"{row.where}: key '{key}' must be a non-empty list of {{role, content}} messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise VerliteError(f"{row.where}: {key}[{i}] must be an object with string 'role' and 'content'")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            raise VerliteError(f"{row.where}: '{key}' has no non-empty assistant message to learn from")
-        return encode_messages(tokenizer, messages, row.where)
-    prompt = _text_field(row, cfg.prompt_key, "data.prompt_key")
-    response = _text_field(row, cfg.response_key, "data.response_key")
+        messages = row.data[key]
+        _check_messages(row, key, messages)
+        tools = row.data.get(mt.tools_key)  # a column of tool definitions, when the file has one
+        if row.data.get(mt.enable_thinking_key) is not None:
+            kwargs["enable_thinking"] = bool(row.data[mt.enable_thinking_key])
+        return encode_messages(tokenizer, messages, row.where, tools=tools or None, template_kwargs=kwargs,
+                               ignore_mismatch=cfg.ignore_input_ids_mismatch)
+    prompt = field_value(row, cfg.prompt_key, cfg.prompt_dict_keys, "prompt_key")
+    response = _text_field(row, cfg.response_key, "response_key", cfg.response_dict_keys)
     if not response.strip():
         raise VerliteError(f"{row.where}: key '{cfg.response_key}' is empty; every sample needs a response")
-    return encode_pair(tokenizer, prompt, response, row.where)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        # a prompt already written as messages (the `prompt` column of verl's preprocess scripts)
+        messages = prompt + [{"role": "assistant", "content": response}]
+        _check_messages(row, cfg.prompt_key, messages)
+        return encode_messages(tokenizer, messages, row.where, template_kwargs=kwargs)
+    prompt = _text_field(row, cfg.prompt_key, "prompt_key", cfg.prompt_dict_keys)
+    return encode_pair(tokenizer, prompt, response, row.where, cfg.response_end, kwargs)
 
 
 def truncate(enc: Encoded, max_length: int, mode: str, where: str) -> Encoded | None:

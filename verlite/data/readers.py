@@ -107,3 +107,24 @@ def columns_of(path: str) -> list[str] | None:
     import pyarrow.parquet as pq
 
     return list(pq.read_schema(path).names)
+
+
+def field_value(row: Row, key: str, dict_keys: list[str] | None, config_key: str) -> Any:
+    """row[key], then one level down per name in `dict_keys` (verl's prompt_dict_keys /
+    response_dict_keys: `extra_info` + ['question'] reads row['extra_info']['question'])."""
+    if key not in row.data:
+        keys = ", ".join(sorted(map(str, row.data))) or "none"
+        raise VerliteError(f"{row.where}: missing key '{key}' (data.{config_key}); this row has: {keys}")
+    value = row.data[key]
+    path = key
+    for sub in dict_keys or []:
+        dict_key = config_key.replace("_key", "_dict_keys")
+        if not isinstance(value, dict):
+            raise VerliteError(f"{row.where}: '{path}' is {type(value).__name__}, not a dict holding '{sub}' "
+                               f"(data.{dict_key}); check data.{config_key} and data.{dict_key}")
+        if sub not in value:
+            keys = ", ".join(sorted(map(str, value))) or "none"
+            raise VerliteError(f"{row.where}: '{path}' has no field '{sub}' (data.{dict_key}); it has: {keys}")
+        value = value[sub]
+        path = f"{path}.{sub}"
+    return value

@@ -23,7 +23,8 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: b
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier on optim.lr for the update made at 0-based `step`."""
-    warmup = int(cfg.warmup_steps_ratio * total_steps)
+    # verl: lr_warmup_steps > 0 wins over lr_warmup_steps_ratio
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_steps_ratio * total_steps)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.lr_scheduler == "constant":
@@ -34,7 +35,9 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return floor + (1 - floor) * max(0.0, 1 - progress)
     if cfg.lr_scheduler == "wsd":  # warmup, stable, then a linear decay over the last 10%
         return 1.0 if progress < 0.9 else floor + (1 - floor) * max(0.0, (1 - progress) / 0.1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    # num_cycles waves over the decay (0.5: one half wave, lr down to the floor); never below the floor
+    wave = 0.5 * (1 + math.cos(2 * math.pi * cfg.num_cycles * min(1.0, progress)))
+    return max(floor, floor + (1 - floor) * wave)
 
 
 def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:

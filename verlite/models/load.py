@@ -140,11 +140,21 @@ def check_lora_targets(cfg: ModelConfig, hf_config) -> None:
 
 
 def apply_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     targets = cfg.target_modules
+    if cfg.lora_adapter_path:  # continue training an existing adapter (verl's model.lora_adapter_path)
+        path = os.path.expanduser(cfg.lora_adapter_path)
+        try:
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise VerliteError(f"model.lora_adapter_path: cannot load the adapter in {cfg.lora_adapter_path} onto "
+                               f"{cfg.partial_pretrain} ({' '.join(str(e).split())[:160]})") from None
+        log.info("LoRA: continuing the adapter in %s", cfg.lora_adapter_path)
+        return model
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+                      target_modules=targets, exclude_modules=cfg.exclude_modules or None,
+                      task_type="CAUSAL_LM", bias="none")
     # Non-reentrant checkpointing (enabled above) needs no grads on the frozen embeddings' output.
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -348,3 +348,11 @@ class Trainer:
                  mem, last_loss)
         log.info("Final checkpoint: %s", final)
         return summary
+
+
+if __name__ == "__main__":  # verl >= 0.8's `python -m verl.trainer.sft_trainer` (sft_trainer_engine.yaml)
+    import sys
+
+    from verlite.verl_cli import main
+
+    main(sys.argv[1:], "verl_engine")
