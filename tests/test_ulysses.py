@@ -1,9 +1,20 @@
 """Ulysses sequence parallelism under torchrun (gloo, CPU): ranks that split every packed
-row along the sequence train exactly as one process does."""
+row along the sequence train exactly as one process does; SP sizes that cannot split the
+model or the world fail in one line before the model is loaded."""
+
+import json
+import subprocess
+import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from test_distributed import losses, run
+from conftest import write_jsonl
+from test_distributed import ROWS, losses, run
+from verlite import cli
+
+SP2 = "ulysses_sequence_parallel_size=2"
 
 
 def assert_same_curve(a: dict, b: dict, steps: int) -> None:
@@ -13,11 +24,112 @@ def assert_same_curve(a: dict, b: dict, steps: int) -> None:
     assert a[steps] != pytest.approx(a[1], rel=1e-3)  # it trained
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_two_ranks_sp2_follow_the_one_process_curve(tmp_path, tiny_model, lora):
-    extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-2"] if lora else \
-        ["model.lora_rank=0"]
+def val_losses(run_dir) -> list[float]:
+    return [r["val/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "val/loss" in r]
+
+
+def test_two_ranks_sp2_full_finetune_follow_the_one_process_curve(tmp_path, tiny_model):
+    val = write_jsonl(tmp_path / "val.jsonl", ROWS[:5])  # 5 samples: an odd share, a placeholder round
+    extra = ["model.lora_rank=0", f"data.val_files={val}", "trainer.test_freq=2"]
     run(tmp_path / "one", tiny_model, 1, 4, *extra)
-    two = run(tmp_path / "sp", tiny_model, 2, 4, *extra, "ulysses_sequence_parallel_size=2")
+    sp = run(tmp_path / "sp", tiny_model, 2, 4, *extra, SP2)
     assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp" / "run"), 4)
-    assert two.stdout.count("Step 3/4") == 1
+    assert sp.stdout.count("Step 3/4") == 1  # only rank 0 speaks
+    va, vb = val_losses(tmp_path / "one" / "run"), val_losses(tmp_path / "sp" / "run")
+    assert len(va) == len(vb) == 2 and vb == pytest.approx(va, rel=1e-5)
+    # The exported weights are those of the one-process run.
+    wa = load_file(tmp_path / "one" / "run" / "global_step_4" / "huggingface" / "model.safetensors")
+    wb = load_file(tmp_path / "sp" / "run" / "global_step_4" / "huggingface" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_ranks_sp2_lora_follow_the_one_process_curve(tmp_path, tiny_model):
+    extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-2"]
+    run(tmp_path / "one", tiny_model, 1, 4, *extra)
+    run(tmp_path / "sp", tiny_model, 2, 4, *extra, SP2)
+    assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp" / "run"), 4)
+
+
+@pytest.mark.slow
+def test_token_budget_is_per_gpu(tmp_path, tiny_model, capsys):
+    """data.max_token_len_per_gpu is per GPU, as in verl: an SP-2 group's micro-batch holds
+    twice that, so SP 2 takes a budget below the longest sample and trains as one process
+    with twice the budget."""
+    import math
+    import re
+
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    assert cli.main(["sft", f"data.train_files={data}", f"model.partial_pretrain={tiny_model}", "trainer.device=cpu",
+                     "data.packing=true", "data.max_token_len_per_gpu=1"]) == 2
+    longest = int(re.search(r"longest sample \((\d+) tokens\)", capsys.readouterr().err).group(1))
+    half = math.ceil(longest / 2)
+    run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0", "data.packing=true",
+        f"data.max_token_len_per_gpu={2 * half}")
+    run(tmp_path / "sp", tiny_model, 2, 3, "model.lora_rank=0", "data.packing=true",
+        f"data.max_token_len_per_gpu={half}", SP2)
+    assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp" / "run"), 3)
+
+
+@pytest.mark.slow
+def test_four_ranks_dp2_sp2_follow_the_one_process_curve(tmp_path, tiny_model):
+    run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")
+    run(tmp_path / "dpsp", tiny_model, 4, 3, "model.lora_rank=0", SP2)
+    assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "dpsp" / "run"), 3)
+
+
+@pytest.mark.slow
+def test_four_ranks_sp4_repeat_kv_heads(tmp_path, tiny_model):
+    """The tiny model has 2 KV heads for 4 query heads: SP 4 repeats each KV head to one per rank."""
+    run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")
+    run(tmp_path / "sp4", tiny_model, 4, 3, "model.lora_rank=0", "ulysses_sequence_parallel_size=4")
+    assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp4" / "run"), 3)
+
+
+@pytest.fixture
+def model_12_heads_4_kv(tmp_path_factory, tokenizer_chat):
+    from verlite.models.tiny import build_qwen2
+
+    return build_qwen2(tmp_path_factory.mktemp("h12") / "qwen2", tokenizer_chat, hidden_size=96, layers=1,
+                       heads=12, kv_heads=4)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import verlite.trainer.sft_trainer as trainer
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before the SP size was checked")
+
+    monkeypatch.setattr(trainer, "load_model", fail)
+
+
+@pytest.mark.parametrize("sp, model, fragment", [
+    (3, "tiny", "ulysses_sequence_parallel_size=3 does not divide the model's 4 attention heads"),
+    (2, "tiny", "ulysses_sequence_parallel_size=2 does not divide the 1 process(es)"),
+    (0, "tiny", "ulysses_sequence_parallel_size=0 must be 1 (off) or more"),
+    (6, "h12", "ulysses_sequence_parallel_size=6 does not divide the model's 4 key/value heads"),
+])
+def test_bad_sp_size_one_line_before_model_load(sp, model, fragment, tiny_model, model_12_heads_4_kv, tmp_path,
+                                                capsys, no_model_load):
+    path = tiny_model if model == "tiny" else model_12_heads_4_kv
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    code = cli.main(["sft", f"data.train_files={data}", f"model.partial_pretrain={path}", "trainer.device=cpu",
+                     f"trainer.default_local_dir={tmp_path / 'run'}", f"ulysses_sequence_parallel_size={sp}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("verlite: error: ") and "\n" not in err, err
+    assert fragment in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_sp_size_real_process_exit_code(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    result = subprocess.run([sys.executable, "-m", "verlite.trainer.fsdp_sft_trainer", f"data.train_files={data}",
+                             f"model.partial_pretrain={tiny_model}", "trainer.device=cpu", SP2,
+                             f"trainer.default_local_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "ulysses_sequence_parallel_size=2 does not divide the 1 process(es)" in result.stderr

@@ -41,12 +41,6 @@ def check_sp_size(sp: int, world: int, hf_config, strategy: str) -> None:
         raise VerliteError(f"{KEY}={sp} must be 1 (off) or more ranks per sequence")
     if sp == 1:
         return
-    if world % sp:
-        raise VerliteError(f"{KEY}={sp} does not divide the {world} process(es); launch a multiple of {sp} "
-                           f"(torchrun --nproc_per_node) or set {KEY} to a divisor of {world}")
-    if strategy not in ("fsdp2", "fsdp"):
-        raise VerliteError(f"{KEY}={sp} needs model.strategy=fsdp2 (the SP ranks' gradients are combined by FSDP); "
-                           f"model.strategy is {strategy}")
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     if heads % sp:
@@ -57,6 +51,12 @@ def check_sp_size(sp: int, world: int, hf_config, strategy: str) -> None:
         raise VerliteError(f"{KEY}={sp} does not divide the model's {kv_heads} key/value heads "
                            f"(num_key_value_heads) nor is a multiple of them; use a divisor of {kv_heads} "
                            f"or a multiple of it that divides {heads}")
+    if world % sp:
+        raise VerliteError(f"{KEY}={sp} does not divide the {world} process(es); launch a multiple of {sp} "
+                           f"(torchrun --nproc_per_node) or set {KEY} to a divisor of {world}")
+    if strategy not in ("fsdp2", "fsdp"):
+        raise VerliteError(f"{KEY}={sp} needs model.strategy=fsdp2 (the SP ranks' gradients are combined by FSDP); "
+                           f"model.strategy is {strategy}")
 
 
 def setup(sp: int, dist_info: DistInfo) -> DistInfo:
