@@ -133,3 +133,29 @@ def test_bad_sp_size_real_process_exit_code(tmp_path, tiny_model):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert "ulysses_sequence_parallel_size=2 does not divide the 1 process(es)" in result.stderr
+
+
+def _plan_rows(out: str) -> dict:
+    rows = {}
+    for line in out.splitlines():
+        parts = line.rsplit(None, 2)
+        if len(parts) == 3 and parts[2] == "GiB" and line.startswith("  "):
+            rows[parts[0].strip()] = float(parts[1])
+    return rows
+
+
+def test_plan_knows_the_per_gpu_activation_share(tiny_model, capsys):
+    """`plan --nproc 4` with SP 2: the same sharded weights, half the activations per GPU."""
+    args = ["plan", f"model.partial_pretrain={tiny_model}", "data.micro_batch_size_per_gpu=64", "data.max_length=4096",
+            "model.enable_gradient_checkpointing=false", "--gpu_mem_gb", "24", "--nproc", "4"]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*args, SP2]) == 0
+    out = capsys.readouterr().out
+    a, b = _plan_rows(plain), _plan_rows(out)
+    assert a["weights (fp32 master)"] == b["weights (fp32 master)"]
+    assert b["activations"] == pytest.approx(a["activations"] / 2, rel=0.02) and a["activations"] > 1
+    assert "split over 2 GPUs" in out and "2 data-parallel group(s)" in out
+    assert cli.main([*args[:-2], "--nproc", "3", SP2]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ulysses_sequence_parallel_size=2 does not divide the 3 process(es)" in err and "\n" not in err
