@@ -159,3 +159,22 @@ def test_plan_knows_the_per_gpu_activation_share(tiny_model, capsys):
     assert cli.main([*args[:-2], "--nproc", "3", SP2]) == 2
     err = capsys.readouterr().err.strip()
     assert "ulysses_sequence_parallel_size=2 does not divide the 3 process(es)" in err and "\n" not in err
+
+
+def test_bench_check_smoke():
+    """bench/ulysses_check.py (the GPU check) in its CPU form: one row split over 2 ranks has
+    the whole row's loss and summed gradients."""
+    import os
+    from pathlib import Path
+
+    from test_distributed import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+                             str(root / "bench" / "ulysses_check.py"), "--smoke"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
+    assert line["sp"] == 2 and line["loss_rel_err"] < 1e-5 and line["grad_rel_err"] < 1e-5, line
