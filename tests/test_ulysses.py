@@ -178,3 +178,15 @@ def test_bench_check_smoke():
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
     assert line["sp"] == 2 and line["loss_rel_err"] < 1e-5 and line["grad_rel_err"] < 1e-5, line
+
+
+@pytest.mark.slow
+def test_sp2_checkpoint_resumes_on_the_same_curve(tmp_path, tiny_model):
+    import shutil
+
+    run(tmp_path, tiny_model, 2, 4, "model.lora_rank=0", SP2)  # checkpoints at steps 2 and 4
+    shutil.rmtree(tmp_path / "run" / "global_step_4")        # as if the job had died after step 2
+    resumed = run(tmp_path, tiny_model, 2, 4, "model.lora_rank=0", SP2)
+    assert "Resumed from" in resumed.stdout and "global_step_2" in resumed.stdout
+    run(tmp_path / "ref", tiny_model, 1, 4, "model.lora_rank=0")
+    assert_same_curve(losses(tmp_path / "ref" / "run"), losses(tmp_path / "run"), 4)

@@ -114,6 +114,9 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return parts.transpose(0, 1).reshape(1, total // sp, sp * h, d)
 
 
+# torch.compile (model.compile) cannot trace the collectives: attention runs eagerly between
+# the compiled parts of the layer.
+@torch.compiler.disable
 def ulysses_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, sp_group, **kwargs):
     """transformers' attention contract on this rank's tokens; cu_seq_lens describe the whole row."""
     from verlite.models.attention import verlite_attention
