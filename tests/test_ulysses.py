@@ -190,3 +190,31 @@ def test_sp2_checkpoint_resumes_on_the_same_curve(tmp_path, tiny_model):
     assert "Resumed from" in resumed.stdout and "global_step_2" in resumed.stdout
     run(tmp_path / "ref", tiny_model, 1, 4, "model.lora_rank=0")
     assert_same_curve(losses(tmp_path / "ref" / "run"), losses(tmp_path / "run"), 4)
+
+
+def test_shard_micro_batch_splits_a_packed_row_with_its_own_padding_segment():
+    import numpy as np
+
+    from verlite.data.batching import IGNORE_INDEX, collate
+    from verlite.data.dataset import SFTDataset
+    from verlite.data.formatting import Encoded
+    from verlite.engine.distributed import DistInfo
+    from verlite.engine.ulysses import shard_micro_batch
+
+    ds = SFTDataset()
+    for n in (5, 8, 4):  # 17 tokens: odd, so one padding token for 2 ranks
+        ds.append(Encoded(list(range(10, 10 + n)), [0] * 2 + [1] * (n - 2)))
+    row = collate(ds, [0, 1, 2], True, 0)
+    shares = [shard_micro_batch(row, DistInfo(r, 4, r, torch.device("cpu"), sp_size=2)) for r in (2, 3)]
+    assert [s.input_ids.shape[1] for s in shares] == [9, 9]
+    joined = torch.cat([s.input_ids for s in shares], dim=1)
+    assert torch.equal(joined[:, :17], row.input_ids)
+    labels = torch.cat([s.labels for s in shares], dim=1)
+    assert torch.equal(labels[:, :17], row.labels) and labels[0, 17] == IGNORE_INDEX
+    positions = torch.cat([s.position_ids for s in shares], dim=1)[0].tolist()
+    assert positions == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0]
+    for s in shares:  # every rank keeps the whole row's boundaries, the padding as a segment of its own
+        assert s.cu_seqlens.tolist() == [0, 5, 13, 17, 18] and s.max_seqlen == 8
+        np.testing.assert_array_equal(s.loss_index.numpy(), np.flatnonzero(s.labels[0].numpy() != IGNORE_INDEX))
+    assert sum(s.num_loss_tokens for s in shares) == row.num_loss_tokens > 0
+    assert [s.num_tokens for s in shares] == [9, 8]
