@@ -170,7 +170,8 @@ def test_bench_check_smoke():
     from test_distributed import free_port
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
                              str(root / "bench" / "ulysses_check.py"), "--smoke"],
