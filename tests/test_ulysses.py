@@ -73,7 +73,6 @@ def test_token_budget_is_per_gpu(tmp_path, tiny_model, capsys):
     assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp" / "run"), 3)
 
 
-@pytest.mark.slow
 def test_four_ranks_dp2_sp2_follow_the_one_process_curve(tmp_path, tiny_model):
     run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")
     run(tmp_path / "dpsp", tiny_model, 4, 3, "model.lora_rank=0", SP2)

@@ -98,12 +98,18 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad.contiguous(), ctx.group), None
 
 
-def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """[1, H, t, D] (all heads, my t tokens) -> [1, H/N, N*t, D] (my heads, every token)."""
+def seq_to_heads(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Each [1, H_i, t, D] (all heads, my t tokens) -> [1, H_i/N, N*t, D] (my heads, every
+    token). q, k and v travel in one all-to-all: one collective per layer instead of three."""
     sp = dist.get_world_size(group)
-    _, h, t, d = x.shape
-    parts = _AllToAll.apply(x[0].reshape(sp, h // sp, t, d), group)  # [rank whose tokens, my heads, t, D]
-    return parts.transpose(0, 1).reshape(1, h // sp, sp * t, d)
+    parts = [x[0].reshape(sp, x.shape[1] // sp, *x.shape[2:]) for x in tensors]  # [rank of head group, ...]
+    heads = [p.shape[1] for p in parts]
+    if len({(p.shape[2:], p.dtype) for p in parts}) == 1:
+        joined = _AllToAll.apply(torch.cat(parts, dim=1), group)  # [rank whose tokens, my heads, t, D]
+        parts = joined.split(heads, dim=1)
+    else:  # e.g. value heads of another width: one exchange each
+        parts = [_AllToAll.apply(p, group) for p in parts]
+    return [p.transpose(0, 1).reshape(1, h, sp * p.shape[2], p.shape[3]) for p, h in zip(parts, heads)]
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -125,7 +131,7 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
     if key.shape[1] < sp:  # GQA with fewer KV heads than ranks: one (repeated) KV head per rank
         rep = sp // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    q, k, v = (seq_to_heads(t, sp_group) for t in (query, key, value))
+    q, k, v = seq_to_heads([query, key, value], sp_group)
     out, _ = verlite_attention(module, q, k, v, None, scaling=scaling, dropout=dropout, **kwargs)
     return heads_to_seq(out, sp_group), None
 
