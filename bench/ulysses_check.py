@@ -59,7 +59,7 @@ def main() -> None:
     info = init_distributed("cpu" if args.smoke else "auto")
     sp = info.world_size
     if args.smoke:
-        hf, tokens = tiny_model(), 2000
+        hf, tokens = tiny_model(), 1000
     else:
         dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
         hf = load_model(ModelConfig(partial_pretrain=args.model, enable_gradient_checkpointing=False), dtype)
