@@ -30,7 +30,7 @@ def val_losses(run_dir) -> list[float]:
 
 
 def test_two_ranks_sp2_full_finetune_follow_the_one_process_curve(tmp_path, tiny_model):
-    val = write_jsonl(tmp_path / "val.jsonl", ROWS[:5])  # 5 samples: an odd share, a placeholder round
+    val = write_jsonl(tmp_path / "val.jsonl", ROWS[:5])  # 5 samples: the last micro-batch holds one
     extra = ["model.lora_rank=0", f"data.val_files={val}", "trainer.test_freq=2"]
     run(tmp_path / "one", tiny_model, 1, 4, *extra)
     sp = run(tmp_path / "sp", tiny_model, 2, 4, *extra, SP2)
