@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +27,27 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # Ulysses sequence parallelism (engine/ulysses.py): ranks come in groups of sp_size
+    # consecutive ranks that share every micro-batch, each holding 1/sp_size of its tokens.
+    sp_size: int = 1
+    sp_group: Optional[Any] = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: groups that each get their own samples."""
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -94,6 +94,8 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
              checkpointing: bool | None = None, checkpoint_layers: int | None = None,
              activation_offload: bool | None = None) -> Estimate:
     """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs.
+    With sequence parallelism a micro-batch is split over its SP group: each GPU holds the
+    activations of tokens / sp of them (attention's all-to-all buffers are that size too).
 
     `checkpoint_layers` of the decoder layers are recomputed in backward (None: all of them
     when checkpointing is on); the others keep their activations."""
@@ -118,6 +120,7 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     elif not lora:  # autocast's bf16 weight copies are kept for backward
         est.parts["bf16 compute copies"] = shape.params * 2
     per_layer = activation_bytes_per_token(shape, lora)
+    tokens = -(-tokens // cfg.ulysses_sequence_parallel_size)  # this GPU's share of the sequence
     recomputed = 0 if not ckpt else (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers))
     kept = shape.layers - recomputed
     # A recomputed layer keeps only its bf16 input, and not even that with activation offload.
@@ -161,7 +164,8 @@ def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
     max_length sample fits, activation offload is the last resort: it turns
     cfg.model.enable_activation_offload on if that makes the sample fit."""
     d = cfg.data
-    per_rank = max(1, (d.train_batch_size or world) // world)
+    dp = max(1, world // cfg.ulysses_sequence_parallel_size)  # an SP group shares its samples
+    per_rank = max(1, (d.train_batch_size or dp) // dp)
     want = max(d.max_length, min(per_rank * d.max_length, 16384))
     while want >= d.max_length:
         for layers in range(shape.layers + 1):
@@ -189,7 +193,7 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
     shape = model_shape(cfg)
     capacity = gpu_capacity_gib(cfg, device)
     budget, layers = choose_batching(cfg, shape, capacity, world)
-    d.max_token_len_per_gpu = budget
+    d.max_token_len_per_gpu = per_gpu(cfg, budget)
     d.packing = True  # micro-batches grouped by tokens, not by count
     if d.micro_batch_size_per_gpu == "auto":
         d.micro_batch_size_per_gpu = max(1, budget // d.max_length)
@@ -200,17 +204,32 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
              "%.1f GiB)", budget, layers, shape.layers, capacity, predicted)
 
 
+def per_gpu(cfg: SFTConfig, budget: int) -> int:
+    """data.max_token_len_per_gpu for micro-batches of `budget` tokens: per GPU, as verl
+    counts it, so an SP group's micro-batch holds sp times that."""
+    return -(-budget // cfg.ulysses_sequence_parallel_size)
+
+
 def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
+    from verlite.engine.ulysses import check_sp_size
+    from verlite.models.load import load_hf_config
+
+    sp = cfg.ulysses_sequence_parallel_size
+    if sp != 1:
+        check_sp_size(sp, world, load_hf_config(cfg.model), cfg.model.strategy)
     shape = model_shape(cfg)
     d = cfg.data
     lines = [f"model: {cfg.model.partial_pretrain}: {shape.params / 1e9:.3f} B parameters, "
              f"{shape.trainable / 1e6:.2f} M trainable ({'LoRA r=%d' % cfg.model.lora_rank if cfg.model.lora_rank else 'full fine-tune'})",
              f"GPU memory planned for: {capacity_gib:.1f} GiB x {world} GPU(s)"]
+    if sp > 1:
+        lines.append(f"sequence parallel: each micro-batch split over {sp} GPUs (1/{sp} of its activations per GPU), "
+                     f"{world // sp} data-parallel group(s)")
     if isinstance(d.micro_batch_size_per_gpu, int) and d.max_token_len_per_gpu in (None, "auto"):
         tokens = d.micro_batch_size_per_gpu * d.max_length
         what = f"micro batch {d.micro_batch_size_per_gpu} x max_length {d.max_length} = {tokens} tokens"
     elif isinstance(d.max_token_len_per_gpu, int):
-        tokens = d.max_token_len_per_gpu
+        tokens = d.max_token_len_per_gpu * sp
         what = f"{tokens} tokens per micro-batch"
     else:
         tokens = None
@@ -228,7 +247,7 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
         if cfg.model.enable_activation_offload:
             ckpt += " model.enable_activation_offload=true"
         lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
-                     f"recomputed: data.packing=true data.max_token_len_per_gpu={budget} {ckpt} "
+                     f"recomputed: data.packing=true data.max_token_len_per_gpu={per_gpu(cfg, budget)} {ckpt} "
                      "(or data.micro_batch_size_per_gpu=auto)")
     except VerliteError as e:
         lines.append(str(e))

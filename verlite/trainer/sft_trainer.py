@@ -21,6 +21,7 @@ from verlite.config import SFTConfig, loggers
 from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
+from verlite.engine import ulysses
 from verlite.engine.memory import apply_memory_cap
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
@@ -29,7 +30,7 @@ from verlite.engine.sharding import compile_layers, offloads, reshard_all, shard
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
 from verlite.models.attention import supports_varlen
-from verlite.models.load import load_model, load_tokenizer, master_dtype
+from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
 from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_mem_gb
@@ -86,7 +87,10 @@ class Trainer:
     def __init__(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset] = None):
         """`train_ds` replaces data.train_files with samples already tokenized (the benchmark's)."""
         self.cfg = cfg
-        self.dist = dist_info
+        sp = cfg.ulysses_sequence_parallel_size
+        if sp != 1:  # a bad SP size fails now, before data or weights are read
+            ulysses.check_sp_size(sp, dist_info.world_size, load_hf_config(cfg.model), cfg.model.strategy)
+        self.dist = dist_info = ulysses.setup(sp, dist_info)
         self.device = dist_info.device
         self.is_lora = cfg.model.lora_rank > 0
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
@@ -113,6 +117,8 @@ class Trainer:
         if resume_state is not None:
             check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
         hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
+        if sp > 1:
+            ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
@@ -129,7 +135,8 @@ class Trainer:
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
         # only how samples are grouped (by token budget rather than by count).
-        self.packed_layout = cfg.data.packing or (self.device.type == "cuda" and supports_varlen(self.device))
+        # Sequence parallelism splits packed rows, so it always packs.
+        self.packed_layout = cfg.data.packing or sp > 1 or (self.device.type == "cuda" and supports_varlen(self.device))
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
         # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
         self.autocast = not uses_fsdp(cfg.model, dist_info.world_size) and self.device.type == "cuda"
@@ -141,10 +148,12 @@ class Trainer:
             from verlite.engine.memory import resolve_auto_batching
 
             resolve_auto_batching(self.cfg, self.device, self.dist.world_size)
-        world = self.dist.world_size
+        world = self.dist.dp_size  # an SP group shares its samples: it counts as one data-parallel rank
         mb = d.micro_batch_size_per_gpu
         global_batch = d.train_batch_size or mb * world
         budget = d.max_token_len_per_gpu
+        if budget is not None:  # per GPU, as in verl: an SP group's micro-batch holds sp times that
+            budget *= self.dist.sp_size
         if budget is None and d.packing:
             budget = mb * d.max_length  # packing with no budget: as many tokens as a padded micro-batch holds
         if budget is None and mb * world > global_batch:
@@ -240,9 +249,10 @@ class Trainer:
         pin = self.device.type == "cuda"
         splits = self.oom_splits
         out = []
-        for indices, placeholder in self.plan.rank_micro_batches(step, self.dist.rank):
+        for indices, placeholder in self.plan.rank_micro_batches(step, self.dist.dp_rank):
             for part in split_evenly(indices, 2 ** splits):
                 mb = collate(self.train_ds, part, self.packed_layout, self.tokenizer.pad_token_id, placeholder)
+                mb = ulysses.shard_micro_batch(mb, self.dist)
                 out.append(mb.pin_memory() if pin else mb)
         return StepBatches(step, splits, out)
 
@@ -280,7 +290,7 @@ class Trainer:
     def _validate(self, global_step: int, metrics: MetricsLogger) -> float:
         self.model.eval()
         ds: SFTDataset = self.val_ds
-        world, rank = self.dist.world_size, self.dist.rank
+        world, rank = self.dist.dp_size, self.dist.dp_rank
         mb = self.cfg.data.micro_batch_size_per_gpu if isinstance(self.cfg.data.micro_batch_size_per_gpu, int) else 1
         mine = list(range(rank, len(ds), world))
         chunks = [mine[i:i + mb] for i in range(0, len(mine), mb)]
@@ -288,7 +298,9 @@ class Trainer:
         totals = torch.zeros(2, device=self.device)
         for i in range(rounds):  # every rank runs the same number of forwards (FSDP collectives)
             indices, placeholder = (chunks[i], False) if i < len(chunks) else ([0], True)
-            batch = collate(ds, indices, self.cfg.data.packing, self.tokenizer.pad_token_id, placeholder)
+            batch = collate(ds, indices, self.cfg.data.packing or self.dist.sp_size > 1, self.tokenizer.pad_token_id,
+                            placeholder)
+            batch = ulysses.shard_micro_batch(batch, self.dist)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.model(batch.to(self.device))
             totals += torch.stack([loss.float().reshape(()), torch.tensor(float(batch.num_loss_tokens),
