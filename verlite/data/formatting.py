@@ -84,6 +84,7 @@ def encode_messages(tokenizer, messages: list[dict], where: str) -> Encoded:
             raise VerliteError(f"{where}: the chat template does not render conversations as growing prefixes, "
                                "so assistant turns cannot be located; set data.chat_template to one that does")
         pieces.append((full[cursor:start], 0))
+        end = start + len(full[start:end].rstrip())  # the newline after <|im_end|> is never generated: no loss
         pieces.append((full[start:end], 1))
         cursor = end
     pieces.append((full[cursor:], 0))
