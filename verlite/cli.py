@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
+    p.add_argument("--compare", default=None, metavar="BASE",
+                   help="also evaluate this model (e.g. the base, a .gguf file) and print both in one table")
     checkpoint_args(p)
 
     p = sub.add_parser("export-lora", help="write a PEFT/vLLM adapter folder from a LoRA checkpoint")
@@ -168,6 +170,8 @@ def _cmd_eval(args) -> int:
     from verlite.inference.evaluate import evaluate
     from verlite.inference.loading import resolve_checkpoint
 
+    if args.compare:
+        return _eval_compare(args)
     model, tokenizer = _load(args)
     if args.output:
         output = Path(args.output)
@@ -180,6 +184,22 @@ def _cmd_eval(args) -> int:
                       args.batch_size, args.max_new_tokens)
     print(f"exact-match accuracy: {result.accuracy:.4f} ({result.correct}/{result.total}); "
           f"predictions: {result.predictions_path}")
+    return 0
+
+
+def _eval_compare(args) -> int:
+    from pathlib import Path
+
+    from verlite.inference.compare import evaluate_models, format_table
+
+    out_dir = Path(args.output).parent if args.output else Path(".")
+    models = [("base", args.compare, None), ("fine-tuned", args.checkpoint, args.base_model)]
+    rows = evaluate_models(models, args.data, out_dir, args.device, prompt_key=args.prompt_key,
+                           response_key=args.response_key, limit=args.limit, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens)
+    print(f"exact-match accuracy on {args.data}:")
+    print(format_table(rows, {"base": args.compare, "fine-tuned": args.checkpoint}))
+    print("predictions: " + ", ".join(str(r.result.predictions_path) for r in rows))
     return 0
 
 
