@@ -132,6 +132,7 @@ def run_quickstart(output_dir: str = "./verlite-quickstart", model: Optional[str
     print(f"exact-match accuracy on {held_out} held-out sums ({test}):\n{table}")
     print(f"输入: {first[0]['prompt']}\n输出 (base):       {first[0]['prediction']}\n"
           f"输出 (fine-tuned): {first[1]['prediction']}\n期望: {first[0]['reference']}")
-    print(f"next: verlite generate --checkpoint {summary['checkpoint']} \"{first[0]['prompt']}\"")
+    print(f"next: verlite generate --checkpoint {summary['checkpoint']} \"{first[0]['prompt']}\"\n"
+          f"      verlite eval --checkpoint {summary['checkpoint']} --compare {model} --data {test}")
     return {**summary, "before": before.result, "after": after.result, "question": first[0]["prompt"],
             "answer_before": first[0]["prediction"], "answer": first[1]["prediction"]}
