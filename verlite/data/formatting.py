@@ -104,6 +104,7 @@ def encode_messages(tokenizer, messages: list[dict], where: str, tools: list | N
                                "so assistant turns cannot be located; set data.ignore_input_ids_mismatch=true to "
                                "tokenize turn by turn (as verl does), or set data.chat_template to one that does")
         pieces.append((full[cursor:start], 0))
+        end = start + len(full[start:end].rstrip())  # the newline after <|im_end|> is never generated: no loss
         pieces.append((full[start:end], 1))
         cursor = end
     pieces.append((full[cursor:], 0))

@@ -16,6 +16,7 @@ import torch
 from verlite.config.schema import ModelConfig
 from verlite.errors import VerliteError
 from verlite.models.checkpointing import enable_checkpointing
+from verlite.models.gguf import find_gguf, hf_folder_for
 
 log = logging.getLogger("verlite.model")
 
@@ -24,11 +25,15 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder as is (with ~ expanded); anything else is taken as a hub id."""
+    """A local folder as is (with ~ expanded); a `.gguf` file, or a folder holding one, as
+    the HF folder converted from it (models/gguf.py); anything else is taken as a hub id."""
     local = os.path.expandvars(os.path.expanduser(name))
     if Path(local).exists():
+        gguf_file = find_gguf(Path(local))
+        if gguf_file is not None:
+            return str(hf_folder_for(gguf_file))
         if not Path(local).is_dir():
-            raise VerliteError(f"model path {name} is a file; give the folder holding config.json")
+            raise VerliteError(f"model path {name} is a file; give the folder holding config.json or a .gguf file")
         return local
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise VerliteError(f"model path {name} does not exist; check model.partial_pretrain")
