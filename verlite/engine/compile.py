@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from verlite.errors import VerliteError
+
 log = logging.getLogger("verlite.engine")
 
 SAVED_S_PER_LAYER = 0.003  # host time compiling saves per decoder layer per micro-batch (fwd + bwd)
@@ -100,10 +102,18 @@ def remember_shape(folder: Path, signature: str) -> None:
         log.debug("could not record the compiled shape in %s: %s", folder, e)
 
 
+def parse_setting(setting) -> bool | str:
+    """model.compile as True, False or "auto"; anything else is the user's error."""
+    if isinstance(setting, str) and setting.lower() in ("true", "false", "auto"):
+        return setting.lower() == "true" if setting.lower() != "auto" else "auto"
+    if isinstance(setting, bool):
+        return setting
+    raise VerliteError(f"model.compile is {setting!r}; use true, false or auto")
+
+
 def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool) -> CompileChoice:
     """model.compile (true | false | auto) to a yes/no and the reason, for the log."""
-    if isinstance(setting, str) and setting.lower() in ("true", "false"):
-        setting = setting.lower() == "true"
+    setting = parse_setting(setting)
     if setting is True:
         if device.type != "cuda":
             return CompileChoice(False, "model.compile=true, but compiling runs only on a GPU (this run: CPU)")

@@ -26,7 +26,7 @@ from verlite.engine.memory import apply_memory_cap
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
-from verlite.engine.compile import maybe_compile
+from verlite.engine.compile import maybe_compile, parse_setting
 from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
@@ -91,6 +91,7 @@ class Trainer:
         self.is_lora = cfg.model.lora_rank > 0
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
         self.phase_s: dict[str, float] = {}  # set-up time by phase, for the closing summary
+        parse_setting(cfg.model.compile)  # a bad value fails before any loading
         started = time.perf_counter()
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)

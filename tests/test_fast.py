@@ -1,0 +1,179 @@
+"""Fast by default (issue 14): the compile decision, background checkpoints, the summary."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, write_jsonl
+from verlite.engine import compile as comp
+from verlite.errors import VerliteError
+from verlite.trainer import checkpoint as ckpt
+
+ROWS = [{"question": f"What is {i} plus {i + 1}?", "answer": f"{i} + {i + 1} = {2 * i + 1}. The answer is {2 * i + 1}."}
+        for i in range(16)]
+
+
+def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
+    data = write_jsonl(tmp / "train.jsonl", ROWS)
+    return [f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
+            f"trainer.default_local_dir={tmp / 'run'}", "data.micro_batch_size_per_gpu=2", "data.train_batch_size=4",
+            f"trainer.total_training_steps={steps}", "trainer.log_interval=1", "optim.lr=1e-3",
+            "model.enable_gradient_checkpointing=false", *extra]
+
+
+# ---- compile: auto -----------------------------------------------------------------------
+
+def test_compile_auto_rule():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    # Break-even with a cold cache: COLD_S / (layers x SAVED_S_PER_LAYER) steps of one micro-batch.
+    even = int(comp.COLD_S / (24 * comp.SAVED_S_PER_LAYER)) + 1
+    assert comp.decide("auto", gpu, even, 1, 24, warm=False).enabled
+    assert not comp.decide("auto", gpu, even - 2, 1, 24, warm=False).enabled
+    # Once the caches hold the shape, far fewer steps repay the (shorter) compile.
+    assert comp.decide("auto", gpu, even // 3, 1, 24, warm=True).enabled
+    # Several micro-batches a step save more per step.
+    assert comp.decide("auto", gpu, even // 2, 2, 24, warm=False).enabled
+    assert not comp.decide("auto", cpu, 10**6, 8, 24, warm=True).enabled
+    assert not comp.decide(True, cpu, 10, 1, 24, warm=False).enabled  # compiling is GPU-only
+    assert comp.decide("true", gpu, 1, 1, 24, warm=False).enabled
+    assert not comp.decide(False, gpu, 10**6, 1, 24, warm=True).enabled
+    with pytest.raises(VerliteError, match="model.compile"):
+        comp.decide("sometimes", gpu, 10, 1, 24, warm=False)
+
+
+def test_compile_cache_goes_under_the_verlite_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "c"))
+    folder = comp.use_persistent_cache()
+    assert folder == tmp_path / "c" / "compile" and folder.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    comp.remember_shape(folder, "Qwen2DecoderLayer/896")
+    comp.remember_shape(folder, "Qwen2DecoderLayer/896")
+    assert comp._known_shapes(folder) == ["Qwen2DecoderLayer/896"]
+
+
+def test_short_cpu_run_logs_compile_off_and_the_time_breakdown(tmp_path, tiny_model):
+    r = run_cli("sft", *sft_args(tmp_path, tiny_model, 4))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "compile: model.compile=auto: off on CPU" in out
+    done = next(line for line in out.splitlines() if "Done: 4 steps" in line)
+    for part in ("training", "compiling off", "token cache miss", "model loading", "1 checkpoint(s): training paused",
+                 "in the background"):
+        assert part in done, done
+    # The same command again finds its tokens in the cache.
+    r = run_cli("sft", *sft_args(tmp_path, tiny_model, 4), "trainer.resume_mode=disable")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "token cache hit" in r.stdout + r.stderr
+
+
+# ---- background checkpoints --------------------------------------------------------------
+
+def _trainer(tmp: Path, model: Path, steps: int, *extra: str):
+    from verlite.config import load_config
+    from verlite.engine.distributed import init_distributed
+    from verlite.trainer.sft_trainer import Trainer
+
+    cfg = load_config(None, sft_args(tmp, model, steps, *extra))
+    return Trainer(cfg, init_distributed("cpu"))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_background_checkpoint_is_byte_identical_to_synchronous(tmp_path, tiny_model, lora):
+    from verlite.engine.distributed import shutdown
+    from verlite.trainer.async_checkpoint import Checkpointer
+
+    extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]"] if lora else []
+    t = _trainer(tmp_path, tiny_model, 3, *extra)
+    try:
+        for step in range(3):  # real optimizer state: AdamW moments and step counts
+            t._step(t._micro_batches(step))
+        args = (t.model, t.tokenizer, t.optimizer, t.scheduler, {"global_step": 3}, t.is_lora)
+        sync = ckpt.save_checkpoint(tmp_path / "sync", 3, *args[:5], is_lora=t.is_lora, is_main=True)
+        saved = []
+        saver = Checkpointer(background=True, is_main=True, buffers=None, on_saved=saved.append)
+        saver.save(tmp_path / "async", 3, *args)
+        # Training goes on while the writer runs; the snapshot must not see it.
+        t._step(t._micro_batches(3))
+        path = saver.wait()
+    finally:
+        shutdown()
+    assert path == tmp_path / "async" / "global_step_3" and saved == [path]
+    a, b = _files(sync), _files(path)
+    assert sorted(a) == sorted(b) and "trainer_state.pt" in a
+    for name in a:
+        assert a[name] == b[name], name
+    assert (tmp_path / "async" / ckpt.LATEST).read_text() == "3"
+
+
+def test_resume_from_background_checkpoint_is_exact(tmp_path, tiny_model):
+    import shutil
+
+    from verlite.config import load_config
+    from verlite.trainer.sft_trainer import run_sft
+
+    run_sft(load_config(None, sft_args(tmp_path / "ref", tiny_model, 6, "trainer.save_freq=3")))
+    # Only the background checkpoint of step 3 survives in a second run folder; resume it.
+    cut = tmp_path / "cut" / "run"
+    cut.mkdir(parents=True)
+    shutil.copytree(tmp_path / "ref" / "run" / "global_step_3", cut / "global_step_3")
+    summary = run_sft(load_config(None, sft_args(tmp_path / "cut", tiny_model, 6, "trainer.save_freq=3")))
+    assert summary["start_step"] == 3
+    name = "global_step_6/huggingface/model.safetensors"
+    assert (tmp_path / "ref" / "run" / name).read_bytes() == (cut / name).read_bytes()
+
+
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from verlite.trainer import checkpoint as ckpt
+real = ckpt._fsync_tree
+def slow(folder):
+    real(folder)
+    if folder.name == "global_step_4.tmp":  # everything written, not yet renamed into place
+        Path(sys.argv[1]).write_text("writing")
+        time.sleep(120)
+ckpt._fsync_tree = slow
+from verlite.cli import main
+sys.exit(main(["sft", *sys.argv[2:]]))
+"""
+
+
+def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    marker = tmp_path / "writing"
+    args = sft_args(tmp_path, tiny_model, 10_000, "trainer.save_freq=2")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(marker), *args],
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        # Training goes on while step 4 is being written (it waits only at the next save, step 6).
+        while json.loads(metrics.read_text().splitlines()[-1])["step"] < 5:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    run = tmp_path / "run"
+    assert (run / "global_step_4.tmp").is_dir()
+    assert ckpt.latest_checkpoint(run) == run / "global_step_2"
+    assert (run / ckpt.LATEST).read_text() == "2"
+    AutoModelForCausalLM.from_pretrained(run / "global_step_2" / "huggingface")
+    assert ckpt.load_trainer_state(run / "global_step_2")["global_step"] == 2
