@@ -164,15 +164,15 @@ def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_mo
         while not marker.exists():
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
             time.sleep(0.05)
-        # Training goes on while step 4 is being written (it waits only at the next save, step 6).
-        while json.loads(metrics.read_text().splitlines()[-1])["step"] < 5:
+        # Training goes on while step 4 is being written, past step 6 (that save is put off).
+        while json.loads(metrics.read_text().splitlines()[-1])["step"] < 8:
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     run = tmp_path / "run"
-    assert (run / "global_step_4.tmp").is_dir()
+    assert (run / "global_step_4.tmp").is_dir() and not (run / "global_step_6").exists()
     assert ckpt.latest_checkpoint(run) == run / "global_step_2"
     assert (run / ckpt.LATEST).read_text() == "2"
     AutoModelForCausalLM.from_pretrained(run / "global_step_2" / "huggingface")

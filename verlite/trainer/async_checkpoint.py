@@ -174,6 +174,8 @@ class SaveTimes:
 
 class Checkpointer:
     """Saves one checkpoint at a time; with `background`, the write overlaps training.
+    The trainer asks `busy()` before a periodic save and takes it a few steps later rather
+    than wait for the disk (a fast run would otherwise pause at every save_freq).
 
     `on_saved(path)` runs on rank 0 after a checkpoint is in place (logging, pruning)."""
 
@@ -213,6 +215,14 @@ class Checkpointer:
         self.times.write_s += time.perf_counter() - start
         if self._result is not None:
             self.on_saved(self._result)
+
+    def busy(self) -> bool:
+        """Is the previous checkpoint still being written? Rank 0's answer on every rank
+        (collective when there are several)."""
+        alive = self._thread is not None and self._thread.is_alive()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return agree(alive)
+        return alive
 
     def wait(self) -> Optional[Path]:
         """Wait for the last save to be on disk; its folder, or None when it failed (every rank

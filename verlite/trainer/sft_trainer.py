@@ -189,6 +189,7 @@ class Trainer:
                                 config=dataclasses.asdict(cfg))
         speed = Throughput()
         last_saved = self.start_step if self.start_step else None
+        save_late = False  # a periodic checkpoint put off until the previous write ends
         health = StepHealth(self.device)
         # Reading a step's numbers waits for the GPU, so it happens only at log steps and
         # every few steps for the NaN guard and stop requests; other steps queue up freely.
@@ -224,9 +225,16 @@ class Trainer:
                         metrics.write(global_step, m)
                     if self.val_ds is not None and t.test_freq > 0 and global_step % t.test_freq == 0:
                         self._validate(global_step, metrics)
-                    if t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps:
-                        self._save(global_step)
-                        last_saved = global_step
+                    due = t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps
+                    if (due or save_late) and global_step < self.total_steps:
+                        # A checkpoint due while the previous one is still being written waits
+                        # for that write to end, and training does not wait for the disk.
+                        save_late = self.saver.busy()
+                        if save_late:
+                            log.debug("step %d: previous checkpoint still being written; saving after it", global_step)
+                        else:
+                            self._save(global_step)
+                            last_saved = global_step
                     if (check_now or self.dist.world_size == 1) and self._stop_requested(stop):
                         path = self._save(global_step, wait=True) if last_saved != global_step else self.run_dir
                         raise TrainingInterrupted(
