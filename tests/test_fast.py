@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
+from conftest import ROOT, run_cli, write_jsonl
 from verlite.engine import compile as comp
 from verlite.errors import VerliteError
 from verlite.trainer import checkpoint as ckpt
@@ -68,10 +68,25 @@ def test_short_cpu_run_logs_compile_off_and_the_time_breakdown(tmp_path, tiny_mo
     for part in ("training", "compiling off", "token cache miss", "model loading", "1 checkpoint(s): training paused",
                  "in the background"):
         assert part in done, done
-    # The same command again finds its tokens in the cache.
-    r = run_cli("sft", *sft_args(tmp_path, tiny_model, 4), "trainer.resume_mode=disable")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "token cache hit" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_gsm8k_cli_bench_smoke_logs_compile_off_time_breakdown_and_cache_hit(tmp_path):
+    """bench/gsm8k_cli.py --smoke: two `verlite sft` launches on CPU with one fresh cache."""
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": r["question"], "answer": r["answer"] + " #### 1"}
+                                                   for r in ROWS * 5])
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gsm8k_cli.py"), "--gsm8k", str(gsm8k), "--smoke",
+                        "--models", str(tmp_path / "models")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(runs) == 2 and all(x["ok"] and x["final_checkpoint"] and x["first_step_s"] for x in runs)
+    assert all("model.compile=auto: off on CPU" in x["compile"] for x in runs)
+    for run, cache in zip(runs, ("token cache miss", "token cache hit")):
+        assert "Done: 4 steps" in run["done"]
+        for part in ("training", "compiling off", cache, "model loading", "1 checkpoint(s): training paused",
+                     "in the background"):
+            assert part in run["done"], run["done"]
+    assert "second launch's time to first step" in r.stdout
 
 
 # ---- background checkpoints --------------------------------------------------------------
@@ -141,9 +156,9 @@ from verlite.trainer import checkpoint as ckpt
 real = ckpt._fsync_tree
 def slow(folder):
     real(folder)
-    if folder.name == "global_step_4.tmp":  # everything written, not yet renamed into place
-        Path(sys.argv[1]).write_text("writing")
-        time.sleep(120)
+    if ckpt.latest_checkpoint(folder.parent) is not None:  # the second checkpoint: written, not yet renamed
+        Path(sys.argv[1]).write_text(folder.name)
+        time.sleep(300)
 ckpt._fsync_tree = slow
 from verlite.cli import main
 sys.exit(main(["sft", *sys.argv[2:]]))
@@ -159,21 +174,33 @@ def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_mo
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def last_step() -> int:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        try:
+            return json.loads(lines[-1])["step"] if lines else 0
+        except ValueError:  # a line being written
+            return 0
+
+    deadline = time.time() + 240
     try:
-        deadline = time.time() + 180
-        while not marker.exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        # Training goes on while step 4 is being written, past step 6 (that save is put off).
-        while json.loads(metrics.read_text().splitlines()[-1])["step"] < 8:
-            assert proc.poll() is None and time.time() < deadline
+        writing = marker.read_text() if marker.exists() else None
+        # Training goes on while that checkpoint is being written, past two more due saves (put off).
+        step = int(writing.split("_")[-1].split(".")[0]) if writing else 0
+        while writing and last_step() < step + 4 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
+        reached = last_step()
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        proc.kill()
+        _, err = proc.communicate()
+    assert writing, f"no second checkpoint was being written: {err[-2000:]}"
+    assert reached >= step + 4, f"training stopped at step {reached} while step {step} was written: {err[-2000:]}"
     run = tmp_path / "run"
-    assert (run / "global_step_4.tmp").is_dir() and not (run / "global_step_6").exists()
-    assert ckpt.latest_checkpoint(run) == run / "global_step_2"
-    assert (run / ckpt.LATEST).read_text() == "2"
-    AutoModelForCausalLM.from_pretrained(run / "global_step_2" / "huggingface")
-    assert ckpt.load_trainer_state(run / "global_step_2")["global_step"] == 2
+    assert (run / writing).is_dir()
+    previous = ckpt.latest_checkpoint(run)
+    assert previous is not None and previous.name != writing.removesuffix(".tmp")
+    assert len(ckpt.step_dirs(run)) == 1 and (run / ckpt.LATEST).read_text() == previous.name.split("_")[-1]
+    AutoModelForCausalLM.from_pretrained(previous / "huggingface")
+    assert ckpt.load_trainer_state(previous)["global_step"] == int(previous.name.split("_")[-1])
