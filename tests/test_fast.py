@@ -1,6 +1,7 @@
 """Fast by default (issue 14): the compile decision, background checkpoints, the summary."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,13 +34,14 @@ def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
 def test_compile_auto_rule():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     # Break-even with a cold cache: COLD_S / (layers x SAVED_S_PER_LAYER) steps of one micro-batch.
-    even = int(comp.COLD_S / (24 * comp.SAVED_S_PER_LAYER)) + 1
+    per_step = 24 * comp.SAVED_S_PER_LAYER
+    even = math.ceil(comp.COLD_S / per_step)
     assert comp.decide("auto", gpu, even, 1, 24, warm=False).enabled
-    assert not comp.decide("auto", gpu, even - 2, 1, 24, warm=False).enabled
-    # Once the caches hold the shape, far fewer steps repay the (shorter) compile.
-    assert comp.decide("auto", gpu, even // 3, 1, 24, warm=True).enabled
-    # Several micro-batches a step save more per step.
-    assert comp.decide("auto", gpu, even // 2, 2, 24, warm=False).enabled
+    assert not comp.decide("auto", gpu, even - 1, 1, 24, warm=False).enabled
+    # Once the caches hold the shape, fewer steps repay the (shorter) compile.
+    assert comp.decide("auto", gpu, math.ceil(comp.WARM_S / per_step), 1, 24, warm=True).enabled
+    # Two micro-batches a step save twice as much per step.
+    assert comp.decide("auto", gpu, math.ceil(even / 2), 2, 24, warm=False).enabled
     assert not comp.decide("auto", cpu, 10**6, 8, 24, warm=True).enabled
     assert not comp.decide(True, cpu, 10, 1, 24, warm=False).enabled  # compiling is GPU-only
     assert comp.decide("true", gpu, 1, 1, 24, warm=False).enabled
@@ -57,6 +59,27 @@ def test_compile_cache_goes_under_the_verlite_cache(tmp_path, monkeypatch):
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     assert comp._known_shapes(folder) == ["Qwen2DecoderLayer/896"]
+
+
+def test_one_compile_serves_every_length(tiny_model):
+    """The token dimension is dynamic from the first call: a new length reuses the graph."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from verlite.models.sft_model import SFTModel
+
+    torch._dynamo.reset()
+    model = SFTModel(AutoModelForCausalLM.from_pretrained(tiny_model))
+    comp.compile_layers(model, backend="eager")  # dynamo's tracing and guards, without inductor's codegen
+    decoder = model.causal_lm.get_decoder()
+    frames = []
+    for length in (7, 9, 16, 33):
+        ids = torch.randint(0, 100, (1, length))
+        decoder(input_ids=ids, position_ids=torch.arange(length)[None], use_cache=False).last_hidden_state.sum().backward()
+        frames.append(counters["frames"]["ok"])
+    torch._dynamo.reset()
+    assert frames[0] >= 1 and frames == [frames[0]] * 4, frames
+    assert comp.steady_max_seqlen(300, 1024) == 1024 and comp.steady_max_seqlen(9000, 16384) == 9000
 
 
 def test_short_cpu_run_logs_compile_off_and_the_time_breakdown(tmp_path, tiny_model):

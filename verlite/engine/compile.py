@@ -14,12 +14,16 @@ The constants below come from the H100 run of issue 14 (0.5B shape, batch 32, GS
 default config: 40k tokens/s eager, 72k compiled, 18 s more wall time over 60 steps);
 update them here from `bench/bench.py --cases gsm8k_cli` when a new measurement exists.
 
-Lengths: every packed micro-batch has another length. PyTorch's default ("automatic
-dynamic") compiles the first length static, recompiles once with the token dimension
-symbolic at the first change, and then never again; its profile is saved in the same
-cache folder, so a second run compiles the dynamic version directly. Bucketing lengths
-instead would compute on padding, and `dynamic=True` from the start measured 1-5 % slower
-once warm (bench/RESULTS.md), so verlite keeps the default (DYNAMIC below).
+Lengths: every packed micro-batch has another length. Left to PyTorch ("automatic
+dynamic"), the first length compiles static and the first change recompiles with the token
+dimension symbolic: two compiles, the first one wasted on SFT data. verlite marks the token
+dimension dynamic from the first call instead (on the embedding and rotary outputs that
+enter layer 0; later layers reuse the same graph), and passes the varlen kernel a fixed
+max_seqlen (data.max_length, an upper bound the kernel accepts) so that no Python int
+changes either: one compile per layer shape. Only that dimension is symbolic, as in
+automatic dynamic's steady state; `dynamic=True` (every dimension) measured 1-5 % slower
+once warm (bench/RESULTS.md). Padding rows to length buckets was not chosen: it computes
+on padding and still compiles once per bucket.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from verlite.errors import VerliteError
 log = logging.getLogger("verlite.engine")
 
 SAVED_S_PER_LAYER = 0.003  # host time compiling saves per decoder layer per micro-batch (fwd + bwd)
-COLD_S = 22.0  # first compile of a layer shape, including the one recompile for dynamic lengths
+# Issue 14 measured 22 s for the compile plus the recompile at the first new length; with
+# the token dimension dynamic from the start one compile remains: about half (to measure).
+COLD_S = 12.0  # first compile of a layer shape on this machine
 WARM_S = 4.0  # the same shape again, with the caches below filled
-DYNAMIC = None  # passed to torch.compile: None = automatic dynamic (see above)
+FIXED_MAX_SEQLEN_UP_TO = 4096  # data.max_length up to which max_seqlen is passed fixed (see above)
 SHAPES_FILE = "verlite_compiled_shapes.json"  # which layer shapes this cache folder has compiled
 
 
@@ -131,10 +137,26 @@ def decide(setting, device: torch.device, steps: int, micro_batches: int, layers
                                          f"compile a {cache})")
 
 
-def compile_layers(model) -> None:
+def _mark_tokens_dynamic(module, args, output) -> None:
+    for t in output if isinstance(output, tuple) else (output,):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(t, 1)  # [batch, tokens, ...]; never raises
+
+
+def compile_layers(model, backend: str = "inductor") -> None:
     """torch.compile each decoder layer in place (same module objects, so FSDP hooks stay)."""
+    decoder = model.causal_lm.get_decoder()
+    for name in ("embed_tokens", "rotary_emb"):
+        source = getattr(decoder, name, None)
+        if isinstance(source, torch.nn.Module):
+            source.register_forward_hook(_mark_tokens_dynamic)
     for layer in model.decoder_layers():
-        layer.compile(dynamic=DYNAMIC)
+        layer.compile(backend=backend)
+
+
+def steady_max_seqlen(max_seqlen: int, max_length: int) -> int:
+    """The max_seqlen handed to the compiled varlen kernel: fixed for short samples (one compile)."""
+    return max(max_seqlen, max_length) if max_length <= FIXED_MAX_SEQLEN_UP_TO else max_seqlen
 
 
 def maybe_compile(model, setting, device: torch.device, steps: int, micro_batches: int) -> CompileChoice:

@@ -26,7 +26,7 @@ from verlite.engine.memory import apply_memory_cap
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
-from verlite.engine.compile import maybe_compile, parse_setting
+from verlite.engine.compile import maybe_compile, parse_setting, steady_max_seqlen
 from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
@@ -261,6 +261,8 @@ class Trainer:
         for indices, placeholder in self.plan.rank_micro_batches(step, self.dist.rank):
             for part in split_evenly(indices, 2 ** splits):
                 mb = collate(self.train_ds, part, self.packed_layout, self.tokenizer.pad_token_id, placeholder)
+                if self.compiled and mb.cu_seqlens is not None:  # no recompile for a new longest sample
+                    mb = dataclasses.replace(mb, max_seqlen=steady_max_seqlen(mb.max_seqlen, self.cfg.data.max_length))
                 out.append(mb.pin_memory() if pin else mb)
         return StepBatches(step, splits, out)
 
