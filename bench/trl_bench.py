@@ -2,6 +2,7 @@
 
     python bench/trl_bench.py --model /tmp/bench_models/qwen0.5b --case full --batch 32
     python bench/trl_bench.py --model ... --case lora --batch 32 --lora --liger
+    python bench/trl_bench.py --model ... --case gsm8k_cli --batch 32 --gsm8k train.jsonl   # one epoch, saved
 
 Prints one JSON line in the shape bench.py's table reads. The samples are the same
 pre-tokenized pairs verlite trains on (bench/workload.py), handed to TRL as `input_ids` +
@@ -10,6 +11,11 @@ per-device batch, no accumulation, as benchmark.md's peer settings. A step's tim
 wall time between consecutive ends of optimizer steps, each ending in a device sync, so it
 includes TRL's own data collation, as a TRL user gets it. Needs trl, datasets (and
 liger-kernel for --liger): bench/wheels.sh fetches them for the GPU machine.
+
+With --gsm8k the samples are GSM8K's text as prompt/completion conversations, tokenized by
+TRL itself with the model's chat template (completion-only loss), for one epoch unless
+--steps is given, and the run ends with a full checkpoint (weights + optimizer) as
+verlite's does; bench/gsm8k_cli.py times the process from launch.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="weights (and so AdamW state) dtype; default fp32 for full FT, bf16 base for LoRA")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; with --gsm8k one epoch)")
+    p.add_argument("--gsm8k", default=None, help="GSM8K train.jsonl: real text, TRL tokenizes, one epoch, final save")
     a = p.parse_args()
 
     import torch
@@ -66,11 +73,15 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, dtype),
                                                  attn_implementation="sdpa")
     vocab = model.config.vocab_size
-    n = a.batch * (a.warmup + a.steps)
-    samples = (long_samples if a.long else synthetic_samples)(n, vocab, a.max_length)
-    rows = {"input_ids": [s.input_ids for s in samples],
-            "labels": [[-100] * len(s.prompt) + s.response for s in samples]}
-    dataset = Dataset.from_dict(rows)
+    if a.gsm8k:
+        dataset = gsm8k_dataset(Dataset, a.gsm8k)
+    else:
+        a.steps = a.steps or 10
+        n = a.batch * (a.warmup + a.steps)
+        samples = (long_samples if a.long else synthetic_samples)(n, vocab, a.max_length)
+        rows = {"input_ids": [s.input_ids for s in samples],
+                "labels": [[-100] * len(s.prompt) + s.response for s in samples]}
+        dataset = Dataset.from_dict(rows)
 
     counts: list[int] = []  # real tokens of each collated batch, in the order the steps consume them
 
@@ -99,12 +110,15 @@ def main() -> None:
 
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
+    # GSM8K: one epoch (or --steps), then one full checkpoint at the end (save_steps past the run).
+    max_steps = (a.warmup + a.steps) if a.steps else -1
+    save = dict(save_strategy="steps", save_steps=10**9) if a.gsm8k else dict(save_strategy="no")
     args = SFTConfig(output_dir="/tmp/trl_bench_out", per_device_train_batch_size=a.batch,
-                     gradient_accumulation_steps=1, max_steps=a.warmup + a.steps, learning_rate=1e-5,
+                     gradient_accumulation_steps=1, max_steps=max_steps, num_train_epochs=1, learning_rate=1e-5,
                      bf16=cuda, use_cpu=not cuda, gradient_checkpointing=a.ckpt, use_liger_kernel=a.liger, padding_free=a.liger,
                      # padding-free without packing refuses a max_length; the samples are already truncated
                      max_length=None if a.liger else a.max_length, optim="adamw_torch_fused", lr_scheduler_type="constant",
-                     logging_steps=10**6, save_strategy="no", report_to="none", dataloader_num_workers=0,
+                     logging_steps=10**6, report_to="none", dataloader_num_workers=0, **save,
                      seed=0, disable_tqdm=True)
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -113,8 +127,9 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out = trainer.train()
-        steps = [ends[i + 1] - ends[i] for i in range(a.warmup, a.warmup + a.steps)]
-        tokens = sum(counts[a.warmup:a.warmup + a.steps])
+        timed = (len(ends) - 1 - a.warmup) if not a.steps else a.steps
+        steps = [ends[i + 1] - ends[i] for i in range(a.warmup, a.warmup + timed)]
+        tokens = sum(counts[a.warmup:a.warmup + timed])
         tps = tokens / sum(steps)
         n_params = sum(p.numel() for name, p in trainer.model.named_parameters() if "lora_" not in name)
         result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(steps) / len(steps), 4),
@@ -125,6 +140,13 @@ def main() -> None:
         result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160],
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     print(json.dumps(result), flush=True)
+
+
+def gsm8k_dataset(Dataset, path: str):
+    """GSM8K rows as TRL's conversational prompt/completion: TRL applies the chat template."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": r["question"]}] for r in rows],
+                              "completion": [[{"role": "assistant", "content": r["answer"]}] for r in rows]})
 
 
 if __name__ == "__main__":

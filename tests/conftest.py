@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No hub is reachable from CI: fail hub look-ups at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Token and compile caches of the test runs stay out of the user's ~/.cache/verlite.
+os.environ.setdefault("VERLITE_CACHE_DIR", tempfile.mkdtemp(prefix="verlite-test-cache-"))
 
 
 def corpus() -> list[str]:

@@ -56,6 +56,9 @@ class DataConfig:
     # what verl's balance_dp_token asks for; kept so configs that set it load.
     balance_dp_token: bool = False
     custom_cls: CustomClsConfig = field(default_factory=CustomClsConfig)
+    # Tokenized samples cached on disk (data/cache.py): true = $VERLITE_CACHE_DIR/tokens or
+    # ~/.cache/verlite/tokens, false = off, or a folder.
+    token_cache: Union[bool, str] = True
 
 
 @dataclass
@@ -94,7 +97,9 @@ class ModelConfig:
     use_liger: bool = False
     fused_loss: bool = True  # chunked linear + cross-entropy: never builds [tokens x vocab] logits
     attn_implementation: str = "sdpa"
-    compile: bool = False  # torch.compile each decoder layer (GPU only)
+    # torch.compile each decoder layer (GPU only): true | false | auto (when the planned steps
+    # repay the compile time; engine/compile.py holds the rule and its measured constants).
+    compile: Union[bool, str] = "auto"
     # Frozen base weights stored quantized for QLoRA: None (off) or "nf4". Owned by issue 10.
     quantization: Optional[str] = None
     # verl's model.tiled_mlp: the MLP runs over the sequence in tiles so its intermediate
@@ -144,6 +149,7 @@ class TrainerConfig:
     logger: Union[str, list[str]] = "console"  # console | tensorboard | jsonl | wandb, or a list
     log_interval: int = 10
     save_freq: int = 10  # steps between checkpoints; -1 = only at the end
+    async_save: bool = True  # write checkpoints on a background thread (trainer/async_checkpoint.py)
     test_freq: int = -1  # steps between validations; -1 = only at the end
     max_ckpt_to_keep: Optional[int] = None
     resume_mode: str = "auto"  # auto | disable | resume_path

@@ -57,9 +57,10 @@ def shard_model(model: SFTModel, cfg: ModelConfig, dist_info: DistInfo) -> SFTMo
 
 
 def compile_layers(model: SFTModel) -> None:
-    """torch.compile each decoder layer in place (same module objects, so FSDP hooks stay)."""
-    for layer in model.decoder_layers():
-        layer.compile()
+    """torch.compile each decoder layer in place (engine/compile.py decides when and how)."""
+    from verlite.engine.compile import compile_layers as compile_each
+
+    compile_each(model)
 
 
 def reshard_all(model: torch.nn.Module) -> None:

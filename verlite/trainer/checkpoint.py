@@ -62,38 +62,13 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: str | Path, step: int, sft_model, tokenizer, optimizer, scheduler, extra: dict,
                     is_lora: bool, is_main: bool) -> Optional[Path]:
-    """Write global_step_{step}; returns its path, or None when writing failed (reported)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """Write global_step_{step}; returns its path, or None when writing failed (reported).
+    The same snapshot + atomic write as the background writer (async_checkpoint.py), in line."""
+    from verlite.trainer.async_checkpoint import agree, take_snapshot, write_snapshot
 
-    weights = _strip(gather_state_dict(sft_model, trainable_only=is_lora, is_main=is_main), "hf.")
-    optim_sd = get_optimizer_state_dict(sft_model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    ok = torch.tensor([1.0])
-    final = Path(root) / f"global_step_{step}"
-    if is_main:
-        tmp = Path(root) / f"global_step_{step}.tmp"
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            sft_model.hf.save_pretrained(tmp / HF_DIR, state_dict=weights, safe_serialization=True)
-            tokenizer.save_pretrained(tmp / HF_DIR)
-            torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(), **extra}, tmp / STATE)
-            _fsync_tree(tmp)
-            _replace_dir(tmp, final)
-            _write_atomic(Path(root) / LATEST, str(step))
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            prev = latest_checkpoint(root)
-            log.error("could not save checkpoint %s: %s; %s", final, e.strerror or e,
-                      f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
-            ok = torch.tensor([0.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = ok.to("cuda") if dist.get_backend() == "nccl" else ok
-        dist.broadcast(flag, src=0)
-        ok = flag.cpu()
-    return final if ok.item() > 0 else None
+    snap = take_snapshot(root, step, sft_model, tokenizer, optimizer, scheduler, extra, is_lora, is_main)
+    ok = agree(write_snapshot(snap) is not None if is_main else False)
+    return snap.final if ok else None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import math
 import random
+import statistics
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -26,13 +28,15 @@ from verlite.engine.memory import apply_memory_cap
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
-from verlite.engine.sharding import compile_layers, offloads, reshard_all, shard_model, uses_fsdp
+from verlite.engine.compile import maybe_compile, parse_setting, steady_max_seqlen
+from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
 from verlite.models.attention import supports_varlen
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
+from verlite.trainer.async_checkpoint import Checkpointer, pinned_buffers_fit
 from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_mem_gb
 from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
@@ -94,6 +98,9 @@ class Trainer:
         self.device = dist_info.device
         self.is_lora = cfg.model.lora_rank > 0
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
+        self.phase_s: dict[str, float] = {}  # set-up time by phase, for the closing summary
+        parse_setting(cfg.model.compile)  # a bad value fails before any loading
+        started = time.perf_counter()
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
         apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
@@ -105,11 +112,13 @@ class Trainer:
             load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files")
         self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files")
                        if cfg.data.val_files else None)
+        self.phase_s["data"] = time.perf_counter() - started
         self.plan = self._build_plan()
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.plan.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.plan.steps_per_epoch)
 
         resume_from = self._resume_point()
+        started = time.perf_counter()
         # What gives this run's weights their meaning; checked against the checkpoint before
         # any weights are read, and saved with every checkpoint.
         self.settings = run_settings(cfg, self.tokenizer, self.train_ds)
@@ -122,8 +131,6 @@ class Trainer:
         if resume_from is not None:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
-        if cfg.model.compile and self.device.type == "cuda":
-            compile_layers(self.model)
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -132,6 +139,13 @@ class Trainer:
         self.start_step = 0
         if resume_state is not None:
             self._restore(resume_from, resume_state)
+        self.phase_s["model"] = time.perf_counter() - started
+        micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
+        self.compiled = maybe_compile(self.model, cfg.model.compile, self.device,
+                                      max(0, self.total_steps - self.start_step), micro_batches).enabled
+        self.saver = Checkpointer(cfg.trainer.async_save, dist_info.is_main,
+                                  pinned_buffers_fit(self.model, self.optimizer, dist_info.world_size)
+                                  if cfg.trainer.async_save else None, self._on_saved)
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
         # only how samples are grouped (by token budget rather than by count).
@@ -193,6 +207,7 @@ class Trainer:
                                 config=dataclasses.asdict(cfg))
         speed = Throughput()
         last_saved = self.start_step if self.start_step else None
+        save_late = False  # a periodic checkpoint put off until the previous write ends
         health = StepHealth(self.device)
         # Reading a step's numbers waits for the GPU, so it happens only at log steps and
         # every few steps for the NaN guard and stop requests; other steps queue up freely.
@@ -202,11 +217,15 @@ class Trainer:
         log.info("Training %d steps (%d epoch(s)) from step %d on %s", self.total_steps, self.total_epochs,
                  self.start_step, self.device)
         batches = prefetch(self._micro_batches, range(self.start_step, self.total_steps))
+        self.first_steps_s: list[float] = []  # host time of the first steps: compiling shows there
         with StopRequest() as stop:
             try:
                 for step, micro_batches in zip(range(self.start_step, self.total_steps), batches):
                     global_step = step + 1
+                    step_start = time.perf_counter()
                     result = self._step(micro_batches)
+                    if len(self.first_steps_s) < 10:
+                        self.first_steps_s.append(time.perf_counter() - step_start)
                     health.add(result)
                     speed.add(int(self.train_ds.lengths[self.plan.step_indices(step)].sum()))
                     metrics.advance()
@@ -224,11 +243,18 @@ class Trainer:
                         metrics.write(global_step, m)
                     if self.val_ds is not None and t.test_freq > 0 and global_step % t.test_freq == 0:
                         self._validate(global_step, metrics)
-                    if t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps:
-                        self._save(global_step)
-                        last_saved = global_step
+                    due = t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps
+                    if (due or save_late) and global_step < self.total_steps:
+                        # A checkpoint due while the previous one is still being written waits
+                        # for that write to end, and training does not wait for the disk.
+                        save_late = self.saver.busy()
+                        if save_late:
+                            log.debug("step %d: previous checkpoint still being written; saving after it", global_step)
+                        else:
+                            self._save(global_step)
+                            last_saved = global_step
                     if (check_now or self.dist.world_size == 1) and self._stop_requested(stop):
-                        path = self._save(global_step) if last_saved != global_step else self.run_dir
+                        path = self._save(global_step, wait=True) if last_saved != global_step else self.run_dir
                         raise TrainingInterrupted(
                             f"stopped at step {global_step}/{self.total_steps}; checkpoint: {path}. Run the same "
                             "command again to resume (trainer.resume_mode=auto)", stop.signum)
@@ -241,6 +267,7 @@ class Trainer:
             except torch.OutOfMemoryError:
                 raise VerliteError(self._oom_advice()) from None
             finally:
+                self.saver.close()
                 metrics.close()
         health.check(self.total_steps, t.max_bad_steps, self.run_dir)
         return self._summary(speed, health.last_good_loss(), final, health.skipped)
@@ -252,6 +279,8 @@ class Trainer:
         for indices, placeholder in self.plan.rank_micro_batches(step, self.dist.dp_rank):
             for part in split_evenly(indices, 2 ** splits):
                 mb = collate(self.train_ds, part, self.packed_layout, self.tokenizer.pad_token_id, placeholder)
+                if self.compiled and mb.cu_seqlens is not None:  # no recompile for a new longest sample
+                    mb = dataclasses.replace(mb, max_seqlen=steady_max_seqlen(mb.max_seqlen, self.cfg.data.max_length))
                 mb = ulysses.shard_micro_batch(mb, self.dist)
                 out.append(mb.pin_memory() if pin else mb)
         return StepBatches(step, splits, out)
@@ -313,23 +342,30 @@ class Trainer:
         metrics.write(global_step, {"val/loss": val_loss})
         return val_loss
 
-    def _save(self, global_step: int, final: bool = False) -> Path:
+    def _save(self, global_step: int, final: bool = False, wait: bool = False) -> Path:
+        """Checkpoint `global_step`. The write goes on in the background unless this is the
+        final save or `wait` is set (the process is about to exit)."""
         extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
         if not self._weights_finite():
             log.error("step %d: weights hold NaN/inf; checkpoint not written", global_step)
+            self.saver.wait()
             return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
-        path = ckpt.save_checkpoint(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer,
-                                    self.scheduler, extra, self.is_lora, self.dist.is_main)
-        if path is None:
-            if final:
-                raise VerliteError(f"the final checkpoint could not be written under {self.run_dir}; "
-                                   "free disk space or fix permissions, then run again to resume")
-            return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
-        log.info("Checkpoint saved to %s", path)
-        if self.dist.is_main:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
+        self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                        extra, self.is_lora)
+        path = self.run_dir / f"global_step_{global_step}"
+        if final or wait:
+            if self.saver.wait() is None:
+                if final:
+                    raise VerliteError(f"the final checkpoint could not be written under {self.run_dir}; "
+                                       "free disk space or fix permissions, then run again to resume")
+                return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
         return path
+
+    def _on_saved(self, path: Path) -> None:
+        """Rank 0, once a checkpoint is in place (on the writer thread when saving in the background)."""
+        log.info("Checkpoint saved to %s", path)
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
 
     def _weights_finite(self) -> bool:
         bad = torch.zeros(1, device=self.device)
@@ -350,16 +386,48 @@ class Trainer:
                 f"model.fsdp_config.cpu_offload=true, or `verlite plan` to size it")
 
     def _summary(self, speed: Throughput, last_loss: float, final: Path, skipped: int) -> dict:
+        saves = self.saver.times
+        compile_s = self._compile_estimate()
+        train_s = max(speed.elapsed - compile_s - saves.stall_s, 1e-9)
         summary = {"steps": self.total_steps, "start_step": self.start_step, "tokens": speed.tokens,
                    "wall_time_s": round(speed.elapsed, 2), "tokens_per_s": round(speed.tokens / max(speed.elapsed, 1e-9), 1),
                    "peak_gpu_mem_gb": gpu_mem_gb(), "final_loss": last_loss, "skipped_steps": skipped,
-                   "checkpoint": str(final)}
+                   "checkpoint": str(final), "train_s": round(train_s, 2),
+                   "train_tokens_per_s": round(speed.tokens / train_s, 1), "compile_s": round(compile_s, 2),
+                   "data_s": round(self.phase_s.get("data", 0.0), 2), "data_cache": self.train_ds.cache,
+                   "model_load_s": round(self.phase_s.get("model", 0.0), 2), "saves": saves.saves,
+                   "save_stall_s": round(saves.stall_s, 2), "save_write_s": round(saves.write_s, 2),
+                   "since_launch_s": _since_launch()}
         mem = f", peak gpu_mem {summary['peak_gpu_mem_gb']:.1f}GB" if summary["peak_gpu_mem_gb"] is not None else ""
-        log.info("Done: %d steps, %s tokens in %.1f s (%.0f tokens/s)%s, final train/loss=%.3f",
+        where = "in the background" if self.cfg.trainer.async_save else "in line"
+        launch = f"; {summary['since_launch_s']:.1f} s since launch" if summary["since_launch_s"] is not None else ""
+        log.info("Done: %d steps, %s tokens in %.1f s (%.0f tokens/s)%s, final train/loss=%.3f | time: training "
+                 "%.1f s (%.0f tokens/s), compiling %s, data %.1f s (%s), model loading %.1f s, %d checkpoint(s): "
+                 "training paused %.1f s, writing %.1f s %s%s",
                  self.total_steps - self.start_step, f"{speed.tokens:,}", speed.elapsed, summary["tokens_per_s"],
-                 mem, last_loss)
+                 mem, last_loss, train_s, summary["train_tokens_per_s"],
+                 f"~{compile_s:.1f} s" if self.compiled else "off", summary["data_s"], self.train_ds.cache or "given",
+                 summary["model_load_s"], saves.saves, saves.stall_s, saves.write_s, where, launch)
         log.info("Final checkpoint: %s", final)
         return summary
+
+    def _compile_estimate(self) -> float:
+        """Compiling happens inside the first steps (and the recompile for dynamic lengths in
+        one of the next): their host time above the typical step's."""
+        if not self.compiled or not self.first_steps_s:
+            return 0.0
+        typical = statistics.median(self.first_steps_s)
+        return sum(max(0.0, t - typical) for t in self.first_steps_s)
+
+
+def _since_launch() -> Optional[float]:
+    """Seconds since this process started (imports included), when psutil can tell."""
+    try:
+        import psutil
+
+        return round(time.time() - psutil.Process().create_time(), 2)
+    except Exception:  # psutil missing or no access: the summary just omits it
+        return None
 
 
 if __name__ == "__main__":  # verl >= 0.8's `python -m verl.trainer.sft_trainer` (sft_trainer_engine.yaml)

@@ -1,0 +1,165 @@
+"""The `gsm8k_cli` case (issue 14): `verlite sft` as a user runs it, timed from launch to the
+final checkpoint on disk, beside TRL's SFTTrainer on the same GSM8K samples.
+
+    python bench/gsm8k_cli.py --gsm8k /path/gsm8k/train.jsonl --trl --out results/gsm8k.jsonl   # GPU
+    python bench/gsm8k_cli.py --gsm8k /path/gsm8k/train.jsonl --smoke                            # CPU, tiny
+
+verlite: the default config except the model and data paths, micro batch 32 (so batch 32),
+one epoch of GSM8K train (233 steps), a 0.5B Qwen2 shape with a BPE tokenizer trained on
+GSM8K (bench/shapes.py). Launched twice with the same fresh cache folder
+(VERLITE_CACHE_DIR): the first launch tokenizes and compiles, the second should find both
+cached. Each launch writes into its own run folder; trainer.max_ckpt_to_keep=2 only keeps
+the disk (64 GiB) from filling with 23 full checkpoints of 6 GB. Figures per launch: wall
+time launch -> exit (the final checkpoint is on disk before exit), time to the first step
+(metrics.jsonl's step 1 appears), steady tokens/s (median of the logged intervals after
+the first two), and the run's own "Done:" line with its time breakdown.
+
+TRL (bench/trl_bench.py --gsm8k): prompt/completion conversations through the same chat
+template, completion-only loss, batch 32, one epoch, a full checkpoint (with optimizer) at
+the end; fp32 weights (verlite's master dtype) and bf16 weights (TRL's fastest full-FT
+setting in bench/RESULTS.md). Ratios are against the best TRL figure of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def build_model(out: Path, gsm8k: Path, smoke: bool) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    if not smoke:
+        from shapes import build
+
+        return build("qwen0.5b", out, gsm8k=gsm8k)
+    from shapes import corpus_texts
+
+    from verlite.models.tiny import build_qwen2, train_tokenizer
+
+    tok = train_tokenizer(corpus_texts(gsm8k), vocab_size=512)
+    return build_qwen2(out, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
+
+
+def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int) -> dict:
+    """One `verlite sft` subprocess; wall time, time to the first step, steady tokens/s."""
+    args = ["sft", f"data.train_files={data}", f"model.partial_pretrain={model}",
+            f"trainer.default_local_dir={run_dir}", "trainer.max_ckpt_to_keep=2"]
+    args += ["data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=4", "trainer.device=cpu",
+             "trainer.log_interval=1"] if smoke else ["data.micro_batch_size_per_gpu=32"]
+    env = dict(os.environ, VERLITE_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
+    metrics = run_dir / "metrics.jsonl"
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "verlite.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    first_step = None
+    while proc.poll() is None and time.perf_counter() - start < timeout:
+        if first_step is None and metrics.is_file() and metrics.read_text().strip():
+            first_step = time.perf_counter() - start
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    wall = time.perf_counter() - start
+    reader.join(timeout=5)
+    out = "".join(lines)
+    result = {"impl": "verlite", "case": "gsm8k_cli", "ok": proc.returncode == 0, "wall_s": round(wall, 2),
+              "first_step_s": round(first_step, 2) if first_step else None}
+    if proc.returncode != 0:
+        result["error"] = out[-1500:]
+        return result
+    rates = [r["tokens/s"] for r in map(json.loads, metrics.read_text().splitlines()) if "tokens/s" in r]
+    steady = rates[2:] or rates
+    result.update(tokens_per_s=round(statistics.median(steady)), logged_rates=[round(x) for x in rates],
+                  done=next((x.strip() for x in out.splitlines() if "Done:" in x), None),
+                  compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
+                  final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")))
+    return result
+
+
+def run_trl(model: Path, data: Path, smoke: bool, extra: list[str], timeout: int) -> dict:
+    cmd = [sys.executable, str(HERE / "trl_bench.py"), "--model", str(model), "--case", "gsm8k_cli", "--gsm8k",
+           str(data), "--batch", "4" if smoke else "32", *extra]
+    if smoke:
+        cmd += ["--steps", "4", "--warmup", "1"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return {**json.loads(line), "wall_s": round(wall, 2)}
+    return {"impl": "trl", "case": "gsm8k_cli", "ok": False, "error": (proc.stderr or proc.stdout)[-1500:]}
+
+
+def summary(rows: list[dict]) -> str:
+    v = [r for r in rows if r["impl"] == "verlite"]
+    trl = [r for r in rows if r["impl"] == "trl" and r.get("ok")]
+    out = []
+    for i, r in enumerate(v, 1):
+        out.append(f"verlite launch {i}: wall {r['wall_s']} s, first step at {r['first_step_s']} s, "
+                   f"steady {r.get('tokens_per_s')} tokens/s" + ("" if r["ok"] else f" FAILED: {r['error'][-300:]}"))
+    for r in trl:
+        out.append(f"TRL {r.get('setting')}: wall {r['wall_s']} s, steady {r['tokens_per_s']} tokens/s")
+    if trl and v and v[0]["ok"]:
+        best_rate = max(r["tokens_per_s"] for r in trl)
+        best_wall = min(r["wall_s"] for r in trl)
+        out.append(f"steady tokens/s vs TRL's best: {v[0]['tokens_per_s'] / best_rate:.2f}x (target >= 3)")
+        out.append(f"wall launch->final checkpoint, TRL's best / verlite: {best_wall / v[0]['wall_s']:.2f}x "
+                   "(target >= 2.5)")
+    if len(v) == 2 and all(r["first_step_s"] for r in v):
+        out.append(f"second launch's time to first step / first's: {v[1]['first_step_s'] / v[0]['first_step_s']:.2f} "
+                   "(target <= 0.5)")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gsm8k", required=True, help="GSM8K train.jsonl (question / answer per line)")
+    p.add_argument("--models", default="/tmp/bench_models")
+    p.add_argument("--smoke", action="store_true", help="CPU: a tiny model, 64 samples, 4 steps")
+    p.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (bench/trl_bench.py --gsm8k)")
+    p.add_argument("--out", default=None, help="write the JSON lines here")
+    p.add_argument("--timeout", type=int, default=1800)
+    a = p.parse_args()
+    gsm8k = Path(a.gsm8k)
+    work = Path(tempfile.mkdtemp(prefix="gsm8k_cli_"))
+    data = gsm8k
+    if a.smoke:
+        data = work / "train.jsonl"
+        data.write_text("".join(gsm8k.read_text(encoding="utf-8").splitlines(keepends=True)[:64]), encoding="utf-8")
+    model = build_model(Path(a.models) / ("tiny_gsm8k" if a.smoke else "qwen0.5b_gsm8k"), gsm8k, a.smoke)
+    cache = work / "cache"  # cold for the first launch, warm for the second
+    rows = []
+    for i in (1, 2):
+        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.trl:
+        for extra in ([], ["--dtype", "bfloat16"]):
+            rows.append(run_trl(model, data, a.smoke, extra, a.timeout))
+            print(json.dumps(rows[-1]), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(summary(rows))
+    if not all(r.get("ok") for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Whether to torch.compile the decoder layers, and where PyTorch keeps what it compiled.
+
+`model.compile: auto` (the default) compiles only on a GPU and only when the planned run
+is long enough to repay the compile time:
+
+    compile  <=>  steps x micro_batches x layers x SAVED_S_PER_LAYER  >=  compile cost
+
+Compiling removes per-kernel launch overhead, which is what limits short samples (a GSM8K
+step of 32 x ~205 tokens leaves an H100 waiting on the host), so the saving is counted per
+layer per micro-batch, not per token. The compile cost is COLD_S the first time a layer
+shape is compiled on this machine and WARM_S once PyTorch's caches hold it (dynamo still
+traces; inductor and AOTAutograd read their results from the FX-graph / autograd caches).
+The constants below come from the H100 run of issue 14 (0.5B shape, batch 32, GSM8K,
+default config: 40k tokens/s eager, 72k compiled, 18 s more wall time over 60 steps);
+update them here from `bench/bench.py --cases gsm8k_cli` when a new measurement exists.
+
+Lengths: every packed micro-batch has another length. Left to PyTorch ("automatic
+dynamic"), the first length compiles static and the first change recompiles with the token
+dimension symbolic: two compiles, the first one wasted on SFT data. verlite marks the token
+dimension dynamic from the first call instead (on the embedding and rotary outputs that
+enter layer 0; later layers reuse the same graph), and passes the varlen kernel a fixed
+max_seqlen (data.max_length, an upper bound the kernel accepts) so that no Python int
+changes either: one compile per layer shape. Only that dimension is symbolic, as in
+automatic dynamic's steady state; `dynamic=True` (every dimension) measured 1-5 % slower
+once warm (bench/RESULTS.md). Padding rows to length buckets was not chosen: it computes
+on padding and still compiles once per bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.engine")
+
+SAVED_S_PER_LAYER = 0.003  # host time compiling saves per decoder layer per micro-batch (fwd + bwd)
+# Issue 14 measured 22 s for the compile plus the recompile at the first new length; with
+# the token dimension dynamic from the start one compile remains: about half (to measure).
+COLD_S = 12.0  # first compile of a layer shape on this machine
+WARM_S = 4.0  # the same shape again, with the caches below filled
+FIXED_MAX_SEQLEN_UP_TO = 4096  # data.max_length up to which max_seqlen is passed fixed (see above)
+SHAPES_FILE = "verlite_compiled_shapes.json"  # which layer shapes this cache folder has compiled
+
+
+def cache_root() -> Path:
+    """verlite's cache folder: $VERLITE_CACHE_DIR, else ~/.cache/verlite."""
+    return Path(os.environ.get("VERLITE_CACHE_DIR") or Path.home() / ".cache" / "verlite").expanduser()
+
+
+def compile_cache_dir() -> Path:
+    """PyTorch's compile caches: $TORCHINDUCTOR_CACHE_DIR when the user set it, else <cache_root>/compile."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_root() / "compile").expanduser()
+
+
+def use_persistent_cache() -> Path:
+    """Point inductor's FX-graph, AOTAutograd and dynamic-shape caches at a folder that
+    outlives /tmp. Must run before the first compile of the process (inductor reads the
+    variables then)."""
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return folder
+
+
+@dataclass
+class CompileChoice:
+    enabled: bool
+    reason: str
+
+
+def layer_signature(model) -> str:
+    """What makes one compiled layer reusable: its code and shapes, the dtype and the software."""
+    cfg = model.causal_lm.config
+    layer = model.decoder_layers()[0]
+    lora = any("lora_" in n for n, _ in layer.named_parameters())
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    keys = [type(layer).__name__, getattr(cfg, "hidden_size", "?"), getattr(cfg, "intermediate_size", "?"),
+            getattr(cfg, "num_attention_heads", "?"), getattr(cfg, "num_key_value_heads", "?"),
+            f"lora={lora}", torch.__version__, dev]
+    return "/".join(map(str, keys))
+
+
+def _known_shapes(folder: Path) -> list[str]:
+    try:
+        return json.loads((folder / SHAPES_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def remember_shape(folder: Path, signature: str) -> None:
+    shapes = _known_shapes(folder)
+    if signature in shapes:
+        return
+    tmp = folder / (SHAPES_FILE + f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(shapes + [signature]))
+        os.replace(tmp, folder / SHAPES_FILE)
+    except OSError as e:  # a read-only cache only costs the next run its warm estimate
+        log.debug("could not record the compiled shape in %s: %s", folder, e)
+
+
+def parse_setting(setting) -> bool | str:
+    """model.compile as True, False or "auto"; anything else is the user's error."""
+    if isinstance(setting, str) and setting.lower() in ("true", "false", "auto"):
+        return setting.lower() == "true" if setting.lower() != "auto" else "auto"
+    if isinstance(setting, bool):
+        return setting
+    raise VerliteError(f"model.compile is {setting!r}; use true, false or auto")
+
+
+def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool) -> CompileChoice:
+    """model.compile (true | false | auto) to a yes/no and the reason, for the log."""
+    setting = parse_setting(setting)
+    if setting is True:
+        if device.type != "cuda":
+            return CompileChoice(False, "model.compile=true, but compiling runs only on a GPU (this run: CPU)")
+        return CompileChoice(True, "model.compile=true")
+    if setting is False:
+        return CompileChoice(False, "model.compile=false")
+    if device.type != "cuda":
+        return CompileChoice(False, "model.compile=auto: off on CPU (compiling pays only on a GPU)")
+    saving = steps * micro_batches * layers * SAVED_S_PER_LAYER
+    cost = WARM_S if warm else COLD_S
+    cache = "cached shape" if warm else "new shape"
+    verdict = "on" if saving >= cost else "off"
+    return CompileChoice(saving >= cost, f"model.compile=auto: {verdict} ({steps} steps x {micro_batches} micro-batch(es) "
+                                         f"x {layers} layers would save ~{saving:.0f} s against ~{cost:.0f} s to "
+                                         f"compile a {cache})")
+
+
+def _mark_tokens_dynamic(module, args, output) -> None:
+    for t in output if isinstance(output, tuple) else (output,):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(t, 1)  # [batch, tokens, ...]; never raises
+
+
+def compile_layers(model, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer in place (same module objects, so FSDP hooks stay)."""
+    decoder = model.causal_lm.get_decoder()
+    for name in ("embed_tokens", "rotary_emb"):
+        source = getattr(decoder, name, None)
+        if isinstance(source, torch.nn.Module):
+            source.register_forward_hook(_mark_tokens_dynamic)
+    for layer in model.decoder_layers():
+        layer.compile(backend=backend)
+
+
+def steady_max_seqlen(max_seqlen: int, max_length: int) -> int:
+    """The max_seqlen handed to the compiled varlen kernel: fixed for short samples (one compile)."""
+    return max(max_seqlen, max_length) if max_length <= FIXED_MAX_SEQLEN_UP_TO else max_seqlen
+
+
+def maybe_compile(model, setting, device: torch.device, steps: int, micro_batches: int) -> CompileChoice:
+    """Decide, log the decision in one line, and compile with the persistent caches."""
+    folder = compile_cache_dir()
+    signature = layer_signature(model)
+    warm = signature in _known_shapes(folder)
+    choice = decide(setting, device, steps, micro_batches, len(model.decoder_layers()), warm)
+    log.info("compile: %s", choice.reason)
+    if choice.enabled:
+        folder = use_persistent_cache()
+        compile_layers(model)
+        remember_shape(folder, signature)
+    return choice
