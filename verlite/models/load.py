@@ -104,6 +104,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     path = resolve_model_path(cfg.partial_pretrain)
     if cfg.lora_rank > 0:
         check_lora_targets(cfg, hf_config)  # before reading gigabytes of weights
+    if cfg.quantization:
+        from verlite.models.quant import check_quantizable
+
+        check_quantizable(hf_config, cfg.trust_remote_code)
     attention.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
@@ -115,7 +119,15 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     if cfg.enable_gradient_checkpointing:
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload)
     if cfg.lora_rank > 0:
+        from verlite.models.quant import quiet_torchao_import
+
+        quiet_torchao_import()  # peft imports torchao when it is installed
         model = apply_lora(model, cfg)
+    if cfg.quantization:  # after LoRA: every frozen base linear, targeted by LoRA or not
+        from verlite.models.quant import quantize_frozen_linears
+
+        quantize_frozen_linears(model, torch.device("cuda", torch.cuda.current_device())
+                                if torch.cuda.is_available() else None)
     return model
 
 
