@@ -72,7 +72,7 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: b
         if device.type != "cuda":
             # torchao compiles its per-parameter update; on a CPU that is minutes of C++ builds
             # for a step that takes milliseconds eagerly (the same code, uncompiled).
-            cls = type(cls.__name__, (cls,), {"step": torch._dynamo.disable(cls.step, recursive=True)})
+            cls = type(cls.__name__, (cls,), {"step": _eager(cls.step)})
         return cls(params, **kwargs)
     if device.type != "cuda":
         raise VerliteError(f"optim.optimizer_impl=bitsandbytes.optim needs a CUDA GPU; on {device.type} use "
@@ -80,6 +80,20 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: b
     cls = getattr(importlib.import_module("bitsandbytes.optim"), cfg.optimizer)
     log.info("optimizer: bitsandbytes.optim.%s", cfg.optimizer)
     return cls(params, **kwargs)
+
+
+def _eager(step):
+    """`step` with torch.compile(fn, ...) answering fn itself while it runs (torchao calls
+    torch.compile(..., fullgraph=True) inside its step, which no dynamo switch skips)."""
+    def run(self, *args, **kwargs):
+        compile_ = torch.compile
+        torch.compile = lambda fn=None, **_: fn if fn is not None else (lambda f: f)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            torch.compile = compile_
+
+    return run
 
 
 class HostAdamW(torch.optim.AdamW):
