@@ -128,6 +128,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
 
         quantize_frozen_linears(model, torch.device("cuda", torch.cuda.current_device())
                                 if torch.cuda.is_available() else None)
+    if cfg.tiled_mlp:
+        from verlite.models.tiled_mlp import apply_tiled_mlp
+
+        log.info("tiled MLP: %d tokens per tile (model.tiled_mlp)", apply_tiled_mlp(model))
     return model
 
 
