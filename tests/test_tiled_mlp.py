@@ -55,5 +55,5 @@ def test_a_run_with_tiled_mlp_follows_the_plain_curve(tmp_path, tiny_model, caps
                          "optim.lr=1e-3", "data.packing=true", f"model.tiled_mlp={tiled}"]) == 0
         rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
         curves.append({r["step"]: r["train/loss"] for r in rows if "train/loss" in r})
-    assert "tiled MLP: 64 tokens per tile" in capsys.readouterr().out
+    assert "tiled MLP: 32 tokens per tile" in capsys.readouterr().out
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)

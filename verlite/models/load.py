@@ -59,6 +59,9 @@ def load_hf_config(cfg: ModelConfig):
     """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
     from transformers import AutoConfig
 
+    from verlite.models.quant import quiet_torchao_import
+
+    quiet_torchao_import()  # transformers imports torchao (when installed) as it builds a model
     path = resolve_model_path(cfg.partial_pretrain)
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -119,9 +122,6 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     if cfg.enable_gradient_checkpointing:
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload)
     if cfg.lora_rank > 0:
-        from verlite.models.quant import quiet_torchao_import
-
-        quiet_torchao_import()  # peft imports torchao when it is installed
         model = apply_lora(model, cfg)
     if cfg.quantization:  # after LoRA: every frozen base linear, targeted by LoRA or not
         from verlite.models.quant import quantize_frozen_linears

@@ -16,10 +16,11 @@ import torch
 
 
 def tile_tokens(hidden_size: int) -> int:
-    """Tokens per tile: as many as the hidden size, so one tile's intermediate activations
-    weigh about what a [hidden x intermediate] weight does (1.5k-4k tokens for 1.5B-7B
-    models: still matmuls that fill a GPU)."""
-    return hidden_size
+    """Tokens per tile: half the hidden size, so one tile's intermediate activations (with
+    their gradients) weigh about what one [hidden x intermediate] weight does: 0.4 GiB for a
+    7B model, where an 8 GiB card has no more to give. 768-1792 tokens for 1.5B-7B models:
+    still matmuls that fill a GPU."""
+    return max(1, hidden_size // 2)
 
 
 class TiledMLP(torch.autograd.Function):
