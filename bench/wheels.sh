@@ -9,6 +9,10 @@ get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-versio
           --platform manylinux2014_x86_64 -d "$1" "${@:2}"; }
 get .whl omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 trl==1.16.0 dill==0.4.1 multiprocess==0.70.19 \
     liger-kernel==0.8.5
+# Small cards (issue 10): torchao for verlite's NF4 base and 8/4-bit AdamW; bitsandbytes for the
+# TRL side's QLoRA and paged_adamw_8bit (both are manylinux_2_24+ wheels: their own platform tag).
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl torchao==0.18.0 bitsandbytes==0.50.2
 get .whl/ds5 datasets==5.2.0
 get .whl/ds4 datasets==4.8.5
 ls -R .whl
