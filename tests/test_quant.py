@@ -115,7 +115,8 @@ def test_qlora_export_loads_in_peft_on_the_full_precision_base(tmp_path, tiny_mo
 
 @pytest.mark.slow  # ~25 s on two idle cores, twice that on a busy machine
 def test_two_process_qlora_follows_the_one_process_curve(tmp_path, tiny_model):
-    extra = [*QLORA, "model.target_modules=all-linear"]
+    """FSDP2 all-gathers the NF4 weights (packed 4-bit data and scales) like any parameter."""
+    extra = [*QLORA, "model.target_modules=all-linear", "model.tiled_mlp=true"]  # FSDP2 + tiled MLP too
     run(tmp_path / "one", tiny_model, 1, 4, *extra)
     run(tmp_path / "two", tiny_model, 2, 4, *extra)
     a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")

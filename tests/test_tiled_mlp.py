@@ -57,3 +57,18 @@ def test_a_run_with_tiled_mlp_follows_the_plain_curve(tmp_path, tiny_model, caps
         curves.append({r["step"]: r["train/loss"] for r in rows if "train/loss" in r})
     assert "tiled MLP: 32 tokens per tile" in capsys.readouterr().out
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+@pytest.mark.slow  # two torchrun launches
+def test_full_fine_tune_with_tiled_mlp_on_two_processes_follows_one(tmp_path, tiny_model):
+    """Under FSDP2 the tiled function receives the unsharded weights and returns their
+    gradients through autograd, so FSDP's reduce-scatter sees them as usual."""
+    from test_distributed import losses, run
+
+    extra = ["model.lora_rank=0", "model.tiled_mlp=true"]
+    run(tmp_path / "one", tiny_model, 1, 3, *extra)
+    run(tmp_path / "two", tiny_model, 2, 3, *extra)
+    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
