@@ -81,3 +81,36 @@ def test_bf16_master_weights_use_stochastic_rounding(tmp_path, wide_model, capsy
     out = capsys.readouterr()
     assert "torchao.optim.AdamW8bit with bf16 stochastic rounding" in out.out + out.err
     assert curve[4] < curve[1]
+
+
+@pytest.mark.parametrize("extra", [EIGHT_BIT, ["model.fsdp_config.optimizer_offload=true"],
+                                   ["model.lora_rank=4", "model.quantization=nf4"]],
+                         ids=["adamw8bit", "optimizer_offload", "qlora"])
+def test_a_nan_step_leaves_weights_and_state_untouched(tmp_path, tiny_model, monkeypatch, extra):
+    from test_bad_numbers import poison
+    from test_trainer import config
+    from verlite.engine.distributed import init_distributed, shutdown
+    from verlite.trainer.sft_trainer import Trainer
+
+    def snapshot(trainer):
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        state = {(i, k): (v.dequantize() if hasattr(v, "dequantize") else v).clone()
+                 for i, p in enumerate(trainer.params) for k, v in trainer.optimizer.state.get(p, {}).items()}
+        return weights, state
+
+    trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3",
+                             *extra), init_distributed("cpu"))
+    try:
+        trainer._step(trainer._micro_batches(0))
+        before = snapshot(trainer)
+        assert before[1]  # the optimizer has state to protect
+        poison(monkeypatch, {0})
+        assert trainer._step(trainer._micro_batches(1)).skipped.item() == 1
+        after = snapshot(trainer)
+        for part in (0, 1):
+            assert before[part].keys() == after[part].keys()
+            for key in before[part]:
+                assert torch.equal(before[part][key], after[part][key]), key
+        assert trainer._step(trainer._micro_batches(2)).skipped.item() == 0
+    finally:
+        shutdown()
