@@ -2,6 +2,8 @@
 
     python bench/bench.py --cases full,lora,lora7b_24g,lora7b_long,offload1.5b --trl   # driver: one table
     python bench/bench.py --run verlite --case full                                    # one case, JSON line
+    python bench/bench.py --cases full1.5b_12g,qlora7b_12g,qlora7b_long8k_8g,qlora7b_long32k_24g,qlora7b_longest_24g --trl
+    python bench/bench.py --smoke --cases full1.5b_12g,qlora7b_12g     # CPU, a tiny model: the code paths only
     torchrun --nproc_per_node=2 bench/bench.py --run verlite --case full               # the same on 2 GPUs
     python bench/gsm8k_cli.py --gsm8k .../gsm8k/train.jsonl --trl                      # `verlite sft` end to end
 
@@ -41,7 +43,21 @@ CASES = {
     "offload1.5b": ("qwen1.5b", False, 8, 1024, ["data.max_token_len_per_gpu=8192", "model.enable_gradient_checkpointing=true",
                                                    "model.fsdp_config.cpu_offload=true"], 12),
     "nooffload1.5b": ("qwen1.5b", False, 8, 1024, ["data.max_token_len_per_gpu=8192", "model.enable_gradient_checkpointing=true"], 12),
+    # Small cards (issue 10): the planner (micro_batch_size_per_gpu=auto) picks the token budget and
+    # any memory switch (activation offload, tiled MLP) under the cap; precision is set here.
+    "full1.5b_12g": ("qwen1.5b", False, 8, 1024, ["data.micro_batch_size_per_gpu=auto", "optim.optimizer=AdamW8bit",
+                                                    "optim.optimizer_impl=torchao.optim",
+                                                    "model.fsdp_config.model_dtype=bf16"], 12),
+    "qlora7b_12g": ("qwen7b", True, 8, 1024, ["data.micro_batch_size_per_gpu=auto", "model.quantization=nf4"], 12),
+    "qlora7b_long8k_8g": ("qwen7b", True, 1, 8192, ["data.micro_batch_size_per_gpu=auto", "model.quantization=nf4"], 8),
+    "qlora7b_long32k_24g": ("qwen7b", True, 1, 32768, ["data.micro_batch_size_per_gpu=auto",
+                                                       "model.quantization=nf4"], 24),
+    # The longest: 131072 by default; pass --max_length to push further (the plan says how far).
+    "qlora7b_longest_24g": ("qwen7b", True, 1, 131072, ["data.micro_batch_size_per_gpu=auto",
+                                                        "model.quantization=nf4"], 24),
 }
+# A tiny shape and short samples for --smoke (CPU): every case's code path in seconds.
+SMOKE_LENGTH = {False: 128, True: 256}  # max_length of ordinary / long cases
 # TRL's best setting for each case, as benchmark.md measured it (H100, TRL 1.16): tokens/s, peak GiB.
 PEER = {"full": (36213, 49.0), "lora": (21505, 34.1), "lora7b_24g": (4761, 16.4), "lora7b_long": (8483, 17.1)}
 # The TRL settings run beside each case (bench/trl_bench.py flags): benchmark.md's best one, and
@@ -53,7 +69,15 @@ TRL_ARGS = {"full": [["--batch", "32"], ["--batch", "32", "--dtype", "bfloat16"]
             "lora7b_long": [["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
                              "--max_length", str(n)] for n in (8192, 16384)],
             "lora7b_long32k": [["--batch", "1", "--lora", "--ckpt", "--liger", "--mem_cap_gib", "24", "--long",
-                                "--max_length", "32768"]]}
+                                "--max_length", "32768"]],
+            # TRL + bitsandbytes as a small-card user sets it up (issue 10's table).
+            "full1.5b_12g": [["--batch", "8", "--dtype", "bfloat16", "--ckpt", "--liger", "--optim", "paged_adamw_8bit",
+                              "--mem_cap_gib", "12"]],
+            "qlora7b_12g": [["--batch", "8", "--lora", "--qlora", "--ckpt", "--liger", "--mem_cap_gib", "12"]],
+            "qlora7b_long8k_8g": [["--batch", "1", "--lora", "--qlora", "--ckpt", "--liger", "--mem_cap_gib", "8",
+                                   "--long", "--max_length", str(n)] for n in (2048, 8192)],
+            "qlora7b_long32k_24g": [["--batch", "1", "--lora", "--qlora", "--ckpt", "--liger", "--mem_cap_gib", "24",
+                                     "--long", "--max_length", "32768"]]}
 
 
 def model_dir(root: Path, shape: str) -> Path:
@@ -63,7 +87,8 @@ def model_dir(root: Path, shape: str) -> Path:
     return path
 
 
-def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int | None, extra: list[str]) -> dict:
+def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int | None, extra: list[str],
+                smoke: bool = False) -> dict:
     import torch
 
     from verlite.config import load_config
@@ -75,28 +100,33 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
     from verlite.trainer.sft_trainer import Trainer
 
     shape, lora, batch, length, overrides, cap = CASES[case]
-    length = max_length or length
+    long = "long" in case
+    length = max_length or (SMOKE_LENGTH[long] if smoke else length)
     setup_logging("WARNING")
-    dist = init_distributed("cuda")
+    device = "cpu" if smoke else "cuda"
+    dist = init_distributed(device)
+    cuda = dist.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg_over = [f"model.partial_pretrain={model}", f"data.train_batch_size={batch}", f"data.max_length={length}",
-                "data.packing=true", "trainer.device=cuda", "trainer.resume_mode=disable", "optim.lr=1e-5",
+                "data.packing=true", f"trainer.device={device}", "trainer.resume_mode=disable", "optim.lr=1e-5",
                 "trainer.default_local_dir=/tmp/bench_ckpt", "trainer.save_freq=-1", "data.micro_batch_size_per_gpu=1"]
     if lora:
         cfg_over += ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"]
     if cap:
         cfg_over.append(f"trainer.gpu_mem_gb={cap}")
     # Every case compiles the decoder layers (model.compile): the measured default of this bench.
-    cfg = load_config(None, cfg_over + ["model.compile=true"] + overrides + extra)
-    vocab = SHAPES[shape]["vocab_size"]
+    cfg = load_config(None, cfg_over + [f"model.compile={str(not smoke).lower()}"] + overrides + extra)
+    vocab = SHAPES["tiny" if smoke else shape]["vocab_size"]
     n = batch * (warmup + steps)
-    samples = long_samples(n, vocab, length) if "long" in case else synthetic_samples(n, vocab, length)
+    samples = long_samples(n, vocab, length) if long else synthetic_samples(n, vocab, length)
     ds = SFTDataset()
     for s in samples:
         ds.append(Encoded(s.input_ids, s.loss_mask))
     result = {"impl": "verlite", "case": case, "global_batch": batch, "max_length": length, "world": dist.world_size,
-              "master_dtype": "bf16 base (frozen) + fp32 LoRA" if lora else "fp32 master, fp32 AdamW, bf16 compute"}
+              "master_dtype": precision(cfg)}
     try:
         trainer = Trainer(cfg, dist, train_ds=ds)
+        result.update(predicted_gib=predicted_peak(cfg, dist.world_size), switches=switches(cfg))
         n_params = sum(p.numel() for n_, p in trainer.model.named_parameters() if "lora_" not in n_)
         times, tokens = [], []
         batches = prefetch(trainer._micro_batches, range(warmup + steps))
@@ -106,10 +136,10 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                 profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                               torch.profiler.ProfilerActivity.CUDA])
                 profiler.__enter__()
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             r = trainer._step(b)
-            torch.cuda.synchronize()
+            sync()
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
                 tokens.append(int(ds.lengths[trainer.plan.step_indices(step)].sum()))
@@ -118,7 +148,8 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
             print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
         tps = sum(tokens) / sum(times)
         result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(times) / len(times), 4),
-                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), last_loss=round(r.loss.item(), 4),
+                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                      last_loss=round(r.loss.item(), 4),
                       mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
                       oom_splits=trainer.oom_splits)
@@ -128,6 +159,34 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
     finally:
         shutdown()
     return result
+
+
+def precision(cfg) -> str:
+    m, o = cfg.model, cfg.optim
+    if m.lora_rank:
+        base = "NF4 base (frozen, double-quantized scales)" if m.quantization else "bf16 base (frozen)"
+        return f"{base} + fp32 LoRA, bf16 compute"
+    master = "bf16 master (stochastic rounding)" if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else "fp32 master"
+    state = {"AdamW8bit": "8-bit AdamW state", "AdamW4bit": "4-bit AdamW state"}.get(o.optimizer, "fp32 AdamW state")
+    return f"{master}, {state}{' in host memory' if m.fsdp_config.optimizer_offload else ''}, bf16 compute"
+
+
+def predicted_peak(cfg, world: int) -> float:
+    """What `verlite plan` predicts for the micro-batches this run uses (after `auto`)."""
+    from verlite.engine.memory import GIB, estimate, model_shape
+
+    d, m = cfg.data, cfg.model
+    tokens = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    layers = m.checkpoint_layers if m.enable_gradient_checkpointing else 0
+    est = estimate(cfg, model_shape(cfg), tokens, world, m.enable_gradient_checkpointing, layers)
+    return round(est.total / GIB, 2)
+
+
+def switches(cfg) -> str:
+    m = cfg.model
+    on = [name for name, flag in (("act offload", m.enable_activation_offload), ("tiled MLP", m.tiled_mlp),
+                                  ("opt offload", m.fsdp_config.optimizer_offload)) if flag]
+    return ", ".join(on)
 
 
 def run_case_subprocess(cmd: list[str], env: dict | None = None, timeout: int = 900) -> dict:
@@ -143,7 +202,7 @@ def run_case_subprocess(cmd: list[str], env: dict | None = None, timeout: int = 
 def table(rows: list[dict]) -> str:
     """One line per run; verlite's ratio against TRL measured in this invocation (its best
     setting per case) and against benchmark.md's TRL figure."""
-    head = (f"{'case':<14}{'impl':<9}{'world':>5}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'vs TRL':>8}"
+    head = (f"{'case':<21}{'impl':<9}{'world':>5}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'vs TRL':>8}"
             f"{'vs doc':>8}  notes")
     out = [head, "-" * len(head)]
     trl: dict[str, int] = {}
@@ -152,7 +211,7 @@ def table(rows: list[dict]) -> str:
             trl[r["case"]] = max(trl.get(r["case"], 0), r["tokens_per_s"])
     for r in rows:
         if not r.get("ok"):
-            out.append(f"{r.get('case', '?'):<14}{r.get('impl', '?'):<9}{r.get('world', 1):>5}{'failed':>10}"
+            out.append(f"{r.get('case', '?'):<21}{r.get('impl', '?'):<9}{r.get('world', 1):>5}{'failed':>10}"
                        f"{r.get('peak_gib') or '':>10}{'':>7}{'':>8}{'':>8}  {r.get('error', '')[-90:]!r}")
             continue
         ratios = ["", ""]
@@ -161,7 +220,9 @@ def table(rows: list[dict]) -> str:
                 ratios[i] = f"{r['tokens_per_s'] / ref:.2f}x" if ref else ""
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else ""
         notes = r.get("setting") or (f"budget {r['token_budget']}" if r.get("token_budget") else "")
-        out.append(f"{r['case']:<14}{r['impl']:<9}{r.get('world', 1):>5}{r['tokens_per_s']:>10}{r['peak_gib'] or 0:>10}"
+        if r.get("predicted_gib") is not None:
+            notes += f", plan {r['predicted_gib']} GiB" + (f", {r['switches']}" if r.get("switches") else "")
+        out.append(f"{r['case']:<21}{r['impl']:<9}{r.get('world', 1):>5}{r['tokens_per_s']:>10}{r['peak_gib'] or 0:>10}"
                    f"{mfu:>7}{ratios[0]:>8}{ratios[1]:>8}  max_length {r.get('max_length')}, {notes}")
     return "\n".join(out)
 
@@ -177,19 +238,22 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=None, help="override the case's max_length")
     p.add_argument("--trl", action="store_true", help="also run TRL's best setting of each case (bench/trl_bench.py)")
     p.add_argument("--out", default=None, help="append JSON results to this file")
+    p.add_argument("--smoke", action="store_true", help="CPU, a tiny model, 1+1 steps: check the cases run")
     p.add_argument("extra", nargs="*", help="verlite overrides for every case (key=value)")
     a = p.parse_args()
+    if a.smoke:
+        a.warmup, a.steps, a.trl = 1, 1, False
     if a.run:
-        model = model_dir(Path(a.models), CASES[a.case][0])
-        res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra)
+        model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[a.case][0])
+        res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra, a.smoke)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(res), flush=True)
         return
     rows = []
     for case in a.cases.split(","):
-        model = model_dir(Path(a.models), CASES[case][0])
+        model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[case][0])
         cmd = [sys.executable, __file__, "--run", "verlite", "--case", case, "--models", a.models,
-               "--warmup", str(a.warmup), "--steps", str(a.steps), *a.extra]
+               "--warmup", str(a.warmup), "--steps", str(a.steps), *(["--smoke"] if a.smoke else []), *a.extra]
         if a.max_length:
             cmd += ["--max_length", str(a.max_length)]
         rows.append(run_case_subprocess(cmd))

@@ -17,6 +17,9 @@ SHAPES = {
     "qwen7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                    num_key_value_heads=4, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6,
                    tie_word_embeddings=False),
+    # bench.py --smoke only (CPU): the code paths of every case in seconds.
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
 }
 
 

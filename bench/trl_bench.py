@@ -3,6 +3,8 @@
     python bench/trl_bench.py --model /tmp/bench_models/qwen0.5b --case full --batch 32
     python bench/trl_bench.py --model ... --case lora --batch 32 --lora --liger
     python bench/trl_bench.py --model ... --case gsm8k_cli --batch 32 --gsm8k train.jsonl   # one epoch, saved
+    python bench/trl_bench.py --model ... --case qlora7b_12g --batch 8 --lora --qlora --ckpt --liger --mem_cap_gib 12
+    python bench/trl_bench.py --model ... --case full1.5b_12g --batch 8 --dtype bfloat16 --optim paged_adamw_8bit ...
 
 Prints one JSON line in the shape bench.py's table reads. The samples are the same
 pre-tokenized pairs verlite trains on (bench/workload.py), handed to TRL as `input_ids` +
@@ -10,7 +12,8 @@ pre-tokenized pairs verlite trains on (bench/workload.py), handed to TRL as `inp
 per-device batch, no accumulation, as benchmark.md's peer settings. A step's time is the
 wall time between consecutive ends of optimizer steps, each ending in a device sync, so it
 includes TRL's own data collation, as a TRL user gets it. Needs trl, datasets (and
-liger-kernel for --liger): bench/wheels.sh fetches them for the GPU machine.
+liger-kernel for --liger, bitsandbytes for --qlora and the 8-bit --optim choices):
+bench/wheels.sh fetches them for the GPU machine.
 
 With --gsm8k the samples are GSM8K's text as prompt/completion conversations, tokenized by
 TRL itself with the model's chat template (completion-only loss), for one epoch unless
@@ -46,6 +49,10 @@ def main() -> None:
     p.add_argument("--mem_cap_gib", type=float, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="weights (and so AdamW state) dtype; default fp32 for full FT, bf16 base for LoRA")
+    p.add_argument("--qlora", action="store_true",
+                   help="QLoRA as TRL users set it: bitsandbytes 4-bit NF4 base, double quant, bf16 compute")
+    p.add_argument("--optim", default="adamw_torch_fused",
+                   help="transformers' optim name, e.g. paged_adamw_8bit (bitsandbytes) for low-memory full FT")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; with --gsm8k one epoch)")
     p.add_argument("--gsm8k", default=None, help="GSM8K train.jsonl: real text, TRL tokenizes, one epoch, final save")
@@ -63,15 +70,24 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib * 2**30 / total))
     result = {"impl": "trl", "case": a.case, "global_batch": a.batch, "max_length": a.max_length, "world": 1,
               "setting": f"batch {a.batch}" + (", ckpt" if a.ckpt else "") + (", Liger+pf" if a.liger else ", padded")
-              + (", bf16 weights" if a.dtype == "bfloat16" and not a.lora else "")}
+              + (", bf16 weights" if a.dtype == "bfloat16" and not a.lora else "")
+              + (", QLoRA nf4+dq" if a.qlora else "") + (f", {a.optim}" if a.optim != "adamw_torch_fused" else "")}
     dtype = a.dtype or ("bfloat16" if a.lora else "float32")
-    result["master_dtype"] = ("bf16 base (frozen) + fp32 LoRA" if a.lora else
-                              f"{'fp32' if dtype == 'float32' else 'bf16'} weights and AdamW state, bf16 autocast")
+    result["master_dtype"] = ("NF4 base (frozen, double quant) + fp32 LoRA" if a.qlora else
+                              "bf16 base (frozen) + fp32 LoRA" if a.lora else
+                              f"{'fp32' if dtype == 'float32' else 'bf16'} weights, {a.optim} state, bf16 autocast")
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     # By default the dtypes of verlite's runs: fp32 master weights for full FT, a bf16 frozen base for LoRA.
+    quant = {}
+    if a.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quant["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_use_double_quant=True,
+                                                          bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, dtype),
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation="sdpa", **quant)
     vocab = model.config.vocab_size
     if a.gsm8k:
         dataset = gsm8k_dataset(Dataset, a.gsm8k)
@@ -117,7 +133,7 @@ def main() -> None:
                      gradient_accumulation_steps=1, max_steps=max_steps, num_train_epochs=1, learning_rate=1e-5,
                      bf16=cuda, use_cpu=not cuda, gradient_checkpointing=a.ckpt, use_liger_kernel=a.liger, padding_free=a.liger,
                      # padding-free without packing refuses a max_length; the samples are already truncated
-                     max_length=None if a.liger else a.max_length, optim="adamw_torch_fused", lr_scheduler_type="constant",
+                     max_length=None if a.liger else a.max_length, optim=a.optim, lr_scheduler_type="constant",
                      logging_steps=10**6, report_to="none", dataloader_num_workers=0, **save,
                      seed=0, disable_tqdm=True)
     try:

@@ -246,6 +246,56 @@ def _check_values(cfg: SFTConfig, source: str) -> None:
     import_external_lib(cfg.model.external_lib)
     check_custom_cls(cfg.data.custom_cls)
     adopt_lora_adapter(cfg.model)
+    _check_small_card_keys(cfg, source)
+
+
+# ---- small cards (issue 10): quantized base, low-memory optimizers -------------------------
+QUANTIZATIONS = ("nf4",)
+# optim.optimizer_impl -> the optim.optimizer names verlite accepts from it (verl spells them so:
+# a class name inside that module).
+OPTIMIZERS = {
+    "torch.optim": ("AdamW",),
+    "torchao.optim": ("AdamW", "_AdamW", "AdamW8bit", "AdamW4bit", "AdamWFp8"),
+    "bitsandbytes.optim": ("AdamW", "AdamW8bit", "PagedAdamW8bit", "AdamW32bit", "PagedAdamW", "PagedAdamW32bit"),
+}
+PIP_NAMES = {"torchao.optim": "torchao", "bitsandbytes.optim": "bitsandbytes"}
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def _check_small_card_keys(cfg: SFTConfig, source: str) -> None:
+    """Names known, packages installed, combinations that make sense; nothing is imported, so
+    a bad value fails in a second, before any model is read."""
+    m, o = cfg.model, cfg.optim
+    if m.quantization is not None:
+        if m.quantization not in QUANTIZATIONS:
+            raise VerliteError(f"{source}: 'model.quantization' is {m.quantization!r}; use nf4 (QLoRA's 4-bit base) "
+                               "or null")
+        if m.lora_rank <= 0:
+            raise VerliteError(f"{source}: model.quantization={m.quantization} freezes the base model, so it needs "
+                               "LoRA: set model.lora_rank (e.g. 8), or for a low-memory full fine-tune drop it and use "
+                               "optim.optimizer=AdamW8bit optim.optimizer_impl=torchao.optim")
+        if not _installed("torchao"):
+            raise VerliteError(f"{source}: model.quantization={m.quantization} needs torchao: pip install "
+                               "'torchao>=0.18'")
+    impl, name = o.optimizer_impl, o.optimizer
+    if impl not in OPTIMIZERS:
+        raise VerliteError(f"{source}: 'optim.optimizer_impl' is {impl!r}; use one of {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZERS[impl]:
+        home = [i for i, names in OPTIMIZERS.items() if name in names and i != impl]
+        hint = f"set optim.optimizer_impl={home[0]}" if home else f"use one of {', '.join(OPTIMIZERS[impl])}"
+        raise VerliteError(f"{source}: 'optim.optimizer' is {name!r}, which {impl} does not provide; {hint}")
+    package = PIP_NAMES.get(impl)
+    if package and not _installed(package):
+        raise VerliteError(f"{source}: optim.optimizer_impl={impl} but {package} is not installed: pip install "
+                           f"{package} (or use optim.optimizer_impl=torchao.optim, same optimizer names)")
+    if m.fsdp_config.optimizer_offload and (impl, name) != ("torch.optim", "AdamW"):
+        raise VerliteError(f"{source}: model.fsdp_config.optimizer_offload keeps exact fp32 AdamW state in host "
+                           f"memory; it does not combine with optim.optimizer={name} ({impl}): pick one of the two")
 
 
 def loggers(cfg: SFTConfig) -> list[str]:

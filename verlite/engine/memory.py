@@ -35,6 +35,8 @@ class ModelShape:
     kv_dim: int
     layers: int
     vocab: int
+    linear_params: int = 0  # weights of the decoder layers' linear layers (what NF4 holds)
+    largest_linear: int = 0  # weights of the largest of them (one is dequantized at a time)
 
 
 @dataclass
@@ -71,21 +73,28 @@ def model_shape(cfg: SFTConfig) -> ModelShape:
                         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets and "lm_head" not in name)
     c = hf_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    linears = [m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     return ModelShape(params=params, trainable=trainable, layer_params=layer_params,
+                      linear_params=sum(linears), largest_linear=max(linears, default=0),
                       root_params=params - layer_params * len(layers), hidden=c.hidden_size,
                       intermediate=c.intermediate_size, kv_dim=c.num_key_value_heads * head_dim,
                       layers=len(layers), vocab=c.vocab_size)
 
 
-def activation_bytes_per_token(s: ModelShape, lora: bool) -> float:
+def mlp_bytes_per_token(s: ModelShape, lora: bool) -> float:
+    return 2 * 4 * s.intermediate if not lora else 2 * 3 * s.intermediate  # gate, up, act(gate) [, act*up]
+
+
+def activation_bytes_per_token(s: ModelShape, lora: bool, tiled_mlp: bool = False) -> float:
     """Bytes autograd keeps per token per decoder layer (bf16 activations, fp32 norm inputs).
 
     Full fine-tuning keeps every linear layer's input; a frozen layer's input is only kept
-    when something else needs it, which is what LoRA saves."""
-    h, i, kv = s.hidden, s.intermediate, s.kv_dim
+    when something else needs it, which is what LoRA saves. A tiled MLP keeps only its
+    input (the second norm's output, counted there)."""
+    h, kv = s.hidden, s.kv_dim
     norms = 2 * (4 * h + 2 * h)  # two RMSNorms: fp32 input copy + bf16 output
     attention = 2 * (h + 2 * kv) + 2 * h + 2 * h  # rotated q/k/v, attention output, o_proj input
-    mlp = 2 * 4 * i if not lora else 2 * 3 * i  # gate, up, act(gate) [, act*up as down_proj input]
+    mlp = 0 if tiled_mlp else mlp_bytes_per_token(s, lora)
     residual = 2 * 2 * h
     return norms + attention + mlp + residual
 
@@ -107,19 +116,16 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     shard = world if fsdp else 1
     est = Estimate()
     if not offload:
-        if lora:  # a frozen base stays in the compute dtype unless model_dtype says otherwise
-            base_bytes = 4 if m.fsdp_config.model_dtype in ("fp32", "float32") else 2
-            est.parts["weights"] = (shape.params * base_bytes + shape.trainable * 4) / shard
-        else:
-            est.parts["weights (fp32 master)"] = shape.params * 4 / shard
-        est.parts["gradients (fp32)"] = shape.trainable * 4 / shard
-        est.parts["AdamW state (fp32)"] = shape.trainable * 8 / shard
+        _weights_and_optimizer(est, cfg, shape, shard)
     if fsdp:  # bf16 copies FSDP gathers: the root and a layer or two in flight (all when not resharded)
         in_flight = shape.layers if not m.fsdp_config.reshard_after_forward else 2
         est.parts["bf16 compute copies"] = (shape.root_params + in_flight * shape.layer_params) * 2
-    elif not lora:  # autocast's bf16 weight copies are kept for backward
+    elif not lora and master_bytes(cfg) == 4:  # autocast's bf16 weight copies are kept for backward
         est.parts["bf16 compute copies"] = shape.params * 2
-    per_layer = activation_bytes_per_token(shape, lora)
+    if m.quantization and lora:  # one NF4 matrix dequantized at a time, and its transpose in backward
+        est.parts["NF4 dequantized weight"] = shape.largest_linear * 2 * 2
+    tiled = m.tiled_mlp
+    per_layer = activation_bytes_per_token(shape, lora, tiled)
     tokens = -(-tokens // cfg.ulysses_sequence_parallel_size)  # this GPU's share of the sequence
     recomputed = 0 if not ckpt else (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers))
     kept = shape.layers - recomputed
@@ -127,8 +133,13 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     offload_inputs = m.enable_activation_offload if activation_offload is None else activation_offload
     kept_input = 0 if offload_inputs else shape.hidden * 2
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
-    # Backward of one layer holds its activations (recomputed or kept) plus their gradients.
+    # Backward of one layer holds its activations (recomputed or kept) plus their gradients;
+    # a tiled MLP adds one tile's MLP activations and their gradients.
     est.parts["backward working set"] = tokens * per_layer
+    if tiled:
+        from verlite.models.tiled_mlp import tile_tokens
+
+        est.parts["MLP tile"] = min(tokens, tile_tokens(shape.hidden)) * mlp_bytes_per_token(shape, lora) * 2
     from verlite.models.loss import chunk_size_for
 
     chunk = min(tokens, chunk_size_for(shape.vocab))
@@ -138,6 +149,40 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     if not lora:  # the LM head's fp32 gradient accumulator and its per-chunk bf16 partial
         est.parts["LM head gradient buffer"] = shape.vocab * shape.hidden * (4 + 2)
     return est
+
+
+def master_bytes(cfg: SFTConfig) -> int:
+    """Bytes per trained weight as stored (model.fsdp_config.model_dtype; fp32 by default)."""
+    return 2 if cfg.model.fsdp_config.model_dtype in ("bf16", "bfloat16", "fp16", "float16") else 4
+
+
+def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int) -> None:
+    """Weights, gradients and optimizer state on the GPU: an NF4 or bf16 frozen base under
+    LoRA (fp32 adapters), or the trained weights in their master dtype; 8/4-bit or fp32
+    AdamW moments, none when they live in host memory (optimizer_offload)."""
+    from verlite.engine.optim import state_bytes
+
+    m = cfg.model
+    if m.lora_rank > 0:  # a frozen base stays in the compute dtype unless model_dtype says otherwise
+        base_bytes = 4 if m.fsdp_config.model_dtype in ("fp32", "float32") else 2
+        if m.quantization == "nf4":
+            from verlite.models.quant import nf4_bytes
+
+            base = nf4_bytes(shape.linear_params) + (shape.params - shape.linear_params) * base_bytes
+            est.parts["weights (NF4 base + fp32 LoRA)"] = (base + shape.trainable * 4) / shard
+        else:
+            est.parts["weights"] = (shape.params * base_bytes + shape.trainable * 4) / shard
+        grad_bytes = 4
+    else:
+        grad_bytes = master_bytes(cfg)
+        name = "bf16" if grad_bytes == 2 else "fp32"
+        est.parts[f"weights ({name} master)"] = shape.params * grad_bytes / shard
+    est.parts[f"gradients ({'fp32' if grad_bytes == 4 else 'bf16'})"] = shape.trainable * grad_bytes / shard
+    if m.fsdp_config.optimizer_offload:
+        return  # moments (and the fp32 update copy) in host memory
+    per = state_bytes(cfg.optim)
+    label = {8: "fp32", 2: "8-bit", 1: "4-bit"}.get(per, f"{per} B")
+    est.parts[f"AdamW state ({label})"] = shape.trainable * per / shard
 
 
 def gpu_capacity_gib(cfg: SFTConfig, device: torch.device | None = None) -> float:
@@ -155,14 +200,10 @@ def fits(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, wo
     return est.total <= capacity_gib * GIB * USABLE
 
 
-def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int = 1) -> tuple[int, int]:
-    """(tokens per micro-batch, decoder layers to recompute) for the fastest plan that fits.
-
-    Aim for a micro-batch holding the rank's whole share of the step (capped at 16k tokens,
+def _fastest_fit(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int) -> tuple[int, int] | None:
+    """Aim for a micro-batch holding the rank's whole share of the step (capped at 16k tokens,
     where matmuls are efficient anyway), recomputing as few layers as possible; shrink the
-    micro-batch only when even full recomputation cannot fit it. When not even one
-    max_length sample fits, activation offload is the last resort: it turns
-    cfg.model.enable_activation_offload on if that makes the sample fit."""
+    micro-batch only when even full recomputation cannot fit it."""
     d = cfg.data
     dp = max(1, world // cfg.ulysses_sequence_parallel_size)  # an SP group shares its samples
     per_rank = max(1, (d.train_batch_size or dp) // dp)
@@ -174,15 +215,140 @@ def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
         if want == d.max_length:
             break
         want = max(d.max_length, want // 2)
-    if not cfg.model.enable_activation_offload and \
-            fits(cfg, shape, d.max_length, capacity_gib, world, shape.layers, activation_offload=True):
-        log.info("a %d-token sample fits only with the recomputed layers' inputs in host memory: "
-                 "model.enable_activation_offload=true", d.max_length)
-        cfg.model.enable_activation_offload = True
-        return d.max_length, shape.layers
-    raise VerliteError(f"even with gradient checkpointing and activation offload a {d.max_length}-token sample is "
-                       f"predicted not to fit in {capacity_gib:.1f} GiB; lower data.max_length, use LoRA "
-                       "(model.lora_rank) or set model.fsdp_config.cpu_offload=true")
+    return None
+
+
+# ---- small cards (issue 10): memory switches the planner turns on, and the advice when
+# nothing fits. A switch changes where tensors wait or how work is split, never the numbers
+# a run computes, so `auto` may use them; precision changes (8-bit state, bf16 master
+# weights, an NF4 base) are only ever suggested.
+SWITCH_WHY = {
+    "model.enable_activation_offload": "the recomputed layers' inputs wait in host memory",
+    "model.tiled_mlp": "the MLP runs in tiles, never holding [tokens x intermediate] whole",
+    "model.fsdp_config.optimizer_offload": "AdamW's state lives in host memory",
+}
+
+
+def _get(cfg: SFTConfig, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(cfg: SFTConfig, key: str, value) -> None:
+    *path, leaf = key.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+def memory_switches(cfg: SFTConfig, world: int) -> list[str]:
+    """The switches still off that could apply, cheapest in time first."""
+    m, o = cfg.model, cfg.optim
+    keys = ["model.enable_activation_offload", "model.tiled_mlp"]
+    if m.lora_rank == 0 and world == 1 and (o.optimizer_impl, o.optimizer) == ("torch.optim", "AdamW") and \
+            not (m.fsdp_config.cpu_offload or m.fsdp_config.offload_params):
+        keys.append("model.fsdp_config.optimizer_offload")
+    return [k for k in keys if not _get(cfg, k)]
+
+
+def _switch_until_fit(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int):
+    """((tokens, layers), switches turned on) for the fastest fit, turning switches on one by
+    one, cheapest first, only while needed; None (and `cfg` as it was) when nothing fits."""
+    got = _fastest_fit(cfg, shape, capacity_gib, world)
+    if got:
+        return got, []
+    turned = []
+    for key in memory_switches(cfg, world):
+        _set(cfg, key, True)
+        turned.append(key)
+        got = _fastest_fit(cfg, shape, capacity_gib, world)
+        if got:
+            return got, turned
+    for key in turned:
+        _set(cfg, key, False)
+    return None
+
+
+def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int = 1) -> tuple[int, int]:
+    """(tokens per micro-batch, decoder layers to recompute) for the fastest plan that fits.
+
+    When not even one max_length sample fits as configured, the memory switches are turned
+    on one by one, cheapest first, and those that make it fit stay on in `cfg`. Nothing
+    fitting raises an error naming the smallest change that would."""
+    found = _switch_until_fit(cfg, shape, capacity_gib, world)
+    if found:
+        got, turned = found
+        if turned:
+            log.info("plan: %s, because without %s a %d-token sample is predicted not to fit in %.1f GiB",
+                     " ".join(f"{k}=true" for k in turned), "it" if len(turned) == 1 else "them",
+                     cfg.data.max_length, capacity_gib)
+        return got
+    raise VerliteError(f"even with gradient checkpointing{_switch_words(cfg, world)} a {cfg.data.max_length}-token "
+                       f"sample is predicted not to fit in {capacity_gib:.1f} GiB; "
+                       f"{smallest_change(cfg, shape, capacity_gib, world)}")
+
+
+def _switch_words(cfg: SFTConfig, world: int) -> str:
+    names = {"model.enable_activation_offload": "activation offload", "model.tiled_mlp": "tiled MLP",
+             "model.fsdp_config.optimizer_offload": "optimizer offload"}
+    keys = [k for k in names if _get(cfg, k)] + memory_switches(cfg, world)
+    return "".join(f", {names[k]}" for k in keys)
+
+
+def _with_all_switches(cfg: SFTConfig, world: int) -> SFTConfig:
+    import copy
+
+    trial = copy.deepcopy(cfg)
+    for key in memory_switches(trial, world):
+        _set(trial, key, True)
+    return trial
+
+
+def _candidates(cfg: SFTConfig) -> list[dict]:
+    """Changes to suggest, smallest first (in what they give up)."""
+    m, o = cfg.model, cfg.optim
+    eight = {"optim.optimizer": "AdamW8bit", "optim.optimizer_impl": "torchao.optim"}
+    four = {"optim.optimizer": "AdamW4bit", "optim.optimizer_impl": "torchao.optim"}
+    bf16 = {"model.fsdp_config.model_dtype": "bf16"}
+    if m.lora_rank > 0:
+        return [] if m.quantization else [{"model.quantization": "nf4"}]
+    out = []
+    if o.optimizer not in ("AdamW8bit", "PagedAdamW8bit", "AdamW4bit"):
+        out.append(eight)
+    if master_bytes(cfg) == 4:
+        out.append({**eight, **bf16})
+    out += [{**four, **bf16}, {"model.lora_rank": 8}, {"model.lora_rank": 8, "model.quantization": "nf4"}]
+    return out
+
+
+def smallest_change(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int) -> str:
+    """The first change under which a max_length sample fits (with the fewest memory switches
+    it needs); else the longest max_length that fits; else that the model alone does not."""
+    import copy
+
+    for change in _candidates(cfg):
+        trial = copy.deepcopy(cfg)
+        for key, value in change.items():
+            _set(trial, key, value)
+        trial_shape = model_shape(trial) if "model.lora_rank" in change else shape
+        found = _switch_until_fit(trial, trial_shape, capacity_gib, world)
+        if found:
+            (tokens, layers), turned = found
+            settings = " ".join(f"{k}={v}" for k, v in {**change, **{k: "true" for k in turned}}.items())
+            peak = estimate(trial, trial_shape, tokens, world, layers > 0, layers).total / GIB
+            return (f"smallest change that fits: {settings} ({tokens}-token micro-batches, predicted peak {peak:.1f} "
+                    "GiB; README 'Small cards' says what each costs)")
+    trial = _with_all_switches(cfg, world)
+    usable = capacity_gib * GIB * USABLE
+    tokens = cfg.data.max_length
+    while tokens > 128 and estimate(trial, shape, tokens, world, True).total > usable:
+        tokens = int(tokens * 0.9)
+    if estimate(trial, shape, tokens, world, True).total <= usable:
+        return f"lower data.max_length to {tokens} or less, or use more GPUs / a larger card"
+    return "the model alone does not fit: use more GPUs (FSDP2 shards it) or model.fsdp_config.cpu_offload=true"
 
 
 def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> None:
@@ -200,8 +366,9 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
     cfg.model.enable_gradient_checkpointing = layers > 0
     cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
     predicted = estimate(cfg, shape, budget, world, layers > 0, layers).total / GIB
-    log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed (planned for %.1f GiB, predicted peak "
-             "%.1f GiB)", budget, layers, shape.layers, capacity, predicted)
+    switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if _get(cfg, k)]
+    log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s (planned for %.1f GiB, predicted peak "
+             "%.1f GiB)", budget, layers, shape.layers, "".join(f", {w}" for w in switches), capacity, predicted)
 
 
 def per_gpu(cfg: SFTConfig, budget: int) -> int:
@@ -244,8 +411,9 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
         ckpt = f"model.enable_gradient_checkpointing={'true' if layers else 'false'}"
         if 0 < layers < shape.layers:
             ckpt += f" model.checkpoint_layers={layers}"
-        if cfg.model.enable_activation_offload:
-            ckpt += " model.enable_activation_offload=true"
+        for key in SWITCH_WHY:
+            if _get(cfg, key):
+                ckpt += f" {key}=true"
         lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
                      f"recomputed: data.packing=true data.max_token_len_per_gpu={per_gpu(cfg, budget)} {ckpt} "
                      "(or data.micro_batch_size_per_gpu=auto)")

@@ -64,6 +64,9 @@ def load_hf_config(cfg: ModelConfig):
     """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
     from transformers import AutoConfig
 
+    from verlite.models.quant import quiet_torchao_import
+
+    quiet_torchao_import()  # transformers imports torchao (when installed) as it builds a model
     path = resolve_model_path(cfg.partial_pretrain)
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -109,6 +112,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     path = resolve_model_path(cfg.partial_pretrain)
     if cfg.lora_rank > 0:
         check_lora_targets(cfg, hf_config)  # before reading gigabytes of weights
+    if cfg.quantization:
+        from verlite.models.quant import check_quantizable
+
+        check_quantizable(hf_config, cfg.trust_remote_code)
     attention.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
@@ -121,6 +128,15 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload)
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
+    if cfg.quantization:  # after LoRA: every frozen base linear, targeted by LoRA or not
+        from verlite.models.quant import quantize_frozen_linears
+
+        quantize_frozen_linears(model, torch.device("cuda", torch.cuda.current_device())
+                                if torch.cuda.is_available() else None)
+    if cfg.tiled_mlp:
+        from verlite.models.tiled_mlp import apply_tiled_mlp
+
+        log.info("tiled MLP: %d tokens per tile (model.tiled_mlp)", apply_tiled_mlp(model))
     return model
 
 

@@ -134,7 +134,8 @@ class Trainer:
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim, self.device, offloads(cfg.model))
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device, offloads(cfg.model),
+                                         cfg.model.fsdp_config.optimizer_offload)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
         self.start_step = 0
         if resume_state is not None:

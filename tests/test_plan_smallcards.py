@@ -1,0 +1,122 @@
+"""The planner on small cards (verlite/engine/memory.py): NF4 weights, 8-bit state,
+optimizer offload and tiled MLP are counted; `auto` turns on the memory switches a run
+needs and says why; a config that cannot fit is told the smallest change that would; the
+example configs fit the cards they are written for. Real model configs, built on the meta
+device (nothing is downloaded or allocated)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from verlite import cli
+from verlite.config import load_config
+from verlite.engine.memory import GIB, choose_batching, estimate, model_shape
+from verlite.errors import VerliteError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict[str, Path]:
+    """config.json only, for the benchmark's Qwen2.5 shapes and a gemma-2b shape."""
+    from transformers import GemmaConfig, Qwen2Config
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from shapes import SHAPES
+
+    root = tmp_path_factory.mktemp("shapes")
+    out = {}
+    for name in ("qwen1.5b", "qwen7b"):
+        Qwen2Config(max_position_embeddings=131072, **SHAPES[name]).save_pretrained(root / name)
+        out[name] = root / name
+    GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+                num_key_value_heads=1, head_dim=256, vocab_size=256000, max_position_embeddings=8192
+                ).save_pretrained(root / "gemma2b")
+    out["gemma2b"] = root / "gemma2b"
+    return out
+
+
+def cfg_for(model: Path, *overrides: str):
+    return load_config(None, [f"model.partial_pretrain={model}", *overrides])
+
+
+QV = "model.target_modules=[q_proj,v_proj]"
+
+
+def test_nf4_weights_8bit_state_and_offload_are_counted(shapes):
+    lora = cfg_for(shapes["qwen7b"], "model.lora_rank=8", QV)
+    shape = model_shape(lora)
+    bf16 = estimate(lora, shape, 1024).parts["weights"]
+    lora.model.quantization = "nf4"
+    nf4 = estimate(lora, shape, 1024).parts["weights (NF4 base + fp32 LoRA)"]
+    # 6.5 B linear weights at ~0.53 byte each; embeddings and LM head stay bf16.
+    assert 5.0 * GIB < nf4 < 5.5 * GIB < 14 * GIB < bf16
+    full = cfg_for(shapes["qwen1.5b"])
+    shape = model_shape(full)
+    assert estimate(full, shape, 1024).parts["AdamW state (fp32)"] == shape.params * 8
+    full.optim.optimizer, full.optim.optimizer_impl = "AdamW8bit", "torchao.optim"
+    assert estimate(full, shape, 1024).parts["AdamW state (8-bit)"] == shape.params * 2
+    full.optim.optimizer, full.optim.optimizer_impl = "AdamW", "torch.optim"
+    full.model.fsdp_config.optimizer_offload = True
+    assert not any(k.startswith("AdamW state") for k in estimate(full, shape, 1024).parts)
+
+
+def test_tiled_mlp_caps_the_mlp_activations(shapes):
+    cfg = cfg_for(shapes["qwen7b"], "model.lora_rank=8", QV, "model.enable_gradient_checkpointing=false")
+    shape = model_shape(cfg)
+    plain = estimate(cfg, shape, 32768)
+    cfg.model.tiled_mlp = True
+    tiled = estimate(cfg, shape, 32768)
+    assert tiled.parts["activations"] < 0.5 * plain.parts["activations"]
+    assert tiled.parts["MLP tile"] < 0.01 * plain.parts["activations"]
+
+
+def test_auto_turns_on_only_the_switches_needed_and_says_why(shapes, caplog):
+    # 7B QLoRA, one 8192-token sample on an 8 GiB card: fits only with both switches.
+    cfg = cfg_for(shapes["qwen7b"], "model.lora_rank=8", "model.quantization=nf4", QV, "data.max_length=8192",
+                  "data.train_batch_size=1")
+    shape = model_shape(cfg)
+    with caplog.at_level("INFO", logger="verlite.plan"):
+        assert choose_batching(cfg, shape, capacity_gib=8) == (8192, shape.layers)
+    assert cfg.model.enable_activation_offload and cfg.model.tiled_mlp
+    assert "model.enable_activation_offload=true model.tiled_mlp=true, because without them" in caplog.text
+    # With room to spare, nothing is switched on.
+    roomy = cfg_for(shapes["qwen7b"], "model.lora_rank=8", "model.quantization=nf4", QV, "data.max_length=8192",
+                    "data.train_batch_size=1")
+    choose_batching(roomy, shape, capacity_gib=24)
+    assert not roomy.model.enable_activation_offload and not roomy.model.tiled_mlp
+
+
+@pytest.mark.parametrize("model, overrides, cap, advice", [
+    # A LoRA run is never told to use LoRA: it is told to quantize its base.
+    ("qwen7b", ["model.lora_rank=8", QV, "data.micro_batch_size_per_gpu=8"], 12,
+     "smallest change that fits: model.quantization=nf4 "),
+    ("qwen1.5b", ["data.train_batch_size=8"], 12,
+     "smallest change that fits: optim.optimizer=AdamW8bit optim.optimizer_impl=torchao.optim "
+     "model.fsdp_config.model_dtype=bf16"),
+    ("qwen7b", ["model.lora_rank=8", "model.quantization=nf4", QV, "data.max_length=262144"], 24,
+     "lower data.max_length to"),
+])
+def test_a_config_that_cannot_fit_names_the_smallest_change(shapes, model, overrides, cap, advice):
+    cfg = cfg_for(shapes[model], *overrides)
+    with pytest.raises(VerliteError) as err:
+        choose_batching(cfg, model_shape(cfg), capacity_gib=cap)
+    assert advice in str(err.value) and "use LoRA" not in str(err.value)
+    assert not cfg.model.enable_activation_offload and not cfg.model.tiled_mlp  # left as it was
+
+
+@pytest.mark.parametrize("example, shape", [("qwen2.5-1.5b-lora-12gb.yaml", "qwen1.5b"),
+                                            ("gemma-2b-lora-12gb.yaml", "gemma2b"),
+                                            ("qwen2.5-7b-qlora-12gb.yaml", "qwen7b"),
+                                            ("qwen2.5-1.5b-full-12gb.yaml", "qwen1.5b")])
+def test_examples_fit_their_12_gib_card(shapes, example, shape, capsys):
+    code = cli.main(["plan", "--config_path", str(EXAMPLES / example), f"model.partial_pretrain={shapes[shape]}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "GPU memory planned for: 12.0 GiB" in out.out and "fastest plan that fits:" in out.out
+    if "micro_batch_size_per_gpu: 1" in (EXAMPLES / example).read_text():
+        assert "-> fits" in out.out  # the micro batch as written, not only the planner's pick
+    if "gemma" in example:
+        assert "rope_theta = 10000.0" in out.out + out.err
