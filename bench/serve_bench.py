@@ -198,13 +198,19 @@ def run_verlite(model_dir: Path, clients: int, args, lora: Path | None = None) -
     port = free_port()
     argv = [sys.executable, "-m", "verlite.cli", "serve", "--checkpoint", str(model_dir), "--port", str(port),
             "--served_model_name", "base", "--max_num_seqs", str(clients), "--max_model_len", str(args.max_model_len),
-            "--device", args.device, "--log_level", "WARNING"] + (["--lora", f"sft={lora}"] if lora else [])
+            "--device", args.device] + (["--lora", f"sft={lora}"] if lora else [])
     server = Process(argv, port, timeout=900)
     try:
         row = asyncio.run(load_test(server.url, "sft" if lora else "base", clients, args.per_client, args.max_tokens))
     finally:
         server.stop()
-    return {"server": "verlite serve" + (" + LoRA" if lora else ""), **row}
+    server.output.seek(0)
+    printed = server.output.read()
+    # Whether the decode step ran as CUDA graphs (the server logs the capture or why it failed).
+    graphs = "captured" if "captured as CUDA graphs" in printed else \
+        ("failed: " + printed.split("CUDA graph capture failed", 1)[1][:200].strip()
+         if "CUDA graph capture failed" in printed else "none")
+    return {"server": "verlite serve" + (" + LoRA" if lora else ""), **row, "cuda_graphs": graphs}
 
 
 def run_transformers(model_dir: Path, clients: int, args) -> dict:
