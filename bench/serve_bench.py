@@ -164,13 +164,16 @@ async def one_request(client, url: str, body: dict) -> dict:
     return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens if tokens else chunks}
 
 
-async def load_test(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+async def load_test(url: str, model: str, clients: int, per_client: int, max_tokens: int,
+                    ignore_eos: bool = True) -> dict:
+    """`ignore_eos` is vLLM's and verlite's field; transformers serve refuses unknown fields, and a
+    random-init model seldom ends early anyway (mean_tokens shows it)."""
     import httpx
 
     def body(i):
         return {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, **({"ignore_eos": True} if ignore_eos else {})}
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -195,13 +198,19 @@ def run_verlite(model_dir: Path, clients: int, args, lora: Path | None = None) -
     port = free_port()
     argv = [sys.executable, "-m", "verlite.cli", "serve", "--checkpoint", str(model_dir), "--port", str(port),
             "--served_model_name", "base", "--max_num_seqs", str(clients), "--max_model_len", str(args.max_model_len),
-            "--device", args.device, "--log_level", "WARNING"] + (["--lora", f"sft={lora}"] if lora else [])
+            "--device", args.device] + (["--lora", f"sft={lora}"] if lora else [])
     server = Process(argv, port, timeout=900)
     try:
         row = asyncio.run(load_test(server.url, "sft" if lora else "base", clients, args.per_client, args.max_tokens))
     finally:
         server.stop()
-    return {"server": "verlite serve" + (" + LoRA" if lora else ""), **row}
+    server.output.seek(0)
+    printed = server.output.read()
+    # Whether the decode step ran as CUDA graphs (the server logs the capture or why it failed).
+    graphs = "captured" if "captured as CUDA graphs" in printed else \
+        ("failed: " + printed.split("CUDA graph capture failed", 1)[1][:200].strip()
+         if "CUDA graph capture failed" in printed else "none")
+    return {"server": "verlite serve" + (" + LoRA" if lora else ""), **row, "cuda_graphs": graphs}
 
 
 def run_transformers(model_dir: Path, clients: int, args) -> dict:
@@ -218,7 +227,8 @@ def run_transformers(model_dir: Path, clients: int, args) -> dict:
     except RuntimeError as e:
         return {"server": "transformers serve --continuous-batching", "clients": clients, "skipped": str(e)}
     try:
-        row = asyncio.run(load_test(server.url, str(model_dir), clients, args.per_client, args.max_tokens))
+        row = asyncio.run(load_test(server.url, str(model_dir), clients, args.per_client, args.max_tokens,
+                                    ignore_eos=False))
     except Exception as e:  # it may reject a request shape; report instead of failing the whole run
         return {"server": "transformers serve --continuous-batching", "clients": clients,
                 "skipped": f"{type(e).__name__}: {e}"[:400]}

@@ -187,6 +187,16 @@ def test_create_app_embeds_in_process(models, tokenizer_chat):
     served.state.served.engine.stop()
 
 
+def test_an_adapter_checkpoint_is_served_beside_its_base(models, tokenizer_chat):
+    from verlite.serve import load_served
+
+    served = load_served(str(models["a"]), device="cpu", max_num_seqs=1, max_model_len=64)
+    assert served.models == {str(models["base"]): 0, str(models["a"]): 1}  # base under the name it records
+    named = load_served(str(models["a"]), served_model_name="sft", loras={"b": str(models["b"])}, device="cpu",
+                        max_num_seqs=1, max_model_len=64)
+    assert named.models == {str(models["base"]): 0, "sft": 1, "b": 2}
+
+
 def test_serve_command_rejects_bad_arguments(models):
     from conftest import run_cli
 

@@ -55,6 +55,12 @@ def load_served(checkpoint: str, loras: Optional[dict[str, str]] = None, base_mo
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = resolve_checkpoint(str(checkpoint))
+    lora_folders = {}  # checked before the model loads, so a typo fails at once
+    for name, path in (loras or {}).items():
+        lora_folders[name] = resolve_checkpoint(path)
+        if not is_adapter(lora_folders[name]):
+            raise VerliteError(f"--lora {name}={path}: no adapter_config.json there; pass a LoRA adapter folder "
+                               "(a LoRA run's global_step_N, or `verlite export-lora` output)")
     adapters: dict[str, Path] = {}
     if is_adapter(folder):
         model, base_id = load_base_model(adapter_base_candidates(folder, base_model), pick_dtype(device, dtype),
@@ -67,13 +73,9 @@ def load_served(checkpoint: str, loras: Optional[dict[str, str]] = None, base_mo
     else:
         model, tokenizer = load_model_and_tokenizer(str(checkpoint), device=device, dtype=dtype)
         base_name = served_model_name or str(checkpoint)
-    for name, path in (loras or {}).items():
-        lora_folder = resolve_checkpoint(path)
-        if not is_adapter(lora_folder):
-            raise VerliteError(f"--lora {name}={path}: no adapter_config.json there; pass a LoRA adapter folder "
-                               "(a LoRA run's global_step_N, or `verlite export-lora` output)")
+    for name, lora_folder in lora_folders.items():
         if name in adapters or name == base_name:
-            raise VerliteError(f"--lora {name}={path}: the name '{name}' is already served; pick another")
+            raise VerliteError(f"--lora {name}={loras[name]}: the name '{name}' is already served; pick another")
         adapters[name] = lora_folder
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
     if max_model_len is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from typing import Optional
 
 from verlite.serve.app import create_app
@@ -19,6 +20,9 @@ def run_server(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_k
     import uvicorn
 
     api_key = api_key or os.environ.get("VERLITE_API_KEY") or None
+    # The engine thread and the HTTP thread share the GIL; a busy event loop would otherwise hold
+    # it for up to 5 ms at a time, longer than a whole decode step on a GPU.
+    sys.setswitchinterval(0.0005)
     served = load_served(checkpoint, **load_kwargs)
     app = create_app(served=served, api_key=api_key)
     log.info("verlite serve: http://%s:%d/v1 (models: %s)%s", host, port, ", ".join(served.models),
