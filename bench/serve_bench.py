@@ -116,7 +116,9 @@ class Process:
 
         self.url = f"http://127.0.0.1:{port}"
         self.output = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(HERE.parent))
+        # This checkout first; keep the caller's path (the GPU machine's carried wheels live there).
+        path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         self.proc = subprocess.Popen(argv, stdout=self.output, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
