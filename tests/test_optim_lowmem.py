@@ -64,13 +64,15 @@ def test_low_memory_optimizers_follow_fp32_adamw(tmp_path, wide_model, fp32_curv
         assert "OptimState8bit" in kinds  # the checkpoint holds the 8-bit state itself
 
 
-def test_eight_bit_state_resumes_exactly(tmp_path, wide_model):
-    ref = train(tmp_path / "ref", wide_model, 6, *EIGHT_BIT, "trainer.save_freq=3")
+@pytest.mark.parametrize("extra", [EIGHT_BIT, ["model.fsdp_config.optimizer_offload=true"]],
+                         ids=["adamw8bit", "optimizer_offload"])
+def test_low_memory_state_resumes_exactly(tmp_path, wide_model, extra):
+    ref = train(tmp_path / "ref", wide_model, 6, *extra, "trainer.save_freq=3")
     cut = tmp_path / "cut" / "run"
     cut.mkdir(parents=True)
     shutil.copytree(tmp_path / "ref" / "run" / "global_step_3", cut / "global_step_3")
     (cut / "latest_checkpointed_iteration.txt").write_text("3")
-    resumed = train(tmp_path / "cut", wide_model, 6, *EIGHT_BIT, "trainer.save_freq=3")
+    resumed = train(tmp_path / "cut", wide_model, 6, *extra, "trainer.save_freq=3")
     assert resumed == {s: ref[s] for s in (4, 5, 6)}
     name = "global_step_6/huggingface/model.safetensors"
     assert (tmp_path / "ref" / "run" / name).read_bytes() == (cut / name).read_bytes()

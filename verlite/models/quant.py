@@ -15,8 +15,8 @@ ordinary PyTorch that runs on CPU too.
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 
 import torch
 
@@ -138,6 +138,3 @@ def nf4_bytes(numel: int) -> float:
     256 scales one fp32 scale and one fp32 mean (torchao's double quantization)."""
     return numel / 2 + numel / BLOCK + numel / BLOCK / SCALER_BLOCK * 8
 
-
-def dequantized(t: torch.Tensor) -> torch.Tensor:
-    return t.get_original_weight() if is_quantized(t) else t
