@@ -341,9 +341,10 @@ class Trainer:
                 return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
         return path
 
-    def _on_saved(self, path: Path) -> None:
+    def _on_saved(self, path: Path, paused_s: float, write_s: float) -> None:
         """Rank 0, once a checkpoint is in place (on the writer thread when saving in the background)."""
-        log.info("Checkpoint saved to %s", path)
+        how = "in the background" if self.cfg.trainer.async_save else "in line"
+        log.info("Checkpoint saved to %s (training paused %.2f s; written in %.1f s %s)", path, paused_s, write_s, how)
         ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
 
     def _weights_finite(self) -> bool:
