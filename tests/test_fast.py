@@ -184,6 +184,8 @@ def slow(folder):
         Path(sys.argv[1]).write_text(folder.name)
         time.sleep(300)
 ckpt._fsync_tree = slow
+from verlite.trainer import async_checkpoint
+async_checkpoint.DEFER_WHEN_BUSY_ON = ("cuda", "cpu")  # as on a GPU: a save due meanwhile is put off
 from verlite.cli import main
 sys.exit(main(["sft", *sys.argv[2:]]))
 """
