@@ -2,6 +2,7 @@
 final checkpoint on disk, beside TRL's SFTTrainer on the same GSM8K samples.
 
     python bench/gsm8k_cli.py --gsm8k /path/gsm8k/train.jsonl --trl --out results/gsm8k.jsonl   # GPU
+    python bench/gsm8k_cli.py --gsm8k /path/gsm8k/train.jsonl --lora --trl                       # LoRA r 8 q/v
     python bench/gsm8k_cli.py --gsm8k /path/gsm8k/train.jsonl --smoke                            # CPU, tiny
 
 verlite: the default config except the model and data paths, micro batch 32 (so batch 32),
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,12 +54,13 @@ def build_model(out: Path, gsm8k: Path, smoke: bool) -> Path:
     return build_qwen2(out, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
 
 
-def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int) -> dict:
+def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int, extra: list[str]) -> dict:
     """One `verlite sft` subprocess; wall time, time to the first step, steady tokens/s."""
     args = ["sft", f"data.train_files={data}", f"model.partial_pretrain={model}",
             f"trainer.default_local_dir={run_dir}", "trainer.max_ckpt_to_keep=2"]
     args += ["data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=4", "trainer.device=cpu",
              "trainer.log_interval=1"] if smoke else ["data.micro_batch_size_per_gpu=32"]
+    args += extra
     env = dict(os.environ, VERLITE_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
     metrics = run_dir / "metrics.jsonl"
     start = time.perf_counter()
@@ -86,7 +89,9 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
         return result
     rates = [r["tokens/s"] for r in map(json.loads, metrics.read_text().splitlines()) if "tokens/s" in r]
     steady = rates[2:] or rates
+    saves = [tuple(map(float, m)) for m in re.findall(r"training paused ([\d.]+) s; written in ([\d.]+) s", out)]
     result.update(tokens_per_s=round(statistics.median(steady)), logged_rates=[round(x) for x in rates],
+                  save_pause_s=[p for p, _ in saves], save_write_s=[w for _, w in saves], args=args,
                   done=next((x.strip() for x in out.splitlines() if "Done:" in x), None),
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
                   final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")))
@@ -136,6 +141,7 @@ def main() -> None:
     p.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (bench/trl_bench.py --gsm8k)")
     p.add_argument("--out", default=None, help="write the JSON lines here")
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--lora", action="store_true", help="model.lora_rank=8 on q/v (the article's adapter) on both sides")
     a = p.parse_args()
     gsm8k = Path(a.gsm8k)
     work = Path(tempfile.mkdtemp(prefix="gsm8k_cli_"))
@@ -147,10 +153,11 @@ def main() -> None:
     cache = work / "cache"  # cold for the first launch, warm for the second
     rows = []
     for i in (1, 2):
-        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout))
+        lora = ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"] if a.lora else []
+        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout, lora))
         print(json.dumps(rows[-1]), flush=True)
     if a.trl:
-        for extra in ([], ["--dtype", "bfloat16"]):
+        for extra in ([["--lora"], ["--lora", "--ckpt"]] if a.lora else [[], ["--dtype", "bfloat16"]]):
             rows.append(run_trl(model, data, a.smoke, extra, a.timeout))
             print(json.dumps(rows[-1]), flush=True)
     if a.out:

@@ -36,7 +36,7 @@ from verlite.models.attention import supports_varlen
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
-from verlite.trainer.async_checkpoint import Checkpointer, pinned_buffers_fit
+from verlite.trainer import async_checkpoint
 from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_mem_gb
 from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
@@ -72,13 +72,16 @@ class StepHealth:
         self.skipped_t += bad
         self.good_loss_t = torch.where(bad > 0, self.good_loss_t, result.loss)
 
-    def check(self, global_step: int, max_bad: int, run_dir: Path) -> None:
+    def check(self, global_step: int, max_bad: int, run_dir: Path, settle=None) -> None:
+        """`settle` lets a checkpoint still being written land before the error names the last good one."""
         streak, self.skipped = (int(v) for v in torch.stack([self.streak_t, self.skipped_t]).tolist())
         if self.skipped > self._reported:
             log.warning("by step %d: %d step(s) with a NaN/inf loss or gradient were skipped, weights untouched "
                         "(%d in a row now)", global_step, self.skipped - self._reported, streak)
             self._reported = self.skipped
         if streak >= max_bad:
+            if settle is not None:
+                settle()
             good = ckpt.latest_checkpoint(run_dir)
             raise VerliteError(f"step {global_step}: {streak} NaN/inf steps in a row (trainer.max_bad_steps="
                                f"{max_bad}); last good checkpoint: {good or 'none'}; lower optim.lr or check the data")
@@ -144,9 +147,10 @@ class Trainer:
         micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
         self.compiled = maybe_compile(self.model, cfg.model.compile, self.device,
                                       max(0, self.total_steps - self.start_step), micro_batches).enabled
-        self.saver = Checkpointer(cfg.trainer.async_save, dist_info.is_main,
-                                  pinned_buffers_fit(self.model, self.optimizer, dist_info.world_size)
-                                  if cfg.trainer.async_save else None, self._on_saved)
+        self.saver = async_checkpoint.Checkpointer(
+            cfg.trainer.async_save, dist_info.is_main,
+            async_checkpoint.pinned_buffers_fit(self.model, self.optimizer, dist_info.world_size)
+            if cfg.trainer.async_save else None, self._on_saved)
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
         # only how samples are grouped (by token budget rather than by count).
@@ -233,7 +237,7 @@ class Trainer:
                     log_now = global_step % t.log_interval == 0 or global_step in (1, self.total_steps)
                     check_now = log_now or global_step % check_every == 0
                     if check_now:
-                        health.check(global_step, t.max_bad_steps, self.run_dir)
+                        health.check(global_step, t.max_bad_steps, self.run_dir, settle=self.saver.close)
                     if log_now:
                         loss, grad_norm = result.loss.item(), result.grad_norm.item()
                         m = {"train/loss": loss, "lr": self.scheduler.get_last_lr()[0],
@@ -246,9 +250,9 @@ class Trainer:
                         self._validate(global_step, metrics)
                     due = t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps
                     if (due or save_late) and global_step < self.total_steps:
-                        # A checkpoint due while the previous one is still being written waits
-                        # for that write to end, and training does not wait for the disk.
-                        save_late = self.saver.busy()
+                        # On a GPU, a checkpoint due while the previous one is still being
+                        # written waits for that write to end; training does not wait for the disk.
+                        save_late = self.device.type in async_checkpoint.DEFER_WHEN_BUSY_ON and self.saver.busy()
                         if save_late:
                             log.debug("step %d: previous checkpoint still being written; saving after it", global_step)
                         else:
@@ -363,9 +367,10 @@ class Trainer:
                 return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
         return path
 
-    def _on_saved(self, path: Path) -> None:
+    def _on_saved(self, path: Path, paused_s: float, write_s: float) -> None:
         """Rank 0, once a checkpoint is in place (on the writer thread when saving in the background)."""
-        log.info("Checkpoint saved to %s", path)
+        how = "in the background" if self.cfg.trainer.async_save else "in line"
+        log.info("Checkpoint saved to %s (training paused %.2f s; written in %.1f s %s)", path, paused_s, write_s, how)
         ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
 
     def _weights_finite(self) -> bool:
