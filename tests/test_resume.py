@@ -39,7 +39,8 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     path = run / "metrics.jsonl"
     while time.time() < deadline:
         if path.exists():
-            lines = [x for x in path.read_text().splitlines() if x.strip()]
+            # Only whole lines: the writer may be half-way through the last one.
+            lines = [x for x in path.read_text().split("\n")[:-1] if x.strip()]
             if lines and json.loads(lines[-1]).get("step", 0) >= step:
                 return
         if proc.poll() is not None:
