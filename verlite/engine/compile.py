@@ -41,10 +41,10 @@ from verlite.errors import VerliteError
 log = logging.getLogger("verlite.engine")
 
 SAVED_S_PER_LAYER = 0.003  # host time compiling saves per decoder layer per micro-batch (fwd + bwd)
-# Issue 14 measured 22 s for the compile plus the recompile at the first new length; with
-# the token dimension dynamic from the start one compile remains: about half (to measure).
-COLD_S = 12.0  # first compile of a layer shape on this machine
-WARM_S = 4.0  # the same shape again, with the caches below filled
+# Measured on the H100 (bench/gsm8k_cli.py, 2026-11-25): one compile of the 0.5B shape's
+# layer, the token dimension dynamic from the start, cold and with the caches filled.
+COLD_S = 16.0  # first compile of a layer shape on this machine (15.8 s measured, 0.5B shape, H100)
+WARM_S = 4.3  # the same shape again, with the caches below filled (4.3 s measured)
 FIXED_MAX_SEQLEN_UP_TO = 4096  # data.max_length up to which max_seqlen is passed fixed (see above)
 SHAPES_FILE = "verlite_compiled_shapes.json"  # which layer shapes this cache folder has compiled
 
