@@ -129,9 +129,10 @@ def run_quickstart(output_dir: str = "./verlite-quickstart", model: Optional[str
     (after,) = evaluate_models([("fine-tuned", summary["checkpoint"], None)], str(test), out, eval_device, **kwargs)
     table = format_table([before, after], {"base": model, "fine-tuned": summary["checkpoint"]})
     first = [_first_prediction(r.result.predictions_path) for r in (before, after)]
+    shown = [" ".join(f["prediction"].split()) for f in first]  # a rambling base answer on one line
     print(f"exact-match accuracy on {held_out} held-out sums ({test}):\n{table}")
-    print(f"输入: {first[0]['prompt']}\n输出 (base):       {first[0]['prediction']}\n"
-          f"输出 (fine-tuned): {first[1]['prediction']}\n期望: {first[0]['reference']}")
+    print(f"输入: {first[0]['prompt']}\n输出 (base):       {shown[0]}\n输出 (fine-tuned): {shown[1]}\n"
+          f"期望: {first[0]['reference']}")
     print(f"next: verlite generate --checkpoint {summary['checkpoint']} \"{first[0]['prompt']}\"\n"
           f"      verlite eval --checkpoint {summary['checkpoint']} --compare {model} --data {test}")
     return {**summary, "before": before.result, "after": after.result, "question": first[0]["prompt"],
