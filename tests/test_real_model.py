@@ -157,7 +157,7 @@ def test_generate_peft_and_merged_agree_and_held_out_loss_falls(short_run, gguf)
     tokenizer.padding_side = "left"
     assert generate(peft_model, tokenizer, question, max_new_tokens=32) == answer
     # The cheap version of the quickstart's gain: after 8 steps the held-out sums' answers are
-    # already much likelier (measured HELD_OUT_MEASURED).
+    # already much likelier (measured: mean loss 2.00 -> 0.95).
     tuned_loss = _answer_loss(peft_model, tokenizer, held)
     assert tuned_loss < 0.7 * base_loss, (base_loss, tuned_loss)
 
