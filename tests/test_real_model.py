@@ -67,8 +67,7 @@ def test_multi_turn_loss_only_on_assistant_answers(tmp_path, tokenizer):
 
 
 def _independent_loss(gguf: str, samples: list[dict]) -> float:
-    """transformers alone: the GGUF read by from_pretrained, ChatML by the tokenizer,
-    labels -100 outside answer + <|im_end|>, HF's own loss."""
+    """transformers alone: the GGUF read by from_pretrained, ChatML by its tokenizer."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,19 +75,7 @@ def _independent_loss(gguf: str, samples: list[dict]) -> float:
     folder, name = str(Path(gguf).parent), Path(gguf).name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    rows = []
-    for s in samples:
-        prompt = tok.apply_chat_template([{"role": "user", "content": s["question"]}], tokenize=False,
-                                         add_generation_prompt=True)
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        r = tok(s["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append((p + r, [-100] * len(p) + r))
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
+    return _answer_loss(model, tok, samples)
 
 
 def test_first_step_loss_equals_transformers_forward(tmp_path, gguf):
@@ -101,7 +88,7 @@ def test_first_step_loss_equals_transformers_forward(tmp_path, gguf):
                      "model.target_modules=[q_proj,v_proj]", "model.enable_gradient_checkpointing=true",
                      "trainer.total_training_steps=1", "trainer.device=cpu", "trainer.logger=[console,jsonl]",
                      "trainer.save_freq=-1", f"trainer.default_local_dir={tmp_path / 'run'}",
-                     "trainer.resume_mode=disable")
+                     "trainer.resume_mode=disable", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1
@@ -111,8 +98,8 @@ def test_first_step_loss_equals_transformers_forward(tmp_path, gguf):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, gguf):
-    """25 LoRA steps at the quickstart's lr on the article's samples (enough to learn the
-    answer format), then the held-out sums evaluated against the base in one table."""
+    """8 LoRA steps at the quickstart's lr on the article's samples: a trained adapter in
+    seconds (the full quickstart is the slow test below)."""
     tmp = tmp_path_factory.mktemp("smol")
     data = tmp / "train.json"
     data.write_text(json.dumps(article_samples(), ensure_ascii=False), encoding="utf-8")
@@ -120,14 +107,32 @@ def short_run(tmp_path_factory, gguf):
     held.write_text(json.dumps(held_out_samples(8), ensure_ascii=False), encoding="utf-8")
     result = run_cli("sft", f"data.train_files={data}", "data.micro_batch_size_per_gpu=2", "data.max_length=1024",
                      f"model.partial_pretrain={gguf}", "model.lora_rank=8", "model.lora_alpha=16",
-                     "model.target_modules=[q_proj,v_proj]", "model.enable_gradient_checkpointing=true",
-                     "optim.lr=1e-3", "trainer.total_training_steps=25", "trainer.device=cpu",
-                     "trainer.save_freq=-1", f"trainer.default_local_dir={tmp / 'run'}", "trainer.resume_mode=disable")
+                     "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-3", "optim.warmup_steps_ratio=0",
+                     "trainer.total_training_steps=8", "trainer.device=cpu", "trainer.save_freq=-1",
+                     f"trainer.default_local_dir={tmp / 'run'}", "trainer.resume_mode=disable", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    return tmp, tmp / "run" / "global_step_25", held
+    return tmp, tmp / "run" / "global_step_8", held
 
 
-def test_generate_peft_and_merged_give_the_same_answer(short_run, gguf):
+def _answer_loss(model, tokenizer, samples: list[dict]) -> float:
+    """HF's own loss with labels -100 outside answer + <|im_end|>, the batch built with the
+    tokenizer's chat template alone (right padding)."""
+    rows = []
+    for s in samples:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": s["question"]}], tokenize=False,
+                                               add_generation_prompt=True)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(s["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((p + r, [-100] * len(p) + r))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
+
+
+def test_generate_peft_and_merged_agree_and_held_out_loss_falls(short_run, gguf):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +140,8 @@ def test_generate_peft_and_merged_give_the_same_answer(short_run, gguf):
 
     tmp, ckpt, _ = short_run
     question = held_out_samples(8)[0]["question"]
-    cli = run_cli("generate", "--checkpoint", str(ckpt), "--device", "cpu", "--max_new_tokens", "32", question)
+    cli = run_cli("generate", "--checkpoint", str(ckpt), "--device", "cpu", "--max_new_tokens", "32", question,
+                  timeout=900)
     assert cli.returncode == 0, cli.stderr[-3000:]
     answer = cli.stdout.strip()
 
@@ -143,39 +149,45 @@ def test_generate_peft_and_merged_give_the_same_answer(short_run, gguf):
     assert run_cli("export-lora", "--checkpoint", str(ckpt), "--output", str(adapter)).returncode == 0
     recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == resolve_model_path(gguf)  # the converted HF folder, loadable without verlite
-    base = AutoModelForCausalLM.from_pretrained(recorded, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     tokenizer = load_tokenizer(str(adapter))
+    base = AutoModelForCausalLM.from_pretrained(recorded, dtype=torch.float32).eval()
+    held = held_out_samples(8)
+    base_loss = _answer_loss(base, tokenizer, held)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     tokenizer.padding_side = "left"
     assert generate(peft_model, tokenizer, question, max_new_tokens=32) == answer
+    # The cheap version of the quickstart's gain: after 8 steps the held-out sums' answers are
+    # already much likelier (measured: mean loss 2.00 -> 0.95).
+    tuned_loss = _answer_loss(peft_model, tokenizer, held)
+    assert tuned_loss < 0.7 * base_loss, (base_loss, tuned_loss)
 
     merged = tmp / "merged"
-    assert run_cli("merge-lora", "--checkpoint", str(ckpt), "--output", str(merged)).returncode == 0
+    assert run_cli("merge-lora", "--checkpoint", str(ckpt), "--output", str(merged), timeout=900).returncode == 0
     model, tok = load_model_and_tokenizer(str(merged), device="cpu")
     assert generate(model, tok, question, max_new_tokens=32) == answer
-    assert "答案是" in answer  # the trained answer format, which the base model never uses
 
 
-def test_eval_compare_shows_the_gain_on_held_out_sums(short_run, gguf):
+def test_eval_compare_puts_base_and_fine_tuned_in_one_table(short_run, gguf):
     tmp, ckpt, held = short_run
     result = run_cli("eval", "--checkpoint", str(ckpt), "--compare", gguf, "--data", str(held), "--device", "cpu",
-                     "--max_new_tokens", "32", "--output", str(tmp / "eval" / "x.jsonl"))
+                     "--max_new_tokens", "32", "--output", str(tmp / "eval" / "x.jsonl"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
             if line.startswith(("base ", "fine-tuned "))}
-    base, tuned = (int(rows[k][2].split("/")[0]) for k in ("base", "fine-tuned"))
-    # Measured: the base never answers in the 答案是N form (0/20); after 25 steps 7 of 20 held-out
-    # sums were right (35 %), so at least one of these 8.
-    assert base == 0 and tuned >= 1, result.stdout
-    assert (tmp / "eval" / "eval_heldout_base.jsonl").is_file()
-    assert (tmp / "eval" / "eval_heldout_fine-tuned.jsonl").is_file()
+    for label in ("base", "fine-tuned"):
+        predictions = [json.loads(line) for line in
+                       (tmp / "eval" / f"eval_heldout_{label}.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert len(predictions) == 8
+        assert rows[label][2] == f"{sum(p['correct'] for p in predictions)}/8"
+    # The base model never answers in the article's `答案是N` form.
+    assert rows["base"][2] == "0/8", result.stdout
 
 
 @pytest.mark.slow
 def test_quickstart_learns_held_out_sums(tmp_path):
-    result = run_cli("quickstart", "--output_dir", str(tmp_path / "qs"), "--device", "cpu", timeout=1800)
+    result = run_cli("quickstart", "--output_dir", str(tmp_path / "qs"), "--device", "cpu", timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
             if line.startswith(("base ", "fine-tuned "))}
     base, tuned = (float(rows[k][1]) for k in ("base", "fine-tuned"))
-    assert base <= 0.1 and tuned >= 0.3, result.stdout  # measured 0.0 -> 0.55 (README)
+    assert base <= 0.1 and tuned >= 0.45, result.stdout  # measured 0/20 -> 13/20 (README)

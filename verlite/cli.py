@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="./verlite-quickstart", help="where data and checkpoints go")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: 1 for SmolLM2, 40 for tiny, the article's 1 with --model PATH)")
+                   help="training epochs (default: 2 for SmolLM2, 40 for tiny, the article's 1 with --model PATH)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for SmolLM2)")
     p.add_argument("--held_out", type=int, default=20, help="held-out sums to measure accuracy on")
     _common(p)
