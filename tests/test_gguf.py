@@ -62,7 +62,7 @@ def test_bad_gguf_is_one_line_exit_2(tmp_path, kind):
         _unsupported_gguf(path)
         expected = "transformers cannot read this GGUF model (architecture 'rwkv6'"
     result = run_cli("generate", "--checkpoint", str(path), "--device", "cpu", "hi",
-                     env={"VERLITE_CACHE": str(tmp_path / "cache")})
+                     env={"VERLITE_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("verlite: error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]

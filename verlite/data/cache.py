@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from verlite.cache_dir import cache_root
 from verlite.config.schema import DataConfig
 
 log = logging.getLogger("verlite.data")
@@ -78,8 +79,7 @@ def cache_folder(cfg: DataConfig) -> Optional[Path]:
         return None
     if isinstance(setting, str) and setting:
         return Path(os.path.expandvars(setting)).expanduser()
-    root = os.environ.get("VERLITE_CACHE_DIR") or Path.home() / ".cache" / "verlite"
-    return Path(root).expanduser() / "tokens"
+    return cache_root() / "tokens"
 
 
 def _sha(data: bytes | str) -> str:

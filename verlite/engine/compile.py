@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from verlite.cache_dir import cache_root
 from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.engine")
@@ -48,10 +49,6 @@ WARM_S = 4.3  # the same shape again, with the caches below filled (4.3 s measur
 FIXED_MAX_SEQLEN_UP_TO = 4096  # data.max_length up to which max_seqlen is passed fixed (see above)
 SHAPES_FILE = "verlite_compiled_shapes.json"  # which layer shapes this cache folder has compiled
 
-
-def cache_root() -> Path:
-    """verlite's cache folder: $VERLITE_CACHE_DIR, else ~/.cache/verlite."""
-    return Path(os.environ.get("VERLITE_CACHE_DIR") or Path.home() / ".cache" / "verlite").expanduser()
 
 
 def compile_cache_dir() -> Path:

@@ -3,7 +3,7 @@
 A `.gguf` file (or a folder holding one and no config.json) is dequantized once, through
 transformers' own GGUF reader, into a plain HF folder (fp32 safetensors, config, tokenizer
 with its chat template, generation config) under the cache, `~/.cache/verlite/gguf/` by
-default (`VERLITE_CACHE` moves it). Every later load, training, inference, export and merge
+default (`VERLITE_CACHE_DIR` moves it). Every later load, training, inference, export and merge
 read that folder like any HF model, and a LoRA adapter trained on it records it as its
 base, so PEFT and vLLM load the pair with no GGUF code at all.
 
@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from verlite.cache_dir import cache_root as verlite_cache_root
 from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.model")
@@ -69,9 +70,7 @@ def _has_magic(path: Path) -> bool:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("VERLITE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "verlite")
-    return Path(base).expanduser() / "gguf"
+    return verlite_cache_root() / "gguf"
 
 
 def hf_folder_for(gguf: Path) -> Path:
