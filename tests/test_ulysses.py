@@ -43,7 +43,10 @@ def test_two_ranks_sp2_full_finetune_follow_the_one_process_curve(tmp_path, tiny
     wb = load_file(tmp_path / "sp" / "run" / "global_step_4" / "huggingface" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        # atol 1e-4: Adam divides by sqrt(v), so on a weight whose gradient is almost zero
+        # (an embedding row of a token seen once) float noise between the two layouts
+        # becomes an lr-sized step; the loss curves above match to 1e-5.
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
 
 
 def test_two_ranks_sp2_lora_follow_the_one_process_curve(tmp_path, tiny_model):

@@ -100,7 +100,9 @@ def test_gsm8k_parquet_with_dict_keys_matches_verl_sft_dataset(tmp_path, smollm2
 def test_multiturn_parquet_matches_verl_multiturn_dataset(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     path = write_multiturn(tmp_path / "mt", 3, 1) / "train.parquet"
-    ds = load_dataset(str(path), DataConfig(multiturn=MultiturnConfig(enable=True), max_length=512), tok)
+    # response_end=eos: verl's alignment, the default of verlite's verl entry points
+    ds = load_dataset(str(path), DataConfig(multiturn=MultiturnConfig(enable=True), max_length=512,
+                                            response_end="eos"), tok)
     rows = pq.read_table(path).to_pylist()
     for i, row in enumerate(rows):
         ids, mask = verl_multi_turn(tok, row["messages"])
@@ -112,14 +114,20 @@ def test_multiturn_parquet_matches_verl_multiturn_dataset(tmp_path, smollm2_toke
             {"role": "assistant", "content": "6"}]
     from verlite.data.formatting import encode_messages
 
-    enc = encode_messages(tok, conv, "conv")
+    enc = encode_messages(tok, conv, "conv", loss_after_turn_end=True)
     assert (enc.input_ids, enc.loss_mask) == verl_multi_turn(tok, conv)
+    # verlite's own default trains each assistant turn through <|im_end|>, not the newline after it
+    own = encode_messages(tok, conv, "conv")
+    assert own.input_ids == enc.input_ids
+    newline = [i for i, (a, b) in enumerate(zip(own.loss_mask, enc.loss_mask)) if a != b]
+    assert newline and all(tok.decode([own.input_ids[i]]).strip() == "" for i in newline)
 
 
 def test_tools_and_enable_thinking_match_verl(tmp_path, tools_tokenizer):
     tok = tools_tokenizer
     path = write_tools(tmp_path / "tools.parquet", 4)
-    ds = load_dataset(str(path), DataConfig(multiturn=MultiturnConfig(enable=True), max_length=1024), tok)
+    ds = load_dataset(str(path), DataConfig(multiturn=MultiturnConfig(enable=True), max_length=1024,
+                                            response_end="eos"), tok)
     rows = pq.read_table(path).to_pylist()
     for i, row in enumerate(rows):
         ids, mask = verl_multi_turn(tok, row["messages"], tools=row["tools"], enable_thinking=row["enable_thinking"])

@@ -31,6 +31,7 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
 }
 DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+EACH_EPOCH = "after_each_epoch"  # verl's save_freq / test_freq value: at the end of every epoch
 LOGGERS = ("console", "tensorboard", "jsonl", "wandb")
 
 
@@ -231,6 +232,10 @@ def _check_values(cfg: SFTConfig, source: str) -> None:
             raise VerliteError(f"{source}: 'trainer.logger' has {name!r}; use console, tensorboard, jsonl or wandb")
     if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
         raise VerliteError(f"{source}: trainer.resume_mode is resume_path but trainer.resume_from_path is not set")
+    for key in ("save_freq", "test_freq"):
+        value = getattr(cfg.trainer, key)
+        if isinstance(value, str) and value != EACH_EPOCH:
+            raise VerliteError(f"{source}: 'trainer.{key}' is {value!r}; use a number of steps, -1, or {EACH_EPOCH}")
     if not cfg.model.partial_pretrain:
         raise VerliteError(f"{source}: 'model.partial_pretrain' is not set; give a Hugging Face model id or local path")
     from verlite.config import verl

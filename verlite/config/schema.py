@@ -48,6 +48,9 @@ class DataConfig:
     apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # A single-turn response ends with the chat template's own turn end ("template"), or, as
     # verl's SFTDataset builds it, with the response text followed by the tokenizer's eos ("eos").
+    # "eos" (verl's entry points) also masks multi-turn data as verl's MultiTurnSFTDataset does:
+    # the template's newline after an assistant turn's end carries loss; with "template" it does
+    # not, since generation stops at the turn end and never produces it.
     response_end: str = "template"
     # Multi-turn: a template that does not render conversations as growing prefixes (Qwen3
     # thinking templates) is tokenized turn by turn instead of failing, as verl does.
@@ -148,9 +151,10 @@ class TrainerConfig:
     default_local_dir: str = "./checkpoints"
     logger: Union[str, list[str]] = "console"  # console | tensorboard | jsonl | wandb, or a list
     log_interval: int = 10
-    save_freq: int = 10  # steps between checkpoints; -1 = only at the end
+    # steps between checkpoints; -1 = only at the end; verl's "after_each_epoch" = at each epoch's end
+    save_freq: Union[int, str] = 10
     async_save: bool = True  # write checkpoints on a background thread (trainer/async_checkpoint.py)
-    test_freq: int = -1  # steps between validations; -1 = only at the end
+    test_freq: Union[int, str] = -1  # steps between validations; -1 = only at the end; or "after_each_epoch"
     max_ckpt_to_keep: Optional[int] = None
     resume_mode: str = "auto"  # auto | disable | resume_path
     resume_from_path: Optional[str] = None

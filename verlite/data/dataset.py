@@ -197,7 +197,8 @@ def encode_row(row: Row, cfg: DataConfig, tokenizer) -> Encoded:
         if row.data.get(mt.enable_thinking_key) is not None:
             kwargs["enable_thinking"] = bool(row.data[mt.enable_thinking_key])
         return encode_messages(tokenizer, messages, row.where, tools=tools or None, template_kwargs=kwargs,
-                               ignore_mismatch=cfg.ignore_input_ids_mismatch)
+                               ignore_mismatch=cfg.ignore_input_ids_mismatch,
+                               loss_after_turn_end=cfg.response_end == "eos")
     prompt = field_value(row, cfg.prompt_key, cfg.prompt_dict_keys, "prompt_key")
     response = _text_field(row, cfg.response_key, "response_key", cfg.response_dict_keys)
     if not response.strip():

@@ -80,9 +80,12 @@ def encode_pair(tokenizer, prompt: str, response: str, where: str, response_end:
 
 
 def encode_messages(tokenizer, messages: list[dict], where: str, tools: list | None = None,
-                    template_kwargs: dict | None = None, ignore_mismatch: bool = False) -> Encoded:
+                    template_kwargs: dict | None = None, ignore_mismatch: bool = False,
+                    loss_after_turn_end: bool = False) -> Encoded:
     """Loss on every assistant message (tool-call turns included); everything else, tool
-    results too, is context. The tokens are the whole conversation's, rendered once."""
+    results too, is context. The tokens are the whole conversation's, rendered once.
+    `loss_after_turn_end`: the whitespace the template puts after a turn's end marker carries
+    loss too, as in verl's MultiTurnSFTDataset."""
     if not has_chat_template(tokenizer):
         raise VerliteError(f"{where}: multi-turn data needs a tokenizer with a chat template; set data.chat_template")
 
@@ -104,7 +107,8 @@ def encode_messages(tokenizer, messages: list[dict], where: str, tools: list | N
                                "so assistant turns cannot be located; set data.ignore_input_ids_mismatch=true to "
                                "tokenize turn by turn (as verl does), or set data.chat_template to one that does")
         pieces.append((full[cursor:start], 0))
-        end = start + len(full[start:end].rstrip())  # the newline after <|im_end|> is never generated: no loss
+        if not loss_after_turn_end:  # the newline after <|im_end|> is never generated: no loss
+            end = start + len(full[start:end].rstrip())
         pieces.append((full[start:end], 1))
         cursor = end
     pieces.append((full[cursor:], 0))

@@ -119,6 +119,9 @@ class Trainer:
         self.plan = self._build_plan()
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.plan.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.plan.steps_per_epoch)
+        for key in ("save_freq", "test_freq"):  # verl's "after_each_epoch": known now, from the plan
+            if getattr(cfg.trainer, key) == "after_each_epoch":
+                setattr(cfg.trainer, key, self.plan.steps_per_epoch)
 
         resume_from = self._resume_point()
         started = time.perf_counter()
@@ -131,7 +134,7 @@ class Trainer:
         hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
         if sp > 1:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
-        if resume_from is not None:
+        if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
@@ -198,11 +201,24 @@ class Trainer:
         return ckpt.latest_checkpoint(self.run_dir)
 
     def _restore(self, path: Path, state: dict) -> None:
-        ckpt.restore_optimizer(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        """The step always; the rest as verl's trainer.checkpoint.load_contents lists it."""
+        contents = self._load_contents()
+        if "optimizer" in contents:
+            ckpt.restore_optimizer(self.model, self.optimizer, state["optimizer"])
+        if "extra" in contents:  # verl's "extra": the LR schedule and the RNG states
+            self.scheduler.load_state_dict(state["scheduler"])
+            ckpt.set_rng_state(state["rng"])
+        else:
+            self.scheduler.last_epoch = int(state["global_step"]) - 1
+            self.scheduler.step()  # the schedule continues from the checkpoint's step
         self.start_step = int(state["global_step"])
-        log.info("Resumed from %s at step %d/%d", path, self.start_step, self.total_steps)
+        skipped = sorted({"model", "optimizer", "extra"} - contents)
+        log.info("Resumed from %s at step %d/%d%s", path, self.start_step, self.total_steps,
+                 f" (not loaded, per trainer.checkpoint.load_contents: {', '.join(skipped)})" if skipped else "")
+
+    def _load_contents(self) -> set[str]:
+        ck = self.cfg.trainer.checkpoint
+        return set(ck.load_contents if ck.load_contents is not None else ck.save_contents)
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
