@@ -35,6 +35,19 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`. An older `final` is swapped aside first and
+    removed only once the new one is in place, so a kill leaves one of the two whole."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 @contextlib.contextmanager
 def output_dir(path: str | Path, what: str) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `path` (an older output there
@@ -46,13 +59,7 @@ def output_dir(path: str | Path, what: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
-        if final.exists():
-            old = _temp_sibling(final.with_name(final.name + ".old"))
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, final)
     except _write_errors() as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _failure(final, what, e) from None

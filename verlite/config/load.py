@@ -191,7 +191,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in schema.py, not user error
 
 
-def _get(cfg: SFTConfig, dotted: str) -> Any:
+def get_key(cfg: SFTConfig, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -200,12 +200,12 @@ def _get(cfg: SFTConfig, dotted: str) -> Any:
 
 def _check_values(cfg: SFTConfig, source: str) -> None:
     for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if value not in allowed:
             raise VerliteError(f"{source}: '{key}' is {value!r}; use one of {', '.join(allowed)}")
     for key in ("model.fsdp_config.model_dtype", "model.fsdp_config.mixed_precision.param_dtype",
                 "model.fsdp_config.mixed_precision.reduce_dtype", "model.fsdp_config.mixed_precision.buffer_dtype"):
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if value is not None and value not in DTYPES:
             raise VerliteError(f"{source}: '{key}' is {value!r}; use one of fp32, bf16, fp16")
     mb = cfg.data.micro_batch_size_per_gpu

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from verlite.config.load import get_key
 from verlite.config.schema import SFTConfig
 from verlite.errors import VerliteError
 
@@ -229,13 +230,6 @@ SWITCH_WHY = {
 }
 
 
-def _get(cfg: SFTConfig, key: str):
-    obj = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set(cfg: SFTConfig, key: str, value) -> None:
     *path, leaf = key.split(".")
     obj = cfg
@@ -251,7 +245,7 @@ def memory_switches(cfg: SFTConfig, world: int) -> list[str]:
     if m.lora_rank == 0 and world == 1 and (o.optimizer_impl, o.optimizer) == ("torch.optim", "AdamW") and \
             not (m.fsdp_config.cpu_offload or m.fsdp_config.offload_params):
         keys.append("model.fsdp_config.optimizer_offload")
-    return [k for k in keys if not _get(cfg, k)]
+    return [k for k in keys if not get_key(cfg, k)]
 
 
 def _switch_until_fit(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int):
@@ -294,7 +288,7 @@ def choose_batching(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
 def _switch_words(cfg: SFTConfig, world: int) -> str:
     names = {"model.enable_activation_offload": "activation offload", "model.tiled_mlp": "tiled MLP",
              "model.fsdp_config.optimizer_offload": "optimizer offload"}
-    keys = [k for k in names if _get(cfg, k)] + memory_switches(cfg, world)
+    keys = [k for k in names if get_key(cfg, k)] + memory_switches(cfg, world)
     return "".join(f", {names[k]}" for k in keys)
 
 
@@ -366,7 +360,7 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
     cfg.model.enable_gradient_checkpointing = layers > 0
     cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
     predicted = estimate(cfg, shape, budget, world, layers > 0, layers).total / GIB
-    switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if _get(cfg, k)]
+    switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if get_key(cfg, k)]
     log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s (planned for %.1f GiB, predicted peak "
              "%.1f GiB)", budget, layers, shape.layers, "".join(f", {w}" for w in switches), capacity, predicted)
 
@@ -412,7 +406,7 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
         if 0 < layers < shape.layers:
             ckpt += f" model.checkpoint_layers={layers}"
         for key in SWITCH_WHY:
-            if _get(cfg, key):
+            if get_key(cfg, key):
                 ckpt += f" {key}=true"
         lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
                      f"recomputed: data.packing=true data.max_token_len_per_gpu={per_gpu(cfg, budget)} {ckpt} "

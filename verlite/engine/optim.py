@@ -111,11 +111,10 @@ class HostAdamW(torch.optim.AdamW):
     def _host_pair(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self._host.get(p)
         if pair is None:
-            local = p
-            pin = local.is_cuda
-            weight = torch.empty(local.shape, dtype=torch.float32, pin_memory=pin)
-            grad = torch.empty(local.shape, dtype=torch.float32, pin_memory=pin)
-            weight.copy_(local.detach())
+            pin = p.is_cuda
+            weight = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+            grad = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+            weight.copy_(p.detach())
             pair = self._host[p] = (weight, grad)
         return pair
 
@@ -127,7 +126,7 @@ class HostAdamW(torch.optim.AdamW):
             live = [p for p in group["params"] if p.grad is not None]
             if not live:
                 continue
-            locals_, grads = live, [p.grad for p in live]
+            grads = [p.grad for p in live]
             pairs = [self._host_pair(p) for p in live]
             for (_, g_host), g in zip(pairs, grads):
                 g_host.copy_(g, non_blocking=True)
@@ -140,17 +139,16 @@ class HostAdamW(torch.optim.AdamW):
                 amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, capturable=False,
                 differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False)
-            for (w_host, _), local in zip(pairs, locals_):
-                local.copy_(w_host, non_blocking=True)
+            for (w_host, _), p in zip(pairs, live):
+                p.copy_(w_host, non_blocking=True)
         return None
 
     def _state_for(self, p) -> dict:
         state = self.state[p]
         if not state:
-            local = p
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, pin_memory=local.is_cuda)
-            state["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, pin_memory=local.is_cuda)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=p.is_cuda)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=p.is_cuda)
         return state
 
     def load_state_dict(self, state_dict):

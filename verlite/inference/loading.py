@@ -93,7 +93,7 @@ def load_model_and_tokenizer(model_path: str, model_name: Optional[str] = None, 
         model = attach_adapter(model, folder, base_id, merge)
     else:
         model, base_id = load_base_model([str(folder)], dtype, "model")
-    tokenizer = load_tokenizer(str(folder) if _has_tokenizer(folder) else base_id)
+    tokenizer = load_tokenizer(str(folder) if has_tokenizer(folder) else base_id)
     tokenizer.padding_side = "left"
     model.to(device).eval()
     return model, tokenizer
@@ -114,5 +114,5 @@ def attach_adapter(model, folder: Path, base_id: str, merge: bool):
     return model.merge_and_unload() if merge else model
 
 
-def _has_tokenizer(folder) -> bool:
+def has_tokenizer(folder) -> bool:
     return isinstance(folder, Path) and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))

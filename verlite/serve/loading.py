@@ -11,8 +11,8 @@ import torch
 
 from verlite.errors import VerliteError
 from verlite.inference.generate import stop_token_ids
-from verlite.inference.loading import (adapter_base_candidates, is_adapter, load_base_model, load_model_and_tokenizer,
-                                       pick_dtype, resolve_checkpoint)
+from verlite.inference.loading import (adapter_base_candidates, has_tokenizer, is_adapter, load_base_model,
+                                       load_model_and_tokenizer, pick_dtype, resolve_checkpoint)
 from verlite.models.load import load_tokenizer
 from verlite.serve.engine import Engine
 from verlite.serve.runner import BLOCK, SlotRunner
@@ -65,8 +65,7 @@ def load_served(checkpoint: str, loras: Optional[dict[str, str]] = None, base_mo
     if is_adapter(folder):
         model, base_id = load_base_model(adapter_base_candidates(folder, base_model), pick_dtype(device, dtype),
                                          "base model of the adapter")
-        has_tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_id)
+        tokenizer = load_tokenizer(str(folder) if has_tokenizer(folder) else base_id)
         model.to(device).eval()
         base_name = base_id
         adapters[served_model_name or str(checkpoint)] = folder

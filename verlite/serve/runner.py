@@ -168,12 +168,19 @@ class SlotRunner:
 
     # --- decode: one token for every slot --------------------------------------------------
 
-    def bucket(self, longest: int) -> int:
-        """Keys a decode step attends to: a power of two covering `longest` positions."""
-        size = MIN_BUCKET
-        while size < longest:
+    def buckets(self) -> list[int]:
+        """The attention lengths a decode step runs at: powers of two from MIN_BUCKET, the last
+        one max_model_len. capture_graphs captures exactly these."""
+        out, size = [], MIN_BUCKET
+        while True:
+            out.append(min(size, self.max_model_len))
+            if size >= self.max_model_len:
+                return out
             size *= 2
-        return min(size, self.max_model_len)
+
+    def bucket(self, longest: int) -> int:
+        """Keys a decode step attends to: the first bucket covering `longest` positions."""
+        return next((b for b in self.buckets() if b >= longest), self.max_model_len)
 
     def _decode_step(self, keys: int) -> torch.Tensor:
         positions = self.positions[:, None]
@@ -197,12 +204,7 @@ class SlotRunner:
 
     def capture_graphs(self) -> None:
         """One CUDA graph per attention bucket; any failure leaves the step eager."""
-        buckets, size = [], MIN_BUCKET
-        while True:
-            buckets.append(min(size, self.max_model_len))
-            if size >= self.max_model_len:
-                break
-            size *= 2
+        buckets = self.buckets()
         pool = torch.cuda.graph_pool_handle()
         try:
             with torch.no_grad():

@@ -80,7 +80,7 @@ def _host_memory_bytes() -> int:
         return 0
 
 
-def pinned_buffers_fit(model: torch.nn.Module, optimizer, world_size: int) -> Optional[HostBuffers]:
+def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[HostBuffers]:
     """Reusable pinned buffers when the state is small against host memory (one GPU only:
     with FSDP, rank 0's gathered copies come from torch's own CPU offload)."""
     if world_size > 1 or not torch.cuda.is_available():

@@ -22,28 +22,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from verlite.errors import VerliteError
 from verlite.layout import HF_DIR, LATEST, STATE, latest_checkpoint, step_dirs  # noqa: F401 (re-exported)
+from verlite.outputs import replace_dir
 
 log = logging.getLogger("verlite.checkpoint")
-
-
-def gather_state_dict(model: torch.nn.Module, trainable_only: bool, is_main: bool) -> dict[str, torch.Tensor]:
-    """Full (unsharded) parameters on rank 0's CPU; every rank must call this (collectives)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if trainable_only and not p.requires_grad:
-            continue
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        if is_main:
-            out[name] = full.detach().to("cpu", copy=True)
-    return out
-
-
-def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def rng_state() -> dict:
@@ -72,14 +56,7 @@ def save_checkpoint(root: str | Path, step: int, sft_model, tokenizer, optimizer
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():  # re-saving the same step (e.g. after a resume): swap, then drop the old
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    replace_dir(tmp, final)  # re-saving the same step (e.g. after a resume) swaps the old one out
     _fsync_dir(final.parent)
 
 

@@ -152,7 +152,7 @@ class Trainer:
                                       max(0, self.total_steps - self.start_step), micro_batches).enabled
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
-            async_checkpoint.pinned_buffers_fit(self.model, self.optimizer, dist_info.world_size)
+            async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
             if cfg.trainer.async_save else None, self._on_saved)
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
