@@ -115,17 +115,17 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(m
     base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
     runner = SlotRunner(base, num_slots=2, max_model_len=64)
     engine = Engine(runner, tokenizer_chat, stop_ids=[])
-    real, events, done = runner.decode, [], threading.Semaphore(0)
+    real, events, done = runner.step, [], threading.Semaphore(0)
 
     def broken(*args):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    runner.decode = broken
+    runner.step = broken
     engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=5, n=2), 0,
                           lambda e: (events.append(e), e.finish_reason and done.release())))
     assert done.acquire(timeout=60) and done.acquire(timeout=60)
     assert sorted(e.index for e in events if e.error) == [0, 1] and "out of memory" in events[-1].error
-    runner.decode = real
+    runner.step = real
     later = []
     engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=5), 0,
                           lambda e: (later.append(e), e.finish_reason and done.release())))
@@ -138,15 +138,15 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(m
 def test_sampling_rules():
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
     generator = torch.Generator().manual_seed(0)
-    picks = sample(logits, [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [None, None, generator])
+    picks = sample(logits, [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [None, None, generator]).tolist()
     assert picks[:2] == [1, 0]
-    again = sample(logits, [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [None, None, torch.Generator().manual_seed(0)])
+    again = sample(logits, [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [None, None, torch.Generator().manual_seed(0)]).tolist()
     assert picks == again
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = top_p_filter(probs, torch.tensor([0.7]))
     torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     # top_p small enough keeps the single most likely token: sampling becomes greedy.
-    tiny = [sample(logits[:1], [1.0], [0.01], [None])[0] for _ in range(20)]
+    tiny = [int(sample(logits[:1], [1.0], [0.01], [None])[0]) for _ in range(20)]
     assert set(tiny) == {1}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -84,19 +85,38 @@ def load_model_and_tokenizer(model_path: str, model_name: Optional[str] = None, 
     first, then the adapter's own `base_model_name_or_path`. With merge=True a LoRA is
     folded into the base weights.
     """
+    loaded = load_checkpoint(model_path, model_name, device, dtype, merge=merge)
+    return loaded.model, loaded.tokenizer
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    folder: Path | str  # the resolved checkpoint folder (or hub id)
+    base_id: str  # the base model as named (an adapter's base, else the folder)
+    adapter: Optional[Path]  # the adapter folder when the checkpoint is one
+
+
+def load_checkpoint(model_path: str, model_name: Optional[str] = None, device=None, dtype=None,
+                    merge: bool = False, attach: bool = True) -> Loaded:
+    """load_model_and_tokenizer's work, with what it found. attach=False leaves an adapter
+    checkpoint's LoRA off the returned base model (`verlite serve` applies it per request)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = pick_dtype(device, dtype)
     folder = resolve_checkpoint(str(model_path))
-    if is_adapter(folder):
+    adapter = folder if is_adapter(folder) else None
+    if adapter is not None:
         model, base_id = load_base_model(adapter_base_candidates(folder, model_name), dtype,
                                          "base model of the adapter")
-        model = attach_adapter(model, folder, base_id, merge)
+        if attach:
+            model = attach_adapter(model, folder, base_id, merge)
     else:
         model, base_id = load_base_model([str(folder)], dtype, "model")
     tokenizer = load_tokenizer(str(folder) if has_tokenizer(folder) else base_id)
     tokenizer.padding_side = "left"
     model.to(device).eval()
-    return model, tokenizer
+    return Loaded(model, tokenizer, folder, base_id, adapter)
 
 
 def is_adapter(folder) -> bool:

@@ -114,8 +114,7 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
         params = sampling_params(body, len(prompt_ids), max_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = EngineRequest(prompt_ids, params, served.models[body.model],
-                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = EngineRequest(prompt_ids, params, served.models[body.model], events.put_nowait, loop=loop)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -137,10 +136,13 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
         checked = time.monotonic()
         try:
             while open_choices > 0:
-                try:
-                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    event = None
+                if not events.empty():  # the common case while tokens flow: no timer, no task
+                    event = events.get_nowait()
+                else:
+                    try:
+                        event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        event = None
                 if time.monotonic() - checked > DISCONNECT_POLL_S:  # also while tokens keep coming
                     checked = time.monotonic()
                     if await request.is_disconnected():

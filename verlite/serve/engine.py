@@ -2,8 +2,15 @@
 before each decode step, decodes one token for every live sequence, and retires finished
 ones at once so the next request can take the slot.
 
+The host runs one step behind the GPU: the sampled tokens stay on the device and feed the
+next step, so step N+1 is queued before step N's tokens are read back (one copy to the
+host per step) and turned into text; a sequence that turns out finished has one wasted
+step, which writes only inside its own cache blocks. Nothing in a step waits on the GPU
+but that read-back.
+
 The HTTP side never touches the model: it submits a `Request` with a callback and gets
-`Event`s back (from this thread, so the callback must be thread-safe).
+`Event`s back. With `loop` set, the callback runs on that asyncio loop, all of a step's
+events in one hand-over; without it, on the engine thread (so it must be thread-safe).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -53,6 +60,7 @@ class Request:
     adapter: int  # 0 = base, i = i-th LoRA
     emit: Callable[[Event], None]
     id: int = field(default_factory=itertools.count().__next__)
+    loop: Optional[object] = None  # an asyncio loop: emit runs there (see the module doc)
 
 
 @dataclass
@@ -62,10 +70,18 @@ class Sequence:
     slot: int
     text: TextStream
     generator: Optional[torch.Generator]
-    length: int  # tokens in this slot's cache
+    length: int  # the position the next queued step writes (the device runs ahead of the host)
     blocks: list[int] = field(default_factory=list)
-    last: int = 0  # the sampled token not yet in the cache
-    generated: int = 0
+    generated: int = 0  # tokens the host has seen
+    done: bool = False
+
+
+@dataclass
+class Step:
+    """A queued prefill or decode step: its sampled tokens on their way to the host."""
+    rows: list[tuple[Sequence, int]]  # (sequence, its index in `tokens`)
+    tokens: torch.Tensor
+    ready: Optional[object]  # a CUDA event, None on CPU
 
 
 class Engine:
@@ -81,6 +97,7 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: Optional[threading.Thread] = None
+        self.outbox: dict[object, list] = defaultdict(list)  # loop -> [(emit, event)] of this step
 
     # --- called from the HTTP side ---------------------------------------------------------
 
@@ -97,6 +114,9 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         self.start()
+        if len(request.prompt_ids) + request.params.max_tokens > self.runner.max_model_len:
+            raise TooLarge(f"the prompt's {len(request.prompt_ids)} tokens + max_tokens {request.params.max_tokens} "
+                           f"exceed the context of {self.runner.max_model_len}")
         need = self.blocks_needed(request)
         if need > self.runner.num_blocks - 1:
             raise TooLarge(f"prompt + max_tokens x n need {need * BLOCK} tokens of KV cache; the server has "
@@ -130,11 +150,12 @@ class Engine:
     # --- the scheduler thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        pending: deque[Step] = deque()
         while True:
             with self.cond:
-                while not (self.waiting or self.live or self.stopping):
+                while not (self.waiting or self.live or self.stopping or pending):
                     self.cond.wait()
-                if self.stopping and not self.live and not self.waiting:
+                if self.stopping and not self.live and not self.waiting and not pending:
                     return
                 self._drop_aborted()
                 admitted, free, blocks = [], len(self.free), len(self.free_blocks)
@@ -145,12 +166,17 @@ class Engine:
                     admitted.append(self.waiting.popleft())
             try:
                 if admitted:
-                    self._prefill(admitted)
-                if self.live:
-                    self._decode()
+                    pending.extend(self._prefill(admitted))
+                queued = self._decode() if self.live else None
+                if queued is not None:
+                    pending.append(queued)
+                while pending and pending[0] is not queued:  # the GPU runs `queued` meanwhile
+                    self._collect(pending.popleft())
             except Exception as e:  # a bug or out of memory: fail these requests, keep serving
                 log.exception("engine step failed")
+                pending.clear()
                 self._fail_all(admitted, f"{type(e).__name__}: {e}")
+            self._deliver()
 
     def _drop_aborted(self) -> None:
         if not self.aborted:
@@ -161,7 +187,7 @@ class Engine:
                 self._retire(seq)
         self.aborted.clear()
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _prefill(self, requests: list[Request]) -> list[Step]:
         seqs = []
         for request in requests:
             for index in range(request.params.n):
@@ -177,63 +203,95 @@ class Engine:
                 self.runner.assign(seq.slot, seq.blocks)
                 self.live[seq.slot] = seq
                 seqs.append(seq)
+        steps = []
         for group in _prefill_groups(seqs):
-            logits = self.runner.prefill([s.slot for s in group], [s.request.prompt_ids for s in group],
+            slots = [s.slot for s in group]
+            logits = self.runner.prefill(slots, [s.request.prompt_ids for s in group],
                                          [s.request.adapter for s in group])
-            self._advance(group, logits)
+            picks = self._sample(logits, group)
+            self.runner.admit(self.runner.upload(slots), picks, [s.length for s in group],
+                              [s.request.adapter for s in group])
+            steps.append(Step([(s, i) for i, s in enumerate(group)], *self.runner.fetch(picks)))
+        return steps
 
-    def _decode(self) -> None:
-        slots = self.runner.num_slots
-        tokens, positions, adapters = [0] * slots, [0] * slots, [0] * slots
+    def _decode(self) -> Step:
+        """Queue one decode step for every live sequence (the step feeds itself its tokens)."""
         seqs = list(self.live.values())
-        for seq in seqs:
-            tokens[seq.slot], positions[seq.slot], adapters[seq.slot] = seq.last, seq.length, seq.request.adapter
-        logits = self.runner.decode(tokens, positions, adapters)
+        logits = self.runner.step(self.runner.bucket(max(s.length for s in seqs) + 1))
+        sampled = [s for s in seqs if s.request.params.temperature > 0]
+        if sampled:  # the step left greedy tokens in place; these rows draw theirs
+            rows = self.runner.upload([s.slot for s in sampled])
+            self.runner.tokens.index_copy_(0, rows, self._sample(logits.index_select(0, rows), sampled))
         for seq in seqs:
             seq.length += 1
-        rows = torch.tensor([s.slot for s in seqs], device=logits.device)
-        self._advance(seqs, logits[rows])
+        return Step([(s, s.slot) for s in seqs], *self.runner.fetch(self.runner.tokens))
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample each sequence's next token, send its text, retire it when done."""
-        picks = sample(logits, [s.request.params.temperature for s in seqs], [s.request.params.top_p for s in seqs],
-                       [s.generator for s in seqs])
-        for seq, token in zip(seqs, picks):
-            params = seq.request.params
-            seq.generated += 1
-            if token in self.stop_ids and not params.ignore_eos:
-                self._finish(seq, seq.text.flush(), "stop")
-                continue
-            text, stopped = seq.text.add(token)
-            if stopped:
-                self._finish(seq, text, "stop")
-            elif seq.generated >= params.max_tokens or seq.length >= self.runner.max_model_len:
-                self._finish(seq, text + seq.text.flush(), "length")
-            else:
-                seq.last = token
-                if text:
-                    self._send(seq, Event(seq.index, text, completion_tokens=seq.generated))
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if all(s.request.params.temperature <= 0 for s in seqs):
+            return logits.argmax(dim=-1)
+        return sample(logits, [s.request.params.temperature for s in seqs], [s.request.params.top_p for s in seqs],
+                      [s.generator for s in seqs])
+
+    def _collect(self, step: Step) -> None:
+        """A finished step's tokens: send each sequence's text, retire the ones that are done."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.tokens.tolist()
+        for seq, row in step.rows:
+            if not seq.done:  # a sequence that finished earlier had one more step queued
+                self._advance(seq, tokens[row])
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        params = seq.request.params
+        seq.generated += 1
+        if token in self.stop_ids and not params.ignore_eos:
+            self._finish(seq, seq.text.flush(), "stop")
+            return
+        text, stopped = seq.text.add(token)
+        if stopped:
+            self._finish(seq, text, "stop")
+        elif seq.generated >= params.max_tokens or \
+                len(seq.request.prompt_ids) + seq.generated > self.runner.max_model_len:
+            self._finish(seq, text + seq.text.flush(), "length")
+        elif text:
+            self._send(seq, Event(seq.index, text, completion_tokens=seq.generated))
 
     def _finish(self, seq: Sequence, text: str, reason: str) -> None:
         self._retire(seq)
         self._send(seq, Event(seq.index, text, reason, seq.generated))
 
     def _retire(self, seq: Sequence) -> None:
+        seq.done = True
         with self.cond:
             if self.live.get(seq.slot) is seq:
                 del self.live[seq.slot]
                 self.free.append(seq.slot)
                 # Idle slots still write (to position 0): point the row at scratch before the
                 # blocks go to another sequence.
-                self.runner.assign(seq.slot, [])
+                self.runner.release(seq.slot)
                 self.free_blocks.extend(seq.blocks)
                 seq.blocks = []
 
     def _send(self, seq: Sequence, event: Event) -> None:
+        self._emit(seq.request, event)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        if request.loop is not None:  # handed over with the rest of this step's events
+            self.outbox[request.loop].append((request.emit, event))
+            return
         try:
-            seq.request.emit(event)
+            request.emit(event)
         except Exception:  # a vanished client must not stop the engine
-            log.debug("dropping an event for request %d", seq.request.id, exc_info=True)
+            log.debug("dropping an event for request %d", request.id, exc_info=True)
+
+    def _deliver(self) -> None:
+        """One wake-up of each asyncio loop per step, however many events it carries."""
+        for loop, items in self.outbox.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, items)
+            except RuntimeError:  # the loop has closed (the server is gone)
+                log.debug("dropping %d events for a closed loop", len(items))
+        self.outbox.clear()
 
     def _fail_all(self, admitted: list[Request], message: str) -> None:
         """Every live sequence and every choice of the just-admitted requests ends with an error."""
@@ -245,10 +303,15 @@ class Engine:
         for request in admitted:
             for index in range(request.params.n):
                 if (request.id, index) not in told:
-                    try:
-                        request.emit(Event(index, finish_reason="error", error=message))
-                    except Exception:
-                        pass
+                    self._emit(request, Event(index, finish_reason="error", error=message))
+
+
+def _run_all(items: list) -> None:
+    for emit, event in items:
+        try:
+            emit(event)
+        except Exception:  # a vanished client must not stop the others
+            log.debug("dropping an event", exc_info=True)
 
 
 def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -11,9 +11,7 @@ import torch
 
 from verlite.errors import VerliteError
 from verlite.inference.generate import stop_token_ids
-from verlite.inference.loading import (adapter_base_candidates, has_tokenizer, is_adapter, load_base_model,
-                                       load_model_and_tokenizer, pick_dtype, resolve_checkpoint)
-from verlite.models.load import load_tokenizer
+from verlite.inference.loading import is_adapter, load_checkpoint, resolve_checkpoint
 from verlite.serve.engine import Engine
 from verlite.serve.runner import BLOCK, SlotRunner
 
@@ -54,23 +52,20 @@ def load_served(checkpoint: str, loras: Optional[dict[str, str]] = None, base_mo
     and its base under the base's own name; a full model under `served_model_name`.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    folder = resolve_checkpoint(str(checkpoint))
     lora_folders = {}  # checked before the model loads, so a typo fails at once
     for name, path in (loras or {}).items():
         lora_folders[name] = resolve_checkpoint(path)
         if not is_adapter(lora_folders[name]):
             raise VerliteError(f"--lora {name}={path}: no adapter_config.json there; pass a LoRA adapter folder "
                                "(a LoRA run's global_step_N, or `verlite export-lora` output)")
+    # An adapter checkpoint: its base, with the LoRA served per request like any --lora.
+    loaded = load_checkpoint(str(checkpoint), base_model, device, dtype, attach=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
     adapters: dict[str, Path] = {}
-    if is_adapter(folder):
-        model, base_id = load_base_model(adapter_base_candidates(folder, base_model), pick_dtype(device, dtype),
-                                         "base model of the adapter")
-        tokenizer = load_tokenizer(str(folder) if has_tokenizer(folder) else base_id)
-        model.to(device).eval()
-        base_name = base_id
-        adapters[served_model_name or str(checkpoint)] = folder
+    if loaded.adapter is not None:
+        base_name = loaded.base_id
+        adapters[served_model_name or str(checkpoint)] = loaded.adapter
     else:
-        model, tokenizer = load_model_and_tokenizer(str(checkpoint), device=device, dtype=dtype)
         base_name = served_model_name or str(checkpoint)
     for name, lora_folder in lora_folders.items():
         if name in adapters or name == base_name:

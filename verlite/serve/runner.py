@@ -77,6 +77,7 @@ class SlotRunner:
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.active = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # 1 = a live sequence
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
@@ -138,11 +139,46 @@ class SlotRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
+    def upload(self, values: list, dtype=torch.long) -> torch.Tensor:
+        """A host list on the device without waiting for the GPU: a plain copy from pageable
+        memory synchronises the stream, which would stall the step already queued."""
+        tensor = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def fetch(self, tensor: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """Start copying `tensor` to the host; (the copy, an event that fires once it is there)."""
+        if self.device.type != "cuda":
+            return tensor.clone(), None
+        host = tensor.to("cpu", non_blocking=True)  # into pinned memory: no sync
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
     def assign(self, slot: int, blocks: list[int]) -> None:
         """Give `slot` these cache blocks, in position order (the rest of its row: scratch)."""
-        row = torch.zeros(self.blocks_per_seq, dtype=torch.long)
-        row[:len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        self.block_table[slot].copy_(row)
+        if not blocks:
+            self.block_table[slot].zero_()
+            return
+        row = [0] * self.blocks_per_seq
+        row[:len(blocks)] = blocks
+        self.block_table[slot].copy_(self.upload(row), non_blocking=True)
+
+    def admit(self, slots: torch.Tensor, tokens: torch.Tensor, lengths: list[int], adapters: list[int]) -> None:
+        """New sequences in `slots`: their first sampled token at position `lengths` (device state
+        only, so the next decode step can be queued before the host has seen the token)."""
+        self.tokens.index_copy_(0, slots, tokens)
+        self.positions.index_copy_(0, slots, self.upload(lengths))
+        self.adapter.index_copy_(0, slots, self.upload(adapters))
+        self.active.index_fill_(0, slots, 1)
+
+    def release(self, slot: int) -> None:
+        """The slot idles: position 0, cache row pointing at scratch (a step already queued for
+        it still writes to its old blocks first: one stream keeps the order)."""
+        self.active[slot] = 0
+        self.positions[slot] = 0
+        self.block_table[slot].zero_()
 
     # --- prefill: new sequences, right-padded into one batch ------------------------------
 
@@ -150,19 +186,15 @@ class SlotRunner:
     def prefill(self, slots: list[int], prompts: list[list[int]], adapters: list[int]) -> torch.Tensor:
         """Fill the cache of `slots` with their prompts; returns next-token logits [rows, vocab]."""
         width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in prompts])
-        for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)] = torch.tensor(prompt)
-        ids, lengths = ids.to(self.device), lengths.to(self.device)
+        ids = self.upload([p + [0] * (width - len(p)) for p in prompts]).view(len(prompts), width)
+        lengths = self.upload([len(p) for p in prompts])
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
         # Causal within each prompt; padding keys (past a prompt's end) are never attended.
         causal = positions[:, :, None] >= positions[:, None, :]
         mask = (causal & (positions[:, None, :] < lengths[:, None, None]))[:, None]
-        slot_ids = torch.tensor(slots, device=self.device)
+        slot_ids = self.upload(slots)
         x = self.inner.embed_tokens(ids)
-        hidden = self._forward(x, positions, slot_ids, torch.tensor(adapters, device=self.device),
-                               positions, width, mask)
+        hidden = self._forward(x, positions, slot_ids, self.upload(adapters), positions, width, mask)
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
         return self.logits(last)
 
@@ -183,24 +215,35 @@ class SlotRunner:
         return next((b for b in self.buckets() if b >= longest), self.max_model_len)
 
     def _decode_step(self, keys: int) -> torch.Tensor:
+        """Logits [num_slots, vocab] for one new token per slot; the step also leaves each slot's
+        greedy token in `tokens` and moves live slots one position on, so consecutive steps run
+        with no host round trip (the engine overwrites the tokens of sampled rows)."""
         positions = self.positions[:, None]
         mask = (torch.arange(keys, device=self.device)[None, :] <= positions)[:, None, None, :]
         x = self.inner.embed_tokens(self.tokens[:, None])
         hidden = self._forward(x, positions, None, self.adapter, positions, keys, mask)
-        return self.logits(hidden[:, 0])
+        logits = self.logits(hidden[:, 0])
+        self.tokens.copy_(logits.argmax(dim=-1))
+        self.positions.add_(self.active)
+        return logits
 
     @torch.no_grad()
-    def decode(self, tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
-        """Logits [num_slots, vocab] for one new token per slot (idle slots pass any token, position 0)."""
-        self.tokens.copy_(torch.tensor(tokens), non_blocking=True)
-        self.positions.copy_(torch.tensor(positions), non_blocking=True)
-        self.adapter.copy_(torch.tensor(adapters), non_blocking=True)
-        keys = self.bucket(max(positions) + 1)
+    def step(self, keys: int) -> torch.Tensor:
+        """One decode step from the device state, attending to `keys` positions (a bucket)."""
         graph = self.graphs.get(keys)
         if graph is None:
             return self._decode_step(keys)
         graph[0].replay()
         return graph[1]
+
+    @torch.no_grad()
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
+        """Logits [num_slots, vocab] for these tokens at these positions (idle slots: any token,
+        position 0); the engine keeps this state on the device and calls `step` instead."""
+        self.tokens.copy_(self.upload(tokens))
+        self.positions.copy_(self.upload(positions))
+        self.adapter.copy_(self.upload(adapters))
+        return self.step(self.bucket(max(positions) + 1))
 
     def capture_graphs(self) -> None:
         """One CUDA graph per attention bucket; any failure leaves the step eager."""
@@ -237,15 +280,23 @@ class SlotRunner:
         slots = torch.arange(self.num_slots, device=self.device)
         self.tokens.copy_(slots * 7 % self.model.config.vocab_size)
         self.positions.copy_(slots % BLOCK)
+        self.active.fill_(1)
         eager = self._decode_step(keys).clone()
+        eager_next = self.tokens.clone()
+        self.tokens.copy_(slots * 7 % self.model.config.vocab_size)  # the step advanced both
+        self.positions.copy_(slots % BLOCK)
         graph, out = self.graphs[keys]
         graph.replay()
+        advanced = bool((self.positions == slots % BLOCK + 1).all()) and bool((self.tokens == eager_next).all())
+        self.active.zero_()
         for slot in range(self.num_slots):
             self.assign(slot, [])
         self.tokens.zero_()
         self.positions.zero_()
         if not torch.allclose(out, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max())):
             raise RuntimeError(f"graph logits differ from eager by {float((out - eager).abs().max()):.3g}")
+        if not advanced and torch.equal(out.argmax(-1), eager.argmax(-1)):
+            raise RuntimeError("the graph did not advance the slots' tokens and positions")
 
 
 def _projections(layer) -> dict[str, torch.nn.Module]:

@@ -21,30 +21,36 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-           generators: list[Optional[torch.Generator]]) -> list[int]:
-    """One token per row of `logits` [rows, vocab]: argmax where the temperature is 0, else
-    nucleus sampling, with the row's own generator when the request gave a seed."""
+           generators: list[Optional[torch.Generator]]) -> torch.Tensor:
+    """One token per row of `logits` [rows, vocab], on its device (no host sync): argmax where
+    the temperature is 0, else nucleus sampling, with the row's own generator when the request
+    gave a seed."""
     chosen = torch.argmax(logits, dim=-1)
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        temps = torch.tensor([temperatures[i] for i in sampled], device=logits.device)[:, None]
-        probs = torch.softmax(logits[rows].float() / temps, dim=-1)
-        probs = top_p_filter(probs, torch.tensor([top_ps[i] for i in sampled], device=logits.device))
+        device = logits.device
+        rows = _on(sampled, device)
+        temps = _on([temperatures[i] for i in sampled], device, torch.float32)[:, None]
+        probs = torch.softmax(logits.index_select(0, rows).float() / temps, dim=-1)
+        if any(top_ps[i] < 1 for i in sampled):
+            probs = top_p_filter(probs, _on([top_ps[i] for i in sampled], device, torch.float32))
         free = [j for j, i in enumerate(sampled) if generators[i] is None]
         if free:
-            picks = torch.multinomial(probs[free], 1)[:, 0]
-            chosen[rows[free]] = picks
+            at = _on(free, device)
+            chosen.index_copy_(0, rows.index_select(0, at), torch.multinomial(probs.index_select(0, at), 1)[:, 0])
         for j, i in enumerate(sampled):
             if generators[i] is not None:
                 chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return chosen.tolist()
+    return chosen
+
+
+def _on(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    if bool((top_p >= 1).all()):
-        return probs
     ordered, order = torch.sort(probs, dim=-1, descending=True)
     before = torch.cumsum(ordered, dim=-1) - ordered  # mass of the tokens ranked above
     ordered = ordered.masked_fill(before >= top_p[:, None], 0.0)
