@@ -38,17 +38,70 @@ PROMPTS = [f"计算 {i} + {i + 1} 等于多少?" for i in range(100)]  # 13-15 c
 
 def build_model(shape: str, root: Path, device: str) -> Path:
     path = root / shape
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and (path / MASKED).is_file():
         return path
     if shape == "tiny":
         from verlite.models.tiny import build_qwen2, train_tokenizer
         from verlite.quickstart import article_samples
 
         tok = train_tokenizer([s["question"] + " " + s["answer"] for s in article_samples()], vocab_size=320)
-        return build_qwen2(path, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
-    from shapes import build
+        build_qwen2(path, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
+    else:
+        from shapes import build
 
-    return build(shape, path)
+        build(shape, path)
+    mask_unused_ids(path)
+    return path
+
+
+MASKED = "unused_ids_masked"
+
+
+def mask_unused_ids(path: Path) -> None:
+    """Zero the LM-head rows (and, tied, the embedding rows) of ids past the tokenizer.
+
+    The random-init shapes keep Qwen's 151,936-token vocabulary (so the LM head costs what
+    it costs in the real model) over a 4,096-token tokenizer. Unmasked, greedy mostly picks
+    ids the tokenizer cannot decode: the stream sends no text and TTFT cannot be timed. A
+    zero row gives logit 0, and the largest of 4,096 random logits is above 0 (all below it
+    has odds 2^-4096), so greedy only picks real tokens; the shape and the work are unchanged.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    real = len(AutoTokenizer.from_pretrained(path))
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    if real < vocab:
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        for name in files:
+            tensors = load_file(str(path / name))
+            rows = [k for k in ("lm_head.weight", "model.embed_tokens.weight") if k in tensors]
+            if rows:
+                for key in rows:
+                    tensors[key][real:] = 0
+                save_file(tensors, str(path / name), metadata={"format": "pt"})
+    (path / MASKED).write_text(f"rows {real}..{vocab - 1} of the LM head are zero\n")
+
+
+def no_eos_copy(model_dir: Path, root: Path) -> Path:
+    """The model for `transformers serve`, which takes no ignore_eos: the same files, with a
+    generation config whose end-of-sequence id is one greedy never picks (a masked id), so
+    every request runs to max_tokens like verlite's ignore_eos requests."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if len(tok) >= vocab:
+        return model_dir  # nothing is masked: keep the model's own end of sequence
+    out = root / (model_dir.name + "-no-eos")
+    out.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "generation_config.json" and not (out / item.name).exists():
+            (out / item.name).symlink_to(item.resolve())
+    GenerationConfig(eos_token_id=vocab - 1, pad_token_id=tok.pad_token_id, do_sample=False).save_pretrained(out)
+    return out
 
 
 def write_lora(base: Path, out: Path, r: int = 8, targets=("q_proj", "v_proj")) -> Path:
@@ -109,9 +162,10 @@ def free_port() -> int:
 
 
 class Process:
-    """A server subprocess, up once /health answers; its output goes to a file."""
+    """A server subprocess, up once /health answers (200, or with any_answer any HTTP status:
+    a server that has no /health is listening); its output goes to a file."""
 
-    def __init__(self, argv: list[str], port: int, timeout: float):
+    def __init__(self, argv: list[str], port: int, timeout: float, any_answer: bool = False):
         import httpx
 
         self.url = f"http://127.0.0.1:{port}"
@@ -125,7 +179,7 @@ class Process:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exited {self.proc.returncode}: {self.tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200 or any_answer:
                     return
             except httpx.HTTPError:
                 pass
@@ -197,13 +251,19 @@ async def load_test(url: str, model: str, clients: int, per_client: int, max_tok
 
 
 def run_verlite(model_dir: Path, clients: int, args, lora: Path | None = None) -> dict:
+    name = "verlite serve" + (" + LoRA" if lora else "")
     port = free_port()
     argv = [sys.executable, "-m", "verlite.cli", "serve", "--checkpoint", str(model_dir), "--port", str(port),
             "--served_model_name", "base", "--max_num_seqs", str(clients), "--max_model_len", str(args.max_model_len),
             "--device", args.device] + (["--lora", f"sft={lora}"] if lora else [])
-    server = Process(argv, port, timeout=900)
+    try:
+        server = Process(argv, port, timeout=900)
+    except Exception as e:  # recorded in its row; the other rows still run
+        return {"server": name, "clients": clients, "skipped": f"did not start: {e}"[:600]}
     try:
         row = asyncio.run(load_test(server.url, "sft" if lora else "base", clients, args.per_client, args.max_tokens))
+    except Exception as e:
+        return {"server": name, "clients": clients, "skipped": f"{type(e).__name__}: {e}; server: {server.tail()}"[:600]}
     finally:
         server.stop()
     server.output.seek(0)
@@ -212,31 +272,93 @@ def run_verlite(model_dir: Path, clients: int, args, lora: Path | None = None) -
     graphs = "captured" if "captured as CUDA graphs" in printed else \
         ("failed: " + printed.split("CUDA graph capture failed", 1)[1][:200].strip()
          if "CUDA graph capture failed" in printed else "none")
-    return {"server": "verlite serve" + (" + LoRA" if lora else ""), **row, "cuda_graphs": graphs}
+    prefill = "captured" if "prefill captured as CUDA graphs" in printed else \
+        ("failed: " + printed.split("prefill graph capture failed", 1)[1][:200].strip()
+         if "prefill graph capture failed" in printed else "none")
+    return {"server": name, **row, "cuda_graphs": graphs, "prefill_graphs": prefill}
+
+
+def transformers_serve_argv(exe: str, model: str, port: int, device: str) -> list[str]:
+    """`transformers serve --continuous-batching` pinned to `model`. Releases differ in how the
+    model is pinned: newer ones take it as the positional argument, older ones as --force-model;
+    its own --help tells which."""
+    argv = [exe, "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--device", device]
+    try:
+        shown = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=300,
+                               env=dict(os.environ, COLUMNS="200"))
+        help_text = shown.stdout + shown.stderr
+    except (OSError, subprocess.SubprocessError):
+        help_text = ""
+    return argv + (["--force-model", model] if "--force-model" in help_text else [model])
 
 
 def run_transformers(model_dir: Path, clients: int, args) -> dict:
-    """transformers' own server with its continuous-batching manager, as it ships."""
+    """transformers' own server with its continuous-batching manager, as it ships (no --cb-* tuning)."""
+    name = "transformers serve --continuous-batching"
     exe = shutil.which("transformers")
     if exe is None:
-        return {"server": "transformers serve --continuous-batching", "clients": clients,
-                "skipped": "the `transformers` command is not installed"}
-    port = free_port()
-    argv = [exe, "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1", "--device",
-            args.device, str(model_dir)]
+        return {"server": name, "clients": clients, "skipped": "the `transformers` command is not installed"}
     try:
-        server = Process(argv, port, timeout=600)
-    except RuntimeError as e:
-        return {"server": "transformers serve --continuous-batching", "clients": clients, "skipped": str(e)}
+        model = str(no_eos_copy(model_dir, Path(args.workdir)))
+        port = free_port()
+        server = Process(transformers_serve_argv(exe, model, port, args.device), port, timeout=600, any_answer=True)
+    except Exception as e:  # recorded in its row; the other rows still run
+        return {"server": name, "clients": clients, "skipped": f"did not start: {type(e).__name__}: {e}"[:600]}
     try:
-        row = asyncio.run(load_test(server.url, str(model_dir), clients, args.per_client, args.max_tokens,
-                                    ignore_eos=False))
+        row = asyncio.run(load_test(server.url, model, clients, args.per_client, args.max_tokens, ignore_eos=False))
     except Exception as e:  # it may reject a request shape; report instead of failing the whole run
-        return {"server": "transformers serve --continuous-batching", "clients": clients,
-                "skipped": f"{type(e).__name__}: {e}"[:400]}
+        return {"server": name, "clients": clients, "skipped": f"{type(e).__name__}: {e}; server: {server.tail()}"[:600]}
     finally:
         server.stop()
-    return {"server": "transformers serve --continuous-batching", **row}
+    return {"server": name, **row}
+
+
+def overhead_probe(slots: int, tokens: int = 64, rounds: int = 5) -> dict:
+    """The engine's own cost per decode step on CPU: a 2-layer model's step, alone and inside
+    the engine (8 or 64 requests of `tokens` forced tokens, events handed to an asyncio loop
+    as the server does); the difference is scheduling, sampling, detokenising and hand-over."""
+    import threading
+
+    import torch
+
+    from verlite.data.formatting import encode_prompt
+    from verlite.inference import load_model_and_tokenizer
+    from verlite.serve.engine import Engine, Request
+    from verlite.serve.runner import SlotRunner
+    from verlite.serve.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    path = build_model("tiny", Path(tempfile.mkdtemp()), "cpu")
+    model, tok = load_model_and_tokenizer(str(path), device="cpu")
+    runner = SlotRunner(model, num_slots=slots, max_model_len=256)
+    forwards = []  # best of several: the CPU may be shared, and noise only ever adds time
+    with torch.no_grad():
+        for _ in range(6):
+            start = time.perf_counter()
+            for _ in range(50):
+                runner.step(128)
+            forwards.append((time.perf_counter() - start) / 50)
+    forward = min(forwards[1:])
+    engine = Engine(runner, tok, stop_ids=[])
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    steps = []
+    for r in range(rounds + 1):
+        done = threading.Semaphore(0)
+        start = time.perf_counter()
+        for i in range(slots):
+            prompt = encode_prompt(tok, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+            engine.submit(Request(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True), 0,
+                                  lambda e: e.finish_reason and done.release(), loop=loop))
+        for _ in range(slots):
+            assert done.acquire(timeout=300)
+        if r:  # the first round warms up
+            steps.append((time.perf_counter() - start) / tokens)
+    engine.stop()
+    loop.call_soon_threadsafe(loop.stop)
+    step = min(steps)
+    return {"probe": "engine overhead per decode step (CPU)", "slots": slots, "forward_us": 1e6 * forward,
+            "step_us": 1e6 * step, "overhead_us": 1e6 * (step - forward)}
 
 
 def table(rows: list[dict], base_tps: float) -> str:
@@ -267,7 +389,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "verlite-serve-bench"))
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="append the rows as JSON lines here")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the CPU probe of the engine's per-step overhead (8 and 64 slots)")
     args = p.parse_args(argv)
+    if args.overhead:
+        for slots in (8, 64):
+            print(json.dumps(overhead_probe(slots)), flush=True)
+        return 0
     if args.smoke:
         args.shape, args.clients, args.per_client, args.max_tokens = "tiny", "3", 2, 8
         args.max_model_len, args.baseline_requests, args.lora_shape, args.no_transformers = 128, 2, "tiny", True

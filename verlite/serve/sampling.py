@@ -4,7 +4,7 @@ that is streamed token by token."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -67,7 +67,7 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.decode, self.stop = text_decoder(tokenizer), [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # committed: complete characters only
         self.sent = ""
@@ -95,9 +95,8 @@ class TextStream:
         return self._release(self.text)
 
     def _commit(self, final: bool) -> None:
-        decode = self.tokenizer.decode
-        known = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        new = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        known = self.decode(self.ids[self.prefix:self.read])
+        new = self.decode(self.ids[self.prefix:])
         if len(new) > len(known) and (final or not new.endswith("\ufffd")):
             self.text += new[len(known):]
             self.prefix, self.read = self.read, len(self.ids)
@@ -107,3 +106,13 @@ class TextStream:
         if delta:
             self.sent = text
         return delta
+
+
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> text as `tokenizer.decode(ids, skip_special_tokens=True)` gives it. A fast
+    tokenizer's Rust decoder directly when transformers would add nothing to it (no clean-up
+    of spaces): its Python wrapper costs ~10x the decode itself, twice per token."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
