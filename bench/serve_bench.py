@@ -269,7 +269,7 @@ def run_verlite(model_dir: Path, clients: int, args, lora: Path | None = None) -
     server.output.seek(0)
     printed = server.output.read()
     # Whether the decode step ran as CUDA graphs (the server logs the capture or why it failed).
-    graphs = "captured" if "captured as CUDA graphs" in printed else \
+    graphs = "captured" if "decode step captured as CUDA graphs" in printed else \
         ("failed: " + printed.split("CUDA graph capture failed", 1)[1][:200].strip()
          if "CUDA graph capture failed" in printed else "none")
     prefill = "captured" if "prefill captured as CUDA graphs" in printed else \

@@ -205,3 +205,40 @@ def test_serve_command_rejects_bad_arguments(models):
     assert "Traceback" not in result.stderr
     result = run_cli("serve", "--checkpoint", str(models["base"]), "--lora", f"x={models['base']}", "--device", "cpu")
     assert result.returncode == 2 and "no adapter_config.json" in result.stderr
+
+
+def test_prefill_padded_to_a_captured_shape_gives_the_same_logits(models):
+    """The GPU replays prefills at padded (rows, width) shapes from static buffers, padding rows
+    writing to the scratch row. On CPU each "graph" here runs the same step eagerly from those
+    buffers, so the padding and buffer logic is checked against the unpadded prefill."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
+    runner = SlotRunner(base, num_slots=4, max_model_len=64, adapters={"a": models["a"]})
+    prompts, slots, adapters = [[5, 17, 42, 99, 3], list(range(60, 80)), [40, 41]], [3, 0, 2], [1, 0, 1]
+    for slot in range(4):
+        runner.assign(slot, [1 + slot + 4 * b for b in range(runner.blocks_per_seq)])
+    plain = runner.prefill(slots, prompts, adapters).clone()
+    keys = runner.k_cache.clone()
+
+    class Replay:  # what the captured graph would do, from the same static inputs
+        def __init__(self, rows, width):
+            self.rows, self.width = rows, width
+            self.out = torch.zeros(rows, base.config.vocab_size)
+
+        def replay(self):
+            r, w = self.rows, self.width
+            self.out.copy_(runner._prefill_step(runner.p_ids[:r * w].view(r, w), runner.p_lengths[:r],
+                                                runner.p_slots[:r], runner.p_adapters[:r]))
+
+    for shape in [(r, w) for r in runner.prefill_rows() for w in runner.prefill_widths()]:
+        replay = Replay(*shape)
+        runner.prefill_graphs[shape] = (replay, replay.out)
+    assert runner.prefill_shape(3, 20) == (4, 32)
+    runner.k_cache.zero_()
+    padded = runner.prefill(slots, prompts, adapters)
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-4)
+    for slot, prompt in zip(slots, prompts):  # each prompt's keys landed where the unpadded run put them
+        blocks = runner.block_table[slot, :-(-len(prompt) // 16)]
+        written = runner.k_cache[:, blocks].flatten(1, 2)[:, :len(prompt)]
+        torch.testing.assert_close(written, keys[:, blocks].flatten(1, 2)[:, :len(prompt)])

@@ -31,6 +31,10 @@ SUPPORTED = ("qwen2", "qwen3", "llama", "mistral")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_BUCKET = 64
 BLOCK = 16  # tokens per KV cache block
+# Prompt widths a prefill is padded to and replayed at as a CUDA graph (with the batch padded to
+# a power of two of rows); a longer prompt is prefilled eagerly. Chat prompts of a few words
+# fit in 64 tokens; each width is one graph per row count.
+PREFILL_WIDTHS = (32, 64, 128, 256)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +68,8 @@ class SlotRunner:
         shape = (len(self.layers), self.num_blocks, BLOCK, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.block_table = torch.zeros(num_slots, self.blocks_per_seq, dtype=torch.long, device=self.device)
+        # One row per slot, and one more (all scratch) for the padding rows of a captured prefill.
+        self.block_table = torch.zeros(num_slots + 1, self.blocks_per_seq, dtype=torch.long, device=self.device)
         with torch.no_grad():  # the rotary table for every position, looked up per token
             positions = torch.arange(max_model_len, device=self.device)[None]
             probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
@@ -79,6 +84,13 @@ class SlotRunner:
         self.adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.active = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # 1 = a live sequence
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Static inputs of the captured prefills: views [:rows * width] etc. of these.
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        widest = max(self.prefill_widths(), default=0)
+        self.p_ids = torch.zeros(num_slots * widest, dtype=torch.long, device=self.device)
+        self.p_lengths = torch.ones(num_slots, dtype=torch.long, device=self.device)
+        self.p_slots = torch.full((num_slots,), num_slots, dtype=torch.long, device=self.device)
+        self.p_adapters = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         if cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
 
@@ -94,7 +106,7 @@ class SlotRunner:
         under mask. slots None means every slot in order (the decode step)."""
         rows, tokens = x.shape[:2]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        table = self.block_table if slots is None else self.block_table[slots]
+        table = self.block_table[:self.num_slots] if slots is None else self.block_table[slots]
         flat = (table.gather(1, write_at // BLOCK) * BLOCK + write_at % BLOCK).reshape(-1)
         pages = table[:, :-(-keys // BLOCK)]  # the blocks holding positions [0, keys)
         for i, layer in enumerate(self.layers):
@@ -186,17 +198,49 @@ class SlotRunner:
     def prefill(self, slots: list[int], prompts: list[list[int]], adapters: list[int]) -> torch.Tensor:
         """Fill the cache of `slots` with their prompts; returns next-token logits [rows, vocab]."""
         width = max(len(p) for p in prompts)
-        ids = self.upload([p + [0] * (width - len(p)) for p in prompts]).view(len(prompts), width)
-        lengths = self.upload([len(p) for p in prompts])
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        shape = self.prefill_shape(len(prompts), width)
+        if shape not in self.prefill_graphs:
+            ids = self.upload([p + [0] * (width - len(p)) for p in prompts]).view(len(prompts), width)
+            return self._prefill_step(ids, self.upload([len(p) for p in prompts]), self.upload(slots),
+                                      self.upload(adapters))
+        rows, width = shape
+        pad = rows - len(prompts)  # rows of one token in the scratch row of the block table
+        self.p_ids[:rows * width].copy_(self.upload([t for p in prompts for t in p + [0] * (width - len(p))]
+                                                    + [0] * (pad * width)), non_blocking=True)
+        self.p_lengths[:rows].copy_(self.upload([len(p) for p in prompts] + [1] * pad), non_blocking=True)
+        self.p_slots[:rows].copy_(self.upload(slots + [self.num_slots] * pad), non_blocking=True)
+        self.p_adapters[:rows].copy_(self.upload(adapters + [0] * pad), non_blocking=True)
+        graph, out = self.prefill_graphs[shape]
+        graph.replay()
+        return out[:len(prompts)]
+
+    def _prefill_step(self, ids: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor,
+                      adapters: torch.Tensor) -> torch.Tensor:
+        rows, width = ids.shape
+        positions = torch.arange(width, device=self.device).expand(rows, width)
         # Causal within each prompt; padding keys (past a prompt's end) are never attended.
         causal = positions[:, :, None] >= positions[:, None, :]
         mask = (causal & (positions[:, None, :] < lengths[:, None, None]))[:, None]
-        slot_ids = self.upload(slots)
         x = self.inner.embed_tokens(ids)
-        hidden = self._forward(x, positions, slot_ids, self.upload(adapters), positions, width, mask)
-        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        hidden = self._forward(x, positions, slots, adapters, positions, width, mask)
+        last = hidden[torch.arange(rows, device=self.device), lengths - 1]
         return self.logits(last)
+
+    def prefill_widths(self) -> list[int]:
+        return [w for w in PREFILL_WIDTHS if w <= self.max_model_len]
+
+    def prefill_rows(self) -> list[int]:
+        out, rows = [], 1
+        while rows < self.num_slots:
+            out.append(rows)
+            rows *= 2
+        return out + [self.num_slots]
+
+    def prefill_shape(self, rows: int, width: int) -> tuple[int, int] | None:
+        """The captured (rows, width) a prefill of `rows` prompts of up to `width` tokens pads to."""
+        padded_rows = next((r for r in self.prefill_rows() if r >= rows), None)
+        padded_width = next((w for w in self.prefill_widths() if w >= width), None)
+        return None if padded_rows is None or padded_width is None else (padded_rows, padded_width)
 
     # --- decode: one token for every slot --------------------------------------------------
 
@@ -246,28 +290,68 @@ class SlotRunner:
         return self.step(self.bucket(max(positions) + 1))
 
     def capture_graphs(self) -> None:
-        """One CUDA graph per attention bucket; any failure leaves the step eager."""
+        """One CUDA graph per attention bucket, and one per prefill shape; any failure leaves
+        that kind of step eager."""
         buckets = self.buckets()
         pool = torch.cuda.graph_pool_handle()
         try:
             with torch.no_grad():
                 for keys in reversed(buckets):  # largest first: later graphs reuse its memory
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self._decode_step(keys)
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        out = self._decode_step(keys)
-                    self.graphs[keys] = (graph, out)
+                    self.graphs[keys] = self._capture(lambda keys=keys: self._decode_step(keys), pool)
             torch.cuda.synchronize()
             self._check_graph(buckets[0])
             log.info("decode step captured as CUDA graphs for %d attention lengths", len(buckets))
         except Exception as e:  # an op that cannot be captured: stay correct, just slower
             self.graphs.clear()
             log.warning("CUDA graph capture failed (%s); decoding eagerly", " ".join(str(e).split())[:200])
+        shapes = [(r, w) for r in reversed(self.prefill_rows()) for w in reversed(self.prefill_widths())]
+        try:
+            with torch.no_grad():
+                for rows, width in shapes:
+                    ids = self.p_ids[:rows * width].view(rows, width)
+                    self.prefill_graphs[rows, width] = self._capture(
+                        lambda ids=ids, rows=rows: self._prefill_step(ids, self.p_lengths[:rows], self.p_slots[:rows],
+                                                                      self.p_adapters[:rows]), pool)
+            torch.cuda.synchronize()
+            self._check_prefill_graph()
+            log.info("prefill captured as CUDA graphs for %d shapes (up to %d prompts x %d tokens)", len(shapes),
+                     self.num_slots, max(self.prefill_widths(), default=0))
+        except Exception as e:
+            self.prefill_graphs.clear()
+            log.warning("prefill graph capture failed (%s); prefilling eagerly", " ".join(str(e).split())[:200])
+
+    @staticmethod
+    def _capture(step, pool):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+        return graph, out
+
+    @torch.no_grad()
+    def _check_prefill_graph(self) -> None:
+        """A replayed prefill gives the eager prefill's logits (each row in its own blocks)."""
+        rows = min(2, self.num_slots)
+        width = min(self.prefill_widths())
+        if self.num_blocks - 1 < rows * -(-width // BLOCK):
+            return
+        per_row = -(-width // BLOCK)
+        for slot in range(rows):
+            self.assign(slot, [1 + slot * per_row + b for b in range(per_row)])
+        prompts = [[(7 * i + 3 * r) % self.model.config.vocab_size for i in range(width - r)] for r in range(rows)]
+        eager = self._prefill_step(
+            self.upload([p + [0] * (width - len(p)) for p in prompts]).view(rows, width),
+            self.upload([len(p) for p in prompts]), self.upload(list(range(rows))), self.upload([0] * rows)).clone()
+        out = self.prefill(list(range(rows)), prompts, [0] * rows)
+        for slot in range(rows):
+            self.assign(slot, [])
+        if not torch.allclose(out, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max())):
+            raise RuntimeError(f"prefill graph logits differ from eager by {float((out - eager).abs().max()):.3g}")
 
     @torch.no_grad()
     def _check_graph(self, keys: int) -> None:
