@@ -242,3 +242,15 @@ def test_prefill_padded_to_a_captured_shape_gives_the_same_logits(models):
         blocks = runner.block_table[slot, :-(-len(prompt) // 16)]
         written = runner.k_cache[:, blocks].flatten(1, 2)[:, :len(prompt)]
         torch.testing.assert_close(written, keys[:, blocks].flatten(1, 2)[:, :len(prompt)])
+
+
+def test_events_that_queued_up_are_sent_as_one_chunk_per_choice():
+    from verlite.serve.app import merge
+    from verlite.serve.engine import Event
+
+    events = [Event(0, "a", completion_tokens=1), Event(1, "x", completion_tokens=1),
+              Event(0, "b", completion_tokens=2), Event(0, "c", "length", 3), Event(1, "", "error", 1, error="boom")]
+    out = {e.index: e for e in merge(events)}
+    assert (out[0].text, out[0].finish_reason, out[0].completion_tokens) == ("abc", "length", 3)
+    assert out[1].error == "boom" and out[1].finish_reason == "error"
+    assert merge(events[:1]) == events[:1]

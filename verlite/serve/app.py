@@ -113,8 +113,8 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
         params = sampling_params(body, len(prompt_ids), max_tokens)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = EngineRequest(prompt_ids, params, served.models[body.model], events.put_nowait, loop=loop)
+        events = Inbox(loop)
+        job = EngineRequest(prompt_ids, params, served.models[body.model], events.put, loop=loop)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -130,24 +130,18 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
             return StreamingResponse(reply.sse(stream), media_type="text/event-stream")
         return await reply.whole(stream)
 
-    async def follow(request: Request, job: EngineRequest, events: asyncio.Queue) -> AsyncIterator[Event]:
+    async def follow(request: Request, job: EngineRequest, events: "Inbox") -> AsyncIterator[Event]:
         """The request's events until all its choices finish; the engine drops it if the client leaves."""
         open_choices = job.params.n
         checked = time.monotonic()
         try:
             while open_choices > 0:
-                if not events.empty():  # the common case while tokens flow: no timer, no task
-                    event = events.get_nowait()
-                else:
-                    try:
-                        event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                    except asyncio.TimeoutError:
-                        event = None
+                arrived = await events.take(DISCONNECT_POLL_S)
                 if time.monotonic() - checked > DISCONNECT_POLL_S:  # also while tokens keep coming
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                if event is not None:
+                for event in merge(arrived):
                     open_choices -= event.finish_reason is not None
                     yield event
         finally:
@@ -173,6 +167,50 @@ def create_app(checkpoint: Optional[str] = None, *, served: Optional[Served] = N
                               stop=body.stop_strings(), n=body.n, ignore_eos=body.ignore_eos)
 
     return app
+
+
+class Inbox:
+    """A request's events, filled on the event loop by the engine's one hand-over per step.
+    Lighter than asyncio.Queue + wait_for (which makes a task per wait): one future per wait."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.waiter = loop, [], None
+
+    def put(self, event: Event) -> None:
+        self.items.append(event)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, timeout: float) -> list[Event]:
+        """Everything that arrived, waiting up to `timeout` s for something (else [])."""
+        if not self.items:
+            self.waiter = waiter = self.loop.create_future()
+            alarm = self.loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                alarm.cancel()
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def merge(events: list[Event]) -> list[Event]:
+    """Events that queued up while the loop was busy, as one per choice (text joined, the last
+    count and finish reason): a server behind on sending catches up in fewer, larger chunks."""
+    if len(events) < 2:
+        return events
+    merged: dict[int, Event] = {}
+    for event in events:
+        last = merged.get(event.index)
+        if last is None or last.error:
+            merged[event.index] = event if last is None else last
+        elif event.error:
+            merged[event.index] = event
+        else:
+            merged[event.index] = Event(event.index, last.text + event.text, event.finish_reason,
+                                        event.completion_tokens)
+    return list(merged.values())
 
 
 class KeyCheck:
