@@ -109,6 +109,8 @@ class SlotRunner:
         table = self.block_table[:self.num_slots] if slots is None else self.block_table[slots]
         flat = (table.gather(1, write_at // BLOCK) * BLOCK + write_at % BLOCK).reshape(-1)
         pages = table[:, :-(-keys // BLOCK)]  # the blocks holding positions [0, keys)
+        group = self.num_heads // self.num_kv_heads  # query heads per key head (see _attention)
+        mask = mask.repeat(1, 1, group, 1) if group > 1 else mask  # once, not in every layer
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -143,8 +145,7 @@ class SlotRunner:
         folded into that head's query rows (head h reads key head h // group, as transformers does)."""
         rows, heads, tokens, dim = q.shape
         group = heads // self.num_kv_heads
-        q = q.reshape(rows, self.num_kv_heads, group * tokens, dim)
-        mask = mask.repeat(1, 1, group, 1) if group > 1 else mask
+        q = q.reshape(rows, self.num_kv_heads, group * tokens, dim)  # mask: already repeated per group
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         return out.reshape(rows, heads, tokens, dim)
 
