@@ -37,6 +37,9 @@ BLOCK = 16  # tokens per KV cache block
 PREFILL_WIDTHS = (32, 64, 128, 256)
 
 
+_FUSED_RMS = getattr(F, "rms_norm", None)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -111,17 +114,21 @@ class SlotRunner:
         pages = table[:, :-(-keys // BLOCK)]  # the blocks holding positions [0, keys)
         group = self.num_heads // self.num_kv_heads  # query heads per key head (see _attention)
         mask = mask.repeat(1, 1, group, 1) if group > 1 else mask  # once, not in every layer
+        # As an additive bias, which is what attention turns a boolean mask into (in every layer).
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = self._norm(layer.input_layernorm, x)
             q = self._linear(i, "q_proj", attn.q_proj, h, adapter).view(rows, tokens, -1, self.head_dim)
             k = self._linear(i, "k_proj", attn.k_proj, h, adapter).view(rows, tokens, -1, self.head_dim)
             v = self._linear(i, "v_proj", attn.v_proj, h, adapter).view(rows, tokens, -1, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            # Queries and keys rotated together: half the kernels of rotating each (the same values).
+            qk = torch.cat((q, k), dim=1)
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
             # Into cache[layer] viewed as [block * BLOCK + offset, kv_heads, dim]: index_copy_ is one
             # kernel with no host sync, so it is recorded in the CUDA graph like any other op.
             shape = (-1, self.num_kv_heads, self.head_dim)
@@ -133,12 +140,21 @@ class SlotRunner:
             out = self._attention(q, keys_i, values_i, mask)
             out = out.transpose(1, 2).reshape(rows, tokens, -1)
             x = x + self._linear(i, "o_proj", attn.o_proj, out, adapter)
-            h = layer.post_attention_layernorm(x)
+            h = self._norm(layer.post_attention_layernorm, x)
             mlp = layer.mlp
             gate = self._linear(i, "gate_proj", mlp.gate_proj, h, adapter)
             up = self._linear(i, "up_proj", mlp.up_proj, h, adapter)
             x = x + self._linear(i, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up, adapter)
-        return self.inner.norm(x)
+        return self._norm(self.inner.norm, x)
+
+    @staticmethod
+    def _norm(module, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm (weight * normalised-in-fp32 x, cast back) with torch's rms_norm:
+        on GPU one fused kernel where the module's own code launches eight."""
+        eps = getattr(module, "variance_epsilon", None)
+        if eps is None or _FUSED_RMS is None:
+            return module(x)
+        return module.weight * _FUSED_RMS(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
     def _attention(self, q, keys, values, mask):
         """Grouped-query attention without repeating keys: the query heads sharing a key head are
