@@ -328,6 +328,7 @@ def overhead_probe(slots: int, tokens: int = 64, rounds: int = 5) -> dict:
     from verlite.serve.sampling import SamplingParams
 
     torch.set_num_threads(1)
+    sys.setswitchinterval(0.0005)  # as `verlite serve` sets it
     path = build_model("tiny", Path(tempfile.mkdtemp()), "cpu")
     model, tok = load_model_and_tokenizer(str(path), device="cpu")
     runner = SlotRunner(model, num_slots=slots, max_model_len=256)

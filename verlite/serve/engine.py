@@ -170,13 +170,18 @@ class Engine:
                 queued = self._decode() if self.live else None
                 if queued is not None:
                     pending.append(queued)
+                # The last round's events go out only now: handing them over lets the HTTP thread
+                # take the GIL, and the GPU should have its next step by then.
+                self._deliver()
                 while pending and pending[0] is not queued:  # the GPU runs `queued` meanwhile
                     self._collect(pending.popleft())
+                if queued is None:
+                    self._deliver()
             except Exception as e:  # a bug or out of memory: fail these requests, keep serving
                 log.exception("engine step failed")
                 pending.clear()
                 self._fail_all(admitted, f"{type(e).__name__}: {e}")
-            self._deliver()
+                self._deliver()
 
     def _drop_aborted(self) -> None:
         if not self.aborted:
