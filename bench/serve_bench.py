@@ -38,19 +38,19 @@ PROMPTS = [f"计算 {i} + {i + 1} 等于多少?" for i in range(100)]  # 13-15 c
 
 def build_model(shape: str, root: Path, device: str) -> Path:
     path = root / shape
-    if (path / "config.json").is_file() and (path / MASKED).is_file():
-        return path
-    if shape == "tiny":
-        from verlite.models.tiny import build_qwen2, train_tokenizer
-        from verlite.quickstart import article_samples
+    if not (path / "config.json").is_file():
+        if shape == "tiny":
+            from verlite.models.tiny import build_qwen2, train_tokenizer
+            from verlite.quickstart import article_samples
 
-        tok = train_tokenizer([s["question"] + " " + s["answer"] for s in article_samples()], vocab_size=320)
-        build_qwen2(path, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
-    else:
-        from shapes import build
+            tok = train_tokenizer([s["question"] + " " + s["answer"] for s in article_samples()], vocab_size=320)
+            build_qwen2(path, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
+        else:
+            from shapes import build
 
-        build(shape, path)
-    mask_unused_ids(path)
+            build(shape, path)
+    if not (path / MASKED).is_file():  # also a model an older version of this script built
+        mask_unused_ids(path)
     return path
 
 
