@@ -17,5 +17,5 @@ def test_serve_bench_smoke(tmp_path):
     for row in rows[1:]:
         assert row["requests"] == 6 and row["mean_tokens"] == 8  # ignore_eos forced every token
         assert 0 < row["ttft_p50_ms"] <= row["p50_ms"] <= row["p99_ms"] and row["tokens_per_s"] > 0
-        assert row["cuda_graphs"] == "none"  # CPU: eager; on GPU the row says "captured"
+        assert row["cuda_graphs"] == row["prefill_graphs"] == "none"  # CPU: eager; on GPU "captured"
     assert "| tiny | verlite serve | 3 |" in result.stdout
