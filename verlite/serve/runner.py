@@ -322,6 +322,8 @@ class SlotRunner:
             self.graphs.clear()
             log.warning("CUDA graph capture failed (%s); decoding eagerly", " ".join(str(e).split())[:200])
         shapes = [(r, w) for r in reversed(self.prefill_rows()) for w in reversed(self.prefill_widths())]
+        if not shapes:  # a context shorter than the narrowest width: prefills stay eager
+            return
         try:
             with torch.no_grad():
                 for rows, width in shapes:
