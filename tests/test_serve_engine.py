@@ -207,6 +207,56 @@ def test_serve_command_rejects_bad_arguments(models):
     assert result.returncode == 2 and "no adapter_config.json" in result.stderr
 
 
+class Replay:
+    """Stands in for a captured CUDA graph on CPU: replay() reruns the step from the runner's
+    static inputs into one fixed output tensor, as a graph does, so the engine's handling of
+    static buffers (outputs overwritten by the next replay) is exercised without a GPU."""
+
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def fake_graphs(runner):
+    vocab = runner.model.config.vocab_size
+    for keys in runner.buckets():
+        replay = Replay(lambda keys=keys: runner._decode_step(keys), torch.zeros(runner.num_slots, vocab))
+        runner.graphs[keys] = (replay, replay.out)
+    for r in runner.prefill_rows():
+        for w in runner.prefill_widths():
+            replay = Replay(lambda r=r, w=w: runner._prefill_step(runner.p_ids[:r * w].view(r, w), runner.p_lengths[:r],
+                                                                  runner.p_slots[:r], runner.p_adapters[:r]),
+                            torch.zeros(r, vocab))
+            runner.prefill_graphs[r, w] = (replay, replay.out)
+
+
+def test_engine_over_replayed_steps_gives_the_eager_texts(models, tokenizer_chat):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
+    texts = []
+    for replayed in (False, True):
+        runner = SlotRunner(base, num_slots=4, max_model_len=128, adapters={"a": models["a"]})
+        if replayed:
+            fake_graphs(runner)
+        engine = Engine(runner, tokenizer_chat, stop_ids=[])
+        events, done = {}, threading.Semaphore(0)
+        jobs = [([5, 6, 7], SamplingParams(max_tokens=12), 0), ([9, 8, 7, 6, 5, 4], SamplingParams(max_tokens=20), 1),
+                ([11, 12], SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=3, n=2), 1),
+                ([40, 41, 42], SamplingParams(max_tokens=15), 0)]
+        for i, (prompt, params, adapter) in enumerate(jobs):
+            engine.submit(Request(prompt, params, adapter, lambda e, i=i: (events.setdefault((i, e.index), []).append(e),
+                                                                           e.finish_reason and done.release())))
+        for _ in range(5):
+            assert done.acquire(timeout=60)
+        engine.stop()
+        texts.append({k: "".join(e.text for e in v) for k, v in events.items()})
+        assert all(v[-1].finish_reason == "length" for v in events.values())
+    assert texts[0] == texts[1] and len(texts[0]) == 5
+
+
 def test_prefill_padded_to_a_captured_shape_gives_the_same_logits(models):
     """The GPU replays prefills at padded (rows, width) shapes from static buffers, padding rows
     writing to the scratch row. On CPU each "graph" here runs the same step eagerly from those
@@ -221,19 +271,8 @@ def test_prefill_padded_to_a_captured_shape_gives_the_same_logits(models):
     plain = runner.prefill(slots, prompts, adapters).clone()
     keys = runner.k_cache.clone()
 
-    class Replay:  # what the captured graph would do, from the same static inputs
-        def __init__(self, rows, width):
-            self.rows, self.width = rows, width
-            self.out = torch.zeros(rows, base.config.vocab_size)
-
-        def replay(self):
-            r, w = self.rows, self.width
-            self.out.copy_(runner._prefill_step(runner.p_ids[:r * w].view(r, w), runner.p_lengths[:r],
-                                                runner.p_slots[:r], runner.p_adapters[:r]))
-
-    for shape in [(r, w) for r in runner.prefill_rows() for w in runner.prefill_widths()]:
-        replay = Replay(*shape)
-        runner.prefill_graphs[shape] = (replay, replay.out)
+    fake_graphs(runner)
+    runner.graphs.clear()  # prefills only
     assert runner.prefill_shape(3, 20) == (4, 32)
     runner.k_cache.zero_()
     padded = runner.prefill(slots, prompts, adapters)
