@@ -112,6 +112,7 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     m = cfg.model
     lora = m.lora_rank > 0
     ckpt = m.enable_gradient_checkpointing if checkpointing is None else checkpointing
+    ckpt = ckpt is True or ckpt == "auto"  # unresolved auto: planned as the worst case (all layers)
     offload = m.fsdp_config.cpu_offload or m.fsdp_config.offload_params
     fsdp = m.strategy in ("fsdp2", "fsdp") and (world > 1 or offload)
     shard = world if fsdp else 1
@@ -365,6 +366,59 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
              "%.1f GiB)", budget, layers, shape.layers, "".join(f", {w}" for w in switches), capacity, predicted)
 
 
+def micro_batch_tokens(cfg: SFTConfig) -> int:
+    """Tokens in the largest micro-batch the configured batching can form (per SP group)."""
+    d = cfg.data
+    if isinstance(d.max_token_len_per_gpu, int):
+        return max(d.max_token_len_per_gpu * cfg.ulysses_sequence_parallel_size, d.max_length)
+    mb = d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 1
+    return mb * d.max_length
+
+
+def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int) -> int | None:
+    """The fewest decoder layers to recompute so micro-batches of `tokens` fit; None if none does."""
+    for layers in range(shape.layers + 1):
+        if fits(cfg, shape, tokens, capacity_gib, world, layers):
+            return layers
+    return None
+
+
+def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
+    """Turn model.enable_gradient_checkpointing=auto into true/false (and checkpoint_layers):
+    off when the configured micro-batches fit the card without it, else only as many layers
+    as needed. Logs one line saying what and why. Returns whether it was auto (an OOM then
+    turns recomputation on for every layer before anything else is split)."""
+    m = cfg.model
+    if m.enable_gradient_checkpointing != "auto":
+        return False
+    if device.type != "cuda":
+        # Host memory is no cap worth recomputing for; recomputation only costs time there.
+        m.enable_gradient_checkpointing = False
+        log.info("gradient checkpointing auto: off (on %s nothing caps memory; recomputing would only cost time)",
+                 device.type)
+        return True
+    shape = model_shape(cfg)
+    capacity = gpu_capacity_gib(cfg, device)
+    tokens = micro_batch_tokens(cfg)
+    layers = fewest_recomputed(cfg, shape, tokens, capacity, world)
+    why = f"{tokens}-token micro-batches in {capacity:.1f} GiB ({USABLE:.0%} usable)"
+    if layers is None:
+        layers = shape.layers
+        peak = estimate(cfg, shape, tokens, world, True, layers).total / GIB
+        log.info("gradient checkpointing auto: on for all %d layers; even so %s are predicted to need %.1f GiB",
+                 shape.layers, why, peak)
+    else:
+        peak = estimate(cfg, shape, tokens, world, layers > 0, layers).total / GIB
+        if layers == 0:
+            log.info("gradient checkpointing auto: off, %s fit without it (predicted peak %.1f GiB)", why, peak)
+        else:
+            log.info("gradient checkpointing auto: %d of %d layers recomputed, the fewest with which %s fit "
+                     "(predicted peak %.1f GiB)", layers, shape.layers, why, peak)
+    m.enable_gradient_checkpointing = layers > 0
+    m.checkpoint_layers = layers if 0 < layers < shape.layers else None
+    return True
+
+
 def per_gpu(cfg: SFTConfig, budget: int) -> int:
     """data.max_token_len_per_gpu for micro-batches of `budget` tokens: per GPU, as verl
     counts it, so an SP group's micro-batch holds sp times that."""
@@ -395,10 +449,17 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
     else:
         tokens = None
     if tokens:
-        est = estimate(cfg, shape, tokens, world)
+        ckpt_setting = cfg.model.enable_gradient_checkpointing
+        if ckpt_setting == "auto":
+            layers = fewest_recomputed(cfg, shape, tokens, capacity_gib, world)
+            layers = shape.layers if layers is None else layers
+            est = estimate(cfg, shape, tokens, world, layers > 0, layers)
+            ckpt_words = f"auto: {layers} of {shape.layers} layers recomputed"
+        else:
+            est = estimate(cfg, shape, tokens, world)
+            ckpt_words = "on" if ckpt_setting else "off"
         fits = est.total <= capacity_gib * GIB * USABLE
-        lines += [f"as configured ({what}, gradient checkpointing "
-                  f"{'on' if cfg.model.enable_gradient_checkpointing else 'off'}):", est.table(),
+        lines += [f"as configured ({what}, gradient checkpointing {ckpt_words}):", est.table(),
                   f"  -> {'fits' if fits else 'does NOT fit'} ({USABLE:.0%} of {capacity_gib:.1f} GiB usable)"]
     try:
         budget, layers = choose_batching(cfg, shape, capacity_gib, world)
@@ -424,3 +485,18 @@ def apply_memory_cap(gpu_mem_gb: float | None, device: torch.device) -> None:
     if gpu_mem_gb < total:
         torch.cuda.set_per_process_memory_fraction(gpu_mem_gb / total, device)
         log.info("GPU memory capped at %.1f of %.1f GiB (trainer.gpu_mem_gb)", gpu_mem_gb, total)
+
+
+def oom_recompute(model, optimizer, cfg: SFTConfig) -> bool:
+    """After an OOM under gradient checkpointing auto: recompute every decoder layer and say
+    so; False when all of them already were (the caller then splits micro-batches)."""
+    from verlite.models.checkpointing import recompute_every_layer
+
+    turned = recompute_every_layer(model, cfg.model.enable_activation_offload)
+    if not turned:
+        return False
+    optimizer.zero_grad(set_to_none=True)  # a half-done backward left partial gradients
+    torch.cuda.empty_cache()
+    cfg.model.enable_gradient_checkpointing, cfg.model.checkpoint_layers = True, None
+    log.warning("out of GPU memory: gradient checkpointing (auto) turned on for %d more layer(s), step retried", turned)
+    return True

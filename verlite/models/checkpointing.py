@@ -59,3 +59,33 @@ def _offloading(checkpoint_fn):
         return checkpoint_fn(body, host, *args, **kwargs)
 
     return run
+
+
+def recompute_every_layer(model, offload_inputs: bool = False) -> int:
+    """Turn recomputation on for every decoder layer not recomputing yet (after an OOM under
+    model.enable_gradient_checkpointing=auto); returns how many layers it turned on.
+
+    Works on a loaded, wrapped, sharded or compiled model: transformers' decoder layers decide
+    per call from their `gradient_checkpointing` flag, outside any compiled region."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    turned = 0
+    for module in model.modules():
+        if not hasattr(module, "gradient_checkpointing") or not _is_layer(module) or module.gradient_checkpointing:
+            continue
+        module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        module.gradient_checkpointing = True
+        if offload_inputs:
+            module._gradient_checkpointing_func = _offloading(module._gradient_checkpointing_func)
+        turned += 1
+    return turned
+
+
+def _is_layer(module) -> bool:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers: every module with the flag is a repeated block
+        return True
+    return isinstance(module, GradientCheckpointingLayer)

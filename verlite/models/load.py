@@ -124,7 +124,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.partial_pretrain, e, "weights") from None
     model.config.use_cache = False
-    if cfg.enable_gradient_checkpointing:
+    if cfg.enable_gradient_checkpointing is True:  # auto is resolved by the trainer's plan; unresolved: off
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload)
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
