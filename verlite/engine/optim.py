@@ -48,6 +48,21 @@ def use_fused(device: torch.device, offloaded: bool) -> bool:
 def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: bool,
                     optimizer_offload: bool = False) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    optimizer = _build(params, cfg, device, offloaded, optimizer_offload)
+    if cfg.fused_backward is True:  # auto is resolved by the plan (engine/memory.py) before this
+        if optimizer_offload or offloaded:
+            raise VerliteError("optim.fused_backward=true needs the optimizer state on the GPU: drop "
+                               "model.fsdp_config.optimizer_offload / cpu_offload or set optim.fused_backward=false")
+        from verlite.engine.fused_backward import attach
+
+        attach(optimizer, params, cfg.clip_grad)
+        log.info("optimizer step fused into backward (optim.fused_backward): each gradient applied and freed as "
+                 "soon as it is complete")
+    return optimizer
+
+
+def _build(params, cfg: OptimConfig, device: torch.device, offloaded: bool,
+           optimizer_offload: bool) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if optimizer_offload and not offloaded:  # (cpu_offload keeps everything in host memory already)
         if any(hasattr(p, "to_local") for p in params):
@@ -184,6 +199,28 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
     def get_last_lr(self) -> list[float]:
         # torchao's optimizers keep lr as a tensor (no recompile when it changes): report numbers.
         return [float(lr) for lr in super().get_last_lr()]
+
+    # The fused-backward step clips with the previous step's gradient norm: it travels with the
+    # schedule's state (the optimizer's state dict holds per-weight entries only).
+    def state_dict(self):
+        sd = super().state_dict()
+        fused = getattr(self.optimizer, "fused_backward", None)
+        if fused is not None and fused.prev_norm is not None:
+            from verlite.engine.fused_backward import PREV_NORM
+
+            sd[PREV_NORM] = fused.prev_norm.detach().cpu().clone()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        from verlite.engine.fused_backward import PREV_NORM
+
+        state_dict = dict(state_dict)
+        prev = state_dict.pop(PREV_NORM, None)
+        super().load_state_dict(state_dict)
+        fused = getattr(self.optimizer, "fused_backward", None)
+        if fused is not None and prev is not None:
+            device = next((p.device for p in fused.params), torch.device("cpu"))
+            fused.prev_norm = prev.to(device)
 
 
 def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
