@@ -84,3 +84,77 @@ def test_a_nan_step_leaves_weights_and_state_untouched(tmp_path, tiny_model, mon
         assert trainer._step(trainer._micro_batches(2)).skipped.item() == 0
     finally:
         shutdown()
+
+
+# ---- the planner (engine/memory.py) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen15b(tmp_path_factory):
+    import sys
+
+    from transformers import Qwen2Config
+
+    from test_auto_checkpointing import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from shapes import SHAPES
+
+    path = tmp_path_factory.mktemp("shape") / "qwen1.5b"
+    Qwen2Config(max_position_embeddings=32768, **SHAPES["qwen1.5b"]).save_pretrained(path)
+    return path
+
+
+def small_card(model, *extra):
+    from verlite.config import load_config
+
+    # bench's full1.5b_12g: batch 8 of 1024 tokens, bf16 master weights, 8-bit AdamW, 12 GiB.
+    return load_config(None, [f"model.partial_pretrain={model}", "data.train_batch_size=8", "data.max_length=1024",
+                              "data.micro_batch_size_per_gpu=auto", *EIGHT_BIT, "model.fsdp_config.model_dtype=bf16",
+                              "trainer.gpu_mem_gb=12", *extra])
+
+
+def test_planner_fuses_when_it_makes_the_step_one_micro_batch(qwen15b, caplog):
+    import logging
+
+    from verlite.engine.memory import GIB, estimate, model_shape, resolve_auto_memory
+
+    cfg = small_card(qwen15b)
+    assert cfg.optim.fused_backward == "auto"
+    plain = small_card(qwen15b, "optim.fused_backward=false")
+    with caplog.at_level(logging.INFO, logger="verlite.plan"):
+        resolve_auto_memory(cfg, torch.device("cuda"))
+        resolve_auto_memory(plain, torch.device("cuda"))
+    assert cfg.optim.fused_backward is True
+    assert cfg.data.max_token_len_per_gpu == 8 * 1024  # the whole step in one micro-batch
+    assert plain.data.max_token_len_per_gpu < 8 * 1024  # without it: several (2048 tokens measured)
+    assert any("optim.fused_backward auto: on" in r.getMessage() for r in caplog.records)
+    shape = model_shape(cfg)
+    layers = (cfg.model.checkpoint_layers or shape.layers) if cfg.model.enable_gradient_checkpointing else 0
+    est = estimate(cfg, shape, 8192, 1, layers > 0, layers)
+    grads = est.parts["gradients (bf16, applied in backward)"]
+    # No full gradient buffer: the root's (tied embedding) and one layer's gradients at most.
+    assert grads == (shape.root_params + shape.layer_params) * 2 < shape.params * 2 / 4
+    assert est.total <= 12 * GIB * 0.92
+
+
+@pytest.mark.parametrize("extra, device", [(["trainer.gpu_mem_gb=80"], "cuda"), ([], "cpu"),
+                                           (["model.fsdp_config.optimizer_offload=true", "optim.optimizer=AdamW",
+                                             "optim.optimizer_impl=torch.optim"], "cuda")],
+                         ids=["plenty_of_memory", "cpu", "optimizer_offload"])
+def test_planner_leaves_it_off_where_it_does_not_pay(qwen15b, extra, device):
+    from verlite.engine.memory import resolve_fused_backward
+
+    cfg = small_card(qwen15b, *extra)
+    resolve_fused_backward(cfg, torch.device(device))
+    assert cfg.optim.fused_backward is False
+
+
+def test_explicit_fused_with_host_state_is_refused(tmp_path, wide_model):  # noqa: F811
+    from test_optim_lowmem import ROWS
+    from conftest import write_jsonl
+    from verlite import cli
+
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    code = cli.main(["sft", f"data.train_files={data}", f"model.partial_pretrain={wide_model}", "trainer.device=cpu",
+                     f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.total_training_steps=1", FUSED,
+                     "model.fsdp_config.optimizer_offload=true"])
+    assert code == 2

@@ -139,7 +139,7 @@ class OptimConfig:
     # activations. true | false | auto (on when it lets a step run as one micro-batch that
     # would otherwise need several). One micro-batch per step; clip_grad uses the previous
     # step's global norm (README "Small cards").
-    fused_backward: Union[bool, str] = False
+    fused_backward: Union[bool, str] = "auto"
 
 
 @dataclass

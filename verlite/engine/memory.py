@@ -118,7 +118,7 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     shard = world if fsdp else 1
     est = Estimate()
     if not offload:
-        _weights_and_optimizer(est, cfg, shape, shard)
+        _weights_and_optimizer(est, cfg, shape, shard, fused_gradients(cfg, tokens, world))
     if fsdp:  # bf16 copies FSDP gathers: the root and a layer or two in flight (all when not resharded)
         in_flight = shape.layers if not m.fsdp_config.reshard_after_forward else 2
         est.parts["bf16 compute copies"] = (shape.root_params + in_flight * shape.layer_params) * 2
@@ -158,7 +158,22 @@ def master_bytes(cfg: SFTConfig) -> int:
     return 2 if cfg.model.fsdp_config.model_dtype in ("bf16", "bfloat16", "fp16", "float16") else 4
 
 
-def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int) -> None:
+def step_tokens(cfg: SFTConfig, world: int = 1) -> int:
+    """Tokens of one rank's (SP group's) whole step, at max_length per sample."""
+    d = cfg.data
+    dp = max(1, world // cfg.ulysses_sequence_parallel_size)
+    mb = d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 1
+    return max(1, (d.train_batch_size or mb * dp) // dp) * d.max_length
+
+
+def fused_gradients(cfg: SFTConfig, tokens: int, world: int = 1) -> bool:
+    """Whether a step of `tokens`-token micro-batches holds no full gradient buffer: the update
+    is fused into backward and the step is one micro-batch (earlier micro-batches accumulate)."""
+    return cfg.optim.fused_backward is True and tokens >= step_tokens(cfg, world)
+
+
+def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int,
+                           fused: bool = False) -> None:
     """Weights, gradients and optimizer state on the GPU: an NF4 or bf16 frozen base under
     LoRA (fp32 adapters), or the trained weights in their master dtype; 8/4-bit or fp32
     AdamW moments, none when they live in host memory (optimizer_offload)."""
@@ -179,7 +194,12 @@ def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, sha
         grad_bytes = master_bytes(cfg)
         name = "bf16" if grad_bytes == 2 else "fp32"
         est.parts[f"weights ({name} master)"] = shape.params * grad_bytes / shard
-    est.parts[f"gradients ({'fp32' if grad_bytes == 4 else 'bf16'})"] = shape.trainable * grad_bytes / shard
+    kind = 'fp32' if grad_bytes == 4 else 'bf16'
+    if fused:  # freed as each is applied: the root's (a tied embedding's lives all backward) and a layer's
+        live = min(shape.trainable, shape.root_params + shape.layer_params)
+        est.parts[f"gradients ({kind}, applied in backward)"] = live * grad_bytes / shard
+    else:
+        est.parts[f"gradients ({kind})"] = shape.trainable * grad_bytes / shard
     if m.fsdp_config.optimizer_offload:
         return  # moments (and the fp32 update copy) in host memory
     per = state_bytes(cfg.optim)
@@ -381,6 +401,67 @@ def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_g
         if fits(cfg, shape, tokens, capacity_gib, world, layers):
             return layers
     return None
+
+
+def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
+    """Everything `auto` in memory terms, in order: optim.fused_backward, micro-batching,
+    gradient checkpointing. Returns whether checkpointing was auto (see resolve_checkpointing)."""
+    resolve_fused_backward(cfg, device, world)
+    d = cfg.data
+    if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
+        resolve_auto_batching(cfg, device, world)
+    return resolve_checkpointing(cfg, device, world)
+
+
+def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) -> str | None:
+    """Why the update cannot be fused into backward here (None: it can)."""
+    m, o = cfg.model, cfg.optim
+    if device.type != "cuda":
+        return f"on {device.type} memory is no cap"
+    if world > 1 or m.fsdp_config.cpu_offload or m.fsdp_config.offload_params:
+        return "FSDP sharding writes gradients itself"
+    if m.fsdp_config.optimizer_offload:
+        return "the optimizer state is in host memory"
+    if o.optimizer.startswith("Paged"):
+        return "paged optimizers wait for the GPU after every update"
+    return None
+
+
+def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1) -> None:
+    """optim.fused_backward=auto: on only where it lets the step run as fewer micro-batches or
+    with fewer recomputed layers than the plain step (its per-weight updates cost host time,
+    and clipping acts one step late, so it is not worth it where memory is plentiful)."""
+    o = cfg.optim
+    if o.fused_backward != "auto":
+        return
+    o.fused_backward = False
+    why_not = fused_backward_possible(cfg, device, world)
+    if why_not:
+        log.debug("optim.fused_backward auto: off (%s)", why_not)
+        return
+    import copy
+
+    shape = model_shape(cfg)
+    capacity = gpu_capacity_gib(cfg, device)
+    on = copy.deepcopy(cfg)
+    on.optim.fused_backward = True
+    d = cfg.data
+    if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
+        plain, fused = _fastest_fit(cfg, shape, capacity, world), _fastest_fit(on, shape, capacity, world)
+        better = fused is not None and (plain is None or fused[0] > plain[0] or
+                                         (fused[0] == plain[0] and fused[1] < plain[1]))
+        what = (f"{fused[0]}-token micro-batches, {fused[1]} layers recomputed" if fused else "")
+        was = (f"{plain[0]}-token micro-batches, {plain[1]} layers recomputed" if plain else "not fitting")
+    else:
+        tokens = micro_batch_tokens(cfg)
+        plain, fused = fewest_recomputed(cfg, shape, tokens, capacity, world), \
+            fewest_recomputed(on, shape, tokens, capacity, world)
+        better = fused is not None and (plain is None or fused < plain)
+        what, was = f"{fused} layers recomputed", (f"{plain} layers" if plain is not None else "not fitting")
+    if better:
+        o.fused_backward = True
+        log.info("optim.fused_backward auto: on, each gradient applied and freed in backward: %s (plain step: %s) "
+                 "in %.1f GiB; clip_grad uses the previous step's norm", what, was, capacity)
 
 
 def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:

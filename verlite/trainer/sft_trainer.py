@@ -166,12 +166,9 @@ class Trainer:
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
         d = self.cfg.data
-        if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
-            from verlite.engine.memory import resolve_auto_batching
+        from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
 
-            resolve_auto_batching(self.cfg, self.device, self.dist.world_size)
-        from verlite.engine.memory import resolve_checkpointing  # model.enable_gradient_checkpointing=auto
-        self.ckpt_auto = resolve_checkpointing(self.cfg, self.device, self.dist.world_size)
+        self.ckpt_auto = resolve_auto_memory(self.cfg, self.device, self.dist.world_size)
         world = self.dist.dp_size  # an SP group shares its samples: it counts as one data-parallel rank
         mb = d.micro_batch_size_per_gpu
         global_batch = d.train_batch_size or mb * world
