@@ -38,6 +38,8 @@ class ModelShape:
     vocab: int
     linear_params: int = 0  # weights of the decoder layers' linear layers (what NF4 holds)
     largest_linear: int = 0  # weights of the largest of them (one is dequantized at a time)
+    q_dim: int = 0  # attention heads x head dim (the attention output's width)
+    heads: int = 1
 
 
 @dataclass
@@ -79,7 +81,13 @@ def model_shape(cfg: SFTConfig) -> ModelShape:
                       linear_params=sum(linears), largest_linear=max(linears, default=0),
                       root_params=params - layer_params * len(layers), hidden=c.hidden_size,
                       intermediate=c.intermediate_size, kv_dim=c.num_key_value_heads * head_dim,
-                      layers=len(layers), vocab=c.vocab_size)
+                      layers=len(layers), vocab=c.vocab_size, q_dim=c.num_attention_heads * head_dim,
+                      heads=c.num_attention_heads)
+
+
+def attention_keep_bytes(s: ModelShape) -> float:
+    """Per token: what a layer keeping its attention output holds beyond its input."""
+    return 2 * (s.q_dim or s.hidden) + 4 * s.heads
 
 
 def mlp_bytes_per_token(s: ModelShape, lora: bool) -> float:
@@ -102,7 +110,7 @@ def activation_bytes_per_token(s: ModelShape, lora: bool, tiled_mlp: bool = Fals
 
 def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
              checkpointing: bool | None = None, checkpoint_layers: int | None = None,
-             activation_offload: bool | None = None) -> Estimate:
+             activation_offload: bool | None = None, keep_attention: int | None = None) -> Estimate:
     """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs.
     With sequence parallelism a micro-batch is split over its SP group: each GPU holds the
     activations of tokens / sp of them (attention's all-to-all buffers are that size too).
@@ -135,6 +143,10 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     offload_inputs = m.enable_activation_offload if activation_offload is None else activation_offload
     kept_input = 0 if offload_inputs else shape.hidden * 2
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
+    keep = m.keep_attention_layers if keep_attention is None else keep_attention
+    keep = min(keep or 0, recomputed)
+    if keep:  # recomputed layers that keep attention's output (bf16) and logsumexp (fp32) from forward
+        est.parts["kept attention outputs"] = tokens * keep * attention_keep_bytes(shape)
     # Backward of one layer holds its activations (recomputed or kept) plus their gradients;
     # a tiled MLP adds one tile's MLP activations and their gradients.
     est.parts["backward working set"] = tokens * per_layer
@@ -216,9 +228,9 @@ def gpu_capacity_gib(cfg: SFTConfig, device: torch.device | None = None) -> floa
 
 
 def fits(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int,
-         checkpoint_layers: int, activation_offload: bool | None = None) -> bool:
+         checkpoint_layers: int, activation_offload: bool | None = None, keep_attention: int | None = None) -> bool:
     est = estimate(cfg, shape, tokens, world, checkpointing=checkpoint_layers > 0, checkpoint_layers=checkpoint_layers,
-                   activation_offload=activation_offload)
+                   activation_offload=activation_offload, keep_attention=keep_attention)
     return est.total <= capacity_gib * GIB * USABLE
 
 
@@ -380,10 +392,34 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
         d.micro_batch_size_per_gpu = max(1, budget // d.max_length)
     cfg.model.enable_gradient_checkpointing = layers > 0
     cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
+    choose_kept_attention(cfg, shape, budget, layers, capacity, world)
     predicted = estimate(cfg, shape, budget, world, layers > 0, layers).total / GIB
     switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if get_key(cfg, k)]
     log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s (planned for %.1f GiB, predicted peak "
              "%.1f GiB)", budget, layers, shape.layers, "".join(f", {w}" for w in switches), capacity, predicted)
+
+
+# From this sample length on, attention forward is a large share of a recomputed layer
+# (~55% of the GPU time at 32k on an H100): worth memory to run it once. Shorter samples
+# spend the memory better on more tokens or fewer recomputed layers.
+KEEP_ATTENTION_FROM = 8192
+
+
+def choose_kept_attention(cfg: SFTConfig, shape: ModelShape, tokens: int, layers: int, capacity_gib: float,
+                          world: int) -> None:
+    """model.keep_attention_layers unset: as many recomputed layers as the card still holds keep
+    their attention output, for long samples; logged with the predicted cost."""
+    m = cfg.model
+    if m.keep_attention_layers is not None or layers == 0 or cfg.data.max_length < KEEP_ATTENTION_FROM:
+        return
+    keep = 0
+    while keep < layers and fits(cfg, shape, tokens, capacity_gib, world, layers, keep_attention=keep + 1):
+        keep += 1
+    m.keep_attention_layers = keep
+    if keep:
+        log.info("plan: %d of %d recomputed layers keep their attention output (%.2f GiB), so backward does not "
+                 "rerun attention forward there (model.keep_attention_layers)", keep, layers,
+                 tokens * keep * attention_keep_bytes(shape) / GIB)
 
 
 def micro_batch_tokens(cfg: SFTConfig) -> int:
@@ -405,12 +441,14 @@ def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_g
 
 def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
     """Everything `auto` in memory terms, in order: optim.fused_backward, micro-batching,
-    gradient checkpointing. Returns whether checkpointing was auto (see resolve_checkpointing)."""
+    gradient checkpointing. Returns whether the plan chose recomputation (checkpointing or kept
+    attention outputs were auto): an OOM then recomputes every layer fully before splitting."""
+    was_auto = cfg.model.enable_gradient_checkpointing == "auto" or cfg.model.keep_attention_layers is None
     resolve_fused_backward(cfg, device, world)
     d = cfg.data
     if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
         resolve_auto_batching(cfg, device, world)
-    return resolve_checkpointing(cfg, device, world)
+    return resolve_checkpointing(cfg, device, world) or was_auto
 
 
 def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) -> str | None:
@@ -547,6 +585,13 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
         ckpt = f"model.enable_gradient_checkpointing={'true' if layers else 'false'}"
         if 0 < layers < shape.layers:
             ckpt += f" model.checkpoint_layers={layers}"
+        if cfg.model.keep_attention_layers is None and layers and d.max_length >= KEEP_ATTENTION_FROM:
+            import copy
+
+            trial = copy.deepcopy(cfg)
+            choose_kept_attention(trial, shape, budget, layers, capacity_gib, world)
+            if trial.model.keep_attention_layers:
+                ckpt += f" model.keep_attention_layers={trial.model.keep_attention_layers}"
         for key in SWITCH_WHY:
             if get_key(cfg, key):
                 ckpt += f" {key}=true"
@@ -576,8 +621,9 @@ def oom_recompute(model, optimizer, cfg: SFTConfig) -> bool:
     turned = recompute_every_layer(model, cfg.model.enable_activation_offload)
     if not turned:
         return False
+    cfg.model.keep_attention_layers = 0
     optimizer.zero_grad(set_to_none=True)  # a half-done backward left partial gradients
     torch.cuda.empty_cache()
     cfg.model.enable_gradient_checkpointing, cfg.model.checkpoint_layers = True, None
-    log.warning("out of GPU memory: gradient checkpointing (auto) turned on for %d more layer(s), step retried", turned)
+    log.warning("out of GPU memory: %d layer(s) now recompute fully in backward (planned by auto), step retried", turned)
     return True
