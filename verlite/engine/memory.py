@@ -210,6 +210,12 @@ def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, sha
     if fused:  # freed as each is applied: the root's (a tied embedding's lives all backward) and a layer's
         live = min(shape.trainable, shape.root_params + shape.layer_params)
         est.parts[f"gradients ({kind}, applied in backward)"] = live * grad_bytes / shard
+        if cfg.optim.optimizer_impl == "torchao.optim" and m.lora_rank == 0:
+            # torchao's compiled update may materialize fp32 copies of a weight's moments while
+            # activations are still held: an untied LM head is updated first in backward.
+            untied = shape.root_params > 1.5 * shape.vocab * shape.hidden
+            biggest = shape.vocab * shape.hidden if untied else shape.largest_linear
+            est.parts["fused update working set"] = biggest * 8
     else:
         est.parts[f"gradients ({kind})"] = shape.trainable * grad_bytes / shard
     if m.fsdp_config.optimizer_offload:

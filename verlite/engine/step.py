@@ -42,7 +42,8 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], device: torch.device,
                params: list[torch.nn.Parameter], clip_grad: float, autocast: bool, world_size: int) -> StepResult:
     local = sum(mb.num_loss_tokens for mb in micro_batches)
-    count = all_reduce_sum(torch.tensor([float(local)], device=device))
+    # A fill kernel, not a host-to-device copy from pageable memory (which may wait for the GPU).
+    count = all_reduce_sum(torch.full((1,), float(local), device=device))
     scale = world_size / count.clamp(min=1.0)
     loss_sum = torch.zeros(1, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
