@@ -558,6 +558,12 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
     if sp != 1:
         check_sp_size(sp, world, load_hf_config(cfg.model), cfg.model.strategy)
     shape = model_shape(cfg)
+    if cfg.optim.fused_backward == "auto":  # decided as a run on this card would (a GPU run's rule)
+        import copy
+
+        cfg = copy.deepcopy(cfg)
+        cfg.trainer.gpu_mem_gb = capacity_gib
+        resolve_fused_backward(cfg, torch.device("cuda"), world)
     d = cfg.data
     lines = [f"model: {cfg.model.partial_pretrain}: {shape.params / 1e9:.3f} B parameters, "
              f"{shape.trainable / 1e6:.2f} M trainable ({'LoRA r=%d' % cfg.model.lora_rank if cfg.model.lora_rank else 'full fine-tune'})",
@@ -601,6 +607,8 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
         for key in SWITCH_WHY:
             if get_key(cfg, key):
                 ckpt += f" {key}=true"
+        if cfg.optim.fused_backward is True:
+            ckpt += " optim.fused_backward=true"
         lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
                      f"recomputed: data.packing=true data.max_token_len_per_gpu={per_gpu(cfg, budget)} {ckpt} "
                      "(or data.micro_batch_size_per_gpu=auto)")
