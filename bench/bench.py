@@ -202,7 +202,9 @@ def precision(cfg) -> str:
     sr = "" if o.optimizer_impl == "bitsandbytes.optim" else " (stochastic rounding)"
     master = f"bf16 master{sr}" if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else "fp32 master"
     state = {"AdamW8bit": "8-bit AdamW state", "AdamW4bit": "4-bit AdamW state"}.get(o.optimizer, "fp32 AdamW state")
-    return f"{master}, {state}{' in host memory' if m.fsdp_config.optimizer_offload else ''}, bf16 compute"
+    impl = " (bitsandbytes)" if o.optimizer_impl == "bitsandbytes.optim" else ""
+    fused = ", update fused into backward (clip with the previous step's norm)" if o.fused_backward is True else ""
+    return f"{master}, {state}{impl}{' in host memory' if m.fsdp_config.optimizer_offload else ''}{fused}, bf16 compute"
 
 
 def predicted_peak(cfg, world: int) -> float:
