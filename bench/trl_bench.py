@@ -143,7 +143,8 @@ def main() -> None:
         if not a.gsm8k:  # step k trains samples k*batch.., as bench.py's verlite side does (same samples timed)
             from torch.utils.data import SequentialSampler
 
-            trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)
+            trainer._get_train_sampler = lambda dataset=None, *args, **kwargs: SequentialSampler(
+                dataset if dataset is not None else trainer.train_dataset)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out = trainer.train()
