@@ -47,3 +47,14 @@ def test_trace_and_variants_in_smoke_form(tmp_path):
         trace = json.loads(Path(r["trace"]).read_text())
         assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["full1.5b_12g.json", "full1.5b_12g_v2.json"]
+
+
+def test_nf4_overhead_script_in_smoke_form():
+    """bench/nf4_overhead.py (host time per layer call, NF4 vs bf16 base) runs its four settings."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "nf4_overhead.py"), "--smoke", "--layers", "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["nf4"], r["compiled"]) for r in rows] == [(False, False), (False, True), (True, False), (True, True)]
+    assert all(r["host_ms_per_layer"] > 0 for r in rows)
