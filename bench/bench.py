@@ -142,6 +142,7 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
         batches = prefetch(trainer._micro_batches, range(warmup + steps))
         profiler = None
         trace_dir = os.environ.get("VERLITE_BENCH_TRACE")
+        largest = 0  # tokens of the largest micro-batch run: what the measured peak was reached with
         for step, b in zip(range(warmup + steps), batches):
             if step == warmup and (os.environ.get("VERLITE_BENCH_PROFILE") or trace_dir):
                 profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
@@ -151,6 +152,7 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
             t0 = time.perf_counter()
             r = trainer._step(b)
             sync()
+            largest = max([largest, *(mb.input_ids.numel() for mb in b.micro_batches)])
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
                 tokens.append(int(ds.lengths[trainer.plan.step_indices(step)].sum()))
@@ -172,7 +174,10 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
                       checkpoint_layers=cfg.model.checkpoint_layers, fused_backward=cfg.optim.fused_backward,
                       optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=" ".join(extra) or None,
-                      oom_splits=trainer.oom_splits)
+                      oom_splits=trainer.oom_splits,
+                      # The plan's peak for the largest micro-batch that ran (the budget is planned for
+                      # max_length samples; the synthetic ones average about half of it).
+                      predicted_run_gib=predicted_peak(cfg, dist.world_size, largest), largest_micro_batch=largest)
     except torch.OutOfMemoryError as e:
         result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160],
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -207,15 +212,17 @@ def precision(cfg) -> str:
     return f"{master}, {state}{impl}{' in host memory' if m.fsdp_config.optimizer_offload else ''}{fused}, bf16 compute"
 
 
-def predicted_peak(cfg, world: int) -> float:
-    """What `verlite plan` predicts for the micro-batches this run uses (after `auto`)."""
-    from verlite.engine.memory import GIB, estimate, model_shape
+def predicted_peak(cfg, world: int, tokens: int | None = None) -> float:
+    """What `verlite plan` predicts for the micro-batches this run uses (after `auto`), or for
+    micro-batches of `tokens` tokens."""
+    from verlite.engine.memory import GIB, estimate, model_shape, step_tokens
 
     d, m = cfg.data, cfg.model
-    tokens = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    tokens = tokens or d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
     shape = model_shape(cfg)
     layers = (m.checkpoint_layers or shape.layers) if m.enable_gradient_checkpointing is True else 0
-    est = estimate(cfg, shape, tokens, world, layers > 0, layers)
+    budget = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    est = estimate(cfg, shape, tokens, world, layers > 0, layers, one_micro_batch=budget >= step_tokens(cfg, world))
     return round(est.total / GIB, 2)
 
 
@@ -258,7 +265,7 @@ def table(rows: list[dict]) -> str:
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else ""
         notes = r.get("setting") or (f"budget {r['token_budget']}" if r.get("token_budget") else "")
         if r.get("predicted_gib") is not None:
-            notes += f", plan {r['predicted_gib']} GiB" + (f", {r['switches']}" if r.get("switches") else "")
+            notes += f", plan {r['predicted_gib']} GiB (for what ran: {r.get('predicted_run_gib')})" + (f", {r['switches']}" if r.get("switches") else "")
         out.append(f"{r['case']:<21}{r['impl']:<9}{r.get('world', 1):>5}{r['tokens_per_s']:>10}{r['peak_gib'] or 0:>10}"
                    f"{mfu:>7}{ratios[0]:>8}{ratios[1]:>8}  max_length {r.get('max_length')}, {notes}")
     return "\n".join(out)

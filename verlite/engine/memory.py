@@ -110,13 +110,15 @@ def activation_bytes_per_token(s: ModelShape, lora: bool, tiled_mlp: bool = Fals
 
 def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
              checkpointing: bool | None = None, checkpoint_layers: int | None = None,
-             activation_offload: bool | None = None, keep_attention: int | None = None) -> Estimate:
+             activation_offload: bool | None = None, keep_attention: int | None = None,
+             one_micro_batch: bool | None = None) -> Estimate:
     """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs.
     With sequence parallelism a micro-batch is split over its SP group: each GPU holds the
     activations of tokens / sp of them (attention's all-to-all buffers are that size too).
 
     `checkpoint_layers` of the decoder layers are recomputed in backward (None: all of them
-    when checkpointing is on); the others keep their activations."""
+    when checkpointing is on); the others keep their activations. `one_micro_batch` says
+    whether a step is one micro-batch (None: when `tokens` holds a step of max_length samples)."""
     m = cfg.model
     lora = m.lora_rank > 0
     ckpt = m.enable_gradient_checkpointing if checkpointing is None else checkpointing
@@ -126,7 +128,9 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     shard = world if fsdp else 1
     est = Estimate()
     if not offload:
-        _weights_and_optimizer(est, cfg, shape, shard, fused_gradients(cfg, tokens, world))
+        fused = fused_gradients(cfg, tokens, world) if one_micro_batch is None else \
+            (one_micro_batch and cfg.optim.fused_backward is True)
+        _weights_and_optimizer(est, cfg, shape, shard, fused)
     if fsdp:  # bf16 copies FSDP gathers: the root and a layer or two in flight (all when not resharded)
         in_flight = shape.layers if not m.fsdp_config.reshard_after_forward else 2
         est.parts["bf16 compute copies"] = (shape.root_params + in_flight * shape.layer_params) * 2
