@@ -56,6 +56,11 @@ CASES = {
     "qlora7b_longest_24g": ("qwen7b", True, 1, 131072, ["data.micro_batch_size_per_gpu=auto",
                                                         "model.quantization=nf4"], 24),
 }
+# More verlite settings run beside a case's own (same case name, so the same TRL figures): their
+# overrides come after the case's. full1.5b_12g: bitsandbytes' 8-bit AdamW (one CUDA kernel per
+# weight; bf16 weights rounded to nearest, no stochastic rounding) against torchao's (SR kept);
+# and the plain step (no fused backward) to show what fusing buys.
+VARIANTS = {"full1.5b_12g": [["optim.optimizer_impl=bitsandbytes.optim"], ["optim.fused_backward=false"]]}
 # A tiny shape and short samples for --smoke (CPU): every case's code path in seconds.
 SMOKE_LENGTH = {False: 128, True: 256}  # max_length of ordinary / long cases
 # TRL's best setting for each case, as benchmark.md measured it (H100, TRL 1.16): tokens/s, peak GiB.
@@ -72,6 +77,9 @@ TRL_ARGS = {"full": [["--batch", "32"], ["--batch", "32", "--dtype", "bfloat16"]
                                 "--max_length", "32768"]],
             # TRL + bitsandbytes as a small-card user sets it up (issue 10's table).
             "full1.5b_12g": [["--batch", "8", "--dtype", "bfloat16", "--ckpt", "--liger", "--optim", "paged_adamw_8bit",
+                              "--mem_cap_gib", "12"],
+                             # padded, no Liger: the setting that measured 8,908 tokens/s (benchmark.md)
+                             ["--batch", "8", "--dtype", "bfloat16", "--ckpt", "--optim", "paged_adamw_8bit",
                               "--mem_cap_gib", "12"]],
             "qlora7b_12g": [["--batch", "8", "--lora", "--qlora", "--ckpt", "--liger", "--mem_cap_gib", "12"]],
             "qlora7b_long8k_8g": [["--batch", "1", "--lora", "--qlora", "--ckpt", "--liger", "--mem_cap_gib", "8",
@@ -120,7 +128,9 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
     n = batch * (warmup + steps)
     samples = long_samples(n, vocab, length) if long else synthetic_samples(n, vocab, length)
     ds = SFTDataset()
-    for s in samples:
+    # Step k trains samples k*batch..(k+1)*batch-1, as TRL's side (a sequential sampler) does: at long
+    # context attention is quadratic in a sample's length, so both must time the same samples.
+    for s in in_plan_order(samples, cfg.trainer.seed):
         ds.append(Encoded(s.input_ids, s.loss_mask))
     result = {"impl": "verlite", "case": case, "global_batch": batch, "max_length": length, "world": dist.world_size,
               "master_dtype": precision(cfg)}
@@ -131,28 +141,43 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
         times, tokens = [], []
         batches = prefetch(trainer._micro_batches, range(warmup + steps))
         profiler = None
+        trace_dir = os.environ.get("VERLITE_BENCH_TRACE")
+        largest = 0  # tokens of the largest micro-batch run: what the measured peak was reached with
         for step, b in zip(range(warmup + steps), batches):
-            if step == warmup and os.environ.get("VERLITE_BENCH_PROFILE"):
-                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                              torch.profiler.ProfilerActivity.CUDA])
+            if step == warmup and (os.environ.get("VERLITE_BENCH_PROFILE") or trace_dir):
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                                  ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
                 profiler.__enter__()
             sync()
             t0 = time.perf_counter()
             r = trainer._step(b)
             sync()
+            largest = max([largest, *(mb.input_ids.numel() for mb in b.micro_batches)])
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
                 tokens.append(int(ds.lengths[trainer.plan.step_indices(step)].sum()))
-        if profiler is not None:
-            profiler.__exit__(None, None, None)
-            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
+            if profiler is not None and step == warmup + min(1, steps - 1):  # two steps show the gaps
+                profiler.__exit__(None, None, None)
+                if trace_dir:
+                    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+                    trace = Path(trace_dir) / f"{case}{os.environ.get('VERLITE_BENCH_LABEL', '')}.json"
+                    profiler.export_chrome_trace(str(trace))
+                    result["trace"] = str(trace)
+                if os.environ.get("VERLITE_BENCH_PROFILE"):
+                    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
+                profiler = None
         tps = sum(tokens) / sum(times)
         result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(times) / len(times), 4),
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                       last_loss=round(r.loss.item(), 4),
                       mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
-                      oom_splits=trainer.oom_splits)
+                      checkpoint_layers=cfg.model.checkpoint_layers, fused_backward=cfg.optim.fused_backward,
+                      optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=" ".join(extra) or None,
+                      oom_splits=trainer.oom_splits,
+                      # The plan's peak for the largest micro-batch that ran (the budget is planned for
+                      # max_length samples; the synthetic ones average about half of it).
+                      predicted_run_gib=predicted_peak(cfg, dist.world_size, largest), largest_micro_batch=largest)
     except torch.OutOfMemoryError as e:
         result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160],
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -161,24 +186,43 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
     return result
 
 
+def in_plan_order(samples: list, seed: int) -> list:
+    """`samples` placed so that the trainer's shuffled first epoch visits them in list order."""
+    import numpy as np
+
+    from verlite.data.batching import StepPlan
+
+    order = StepPlan(np.ones(len(samples), dtype=np.int64), 1, 1, seed, 1, None, False).epoch_order(0)
+    placed = [None] * len(samples)
+    for k, index in enumerate(order):
+        placed[index] = samples[k]
+    return placed
+
+
 def precision(cfg) -> str:
     m, o = cfg.model, cfg.optim
     if m.lora_rank:
         base = "NF4 base (frozen, double-quantized scales)" if m.quantization else "bf16 base (frozen)"
         return f"{base} + fp32 LoRA, bf16 compute"
-    master = "bf16 master (stochastic rounding)" if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else "fp32 master"
+    sr = "" if o.optimizer_impl == "bitsandbytes.optim" else " (stochastic rounding)"
+    master = f"bf16 master{sr}" if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else "fp32 master"
     state = {"AdamW8bit": "8-bit AdamW state", "AdamW4bit": "4-bit AdamW state"}.get(o.optimizer, "fp32 AdamW state")
-    return f"{master}, {state}{' in host memory' if m.fsdp_config.optimizer_offload else ''}, bf16 compute"
+    impl = " (bitsandbytes)" if o.optimizer_impl == "bitsandbytes.optim" else ""
+    fused = ", update fused into backward (clip with the previous step's norm)" if o.fused_backward is True else ""
+    return f"{master}, {state}{impl}{' in host memory' if m.fsdp_config.optimizer_offload else ''}{fused}, bf16 compute"
 
 
-def predicted_peak(cfg, world: int) -> float:
-    """What `verlite plan` predicts for the micro-batches this run uses (after `auto`)."""
-    from verlite.engine.memory import GIB, estimate, model_shape
+def predicted_peak(cfg, world: int, tokens: int | None = None) -> float:
+    """What `verlite plan` predicts for the micro-batches this run uses (after `auto`), or for
+    micro-batches of `tokens` tokens."""
+    from verlite.engine.memory import GIB, estimate, model_shape, step_tokens
 
     d, m = cfg.data, cfg.model
-    tokens = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
-    layers = m.checkpoint_layers if m.enable_gradient_checkpointing else 0
-    est = estimate(cfg, model_shape(cfg), tokens, world, m.enable_gradient_checkpointing, layers)
+    tokens = tokens or d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    shape = model_shape(cfg)
+    layers = (m.checkpoint_layers or shape.layers) if m.enable_gradient_checkpointing is True else 0
+    budget = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    est = estimate(cfg, shape, tokens, world, layers > 0, layers, one_micro_batch=budget >= step_tokens(cfg, world))
     return round(est.total / GIB, 2)
 
 
@@ -221,7 +265,7 @@ def table(rows: list[dict]) -> str:
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else ""
         notes = r.get("setting") or (f"budget {r['token_budget']}" if r.get("token_budget") else "")
         if r.get("predicted_gib") is not None:
-            notes += f", plan {r['predicted_gib']} GiB" + (f", {r['switches']}" if r.get("switches") else "")
+            notes += f", plan {r['predicted_gib']} GiB (for what ran: {r.get('predicted_run_gib')})" + (f", {r['switches']}" if r.get("switches") else "")
         out.append(f"{r['case']:<21}{r['impl']:<9}{r.get('world', 1):>5}{r['tokens_per_s']:>10}{r['peak_gib'] or 0:>10}"
                    f"{mfu:>7}{ratios[0]:>8}{ratios[1]:>8}  max_length {r.get('max_length')}, {notes}")
     return "\n".join(out)
@@ -239,11 +283,16 @@ def main() -> None:
     p.add_argument("--trl", action="store_true", help="also run TRL's best setting of each case (bench/trl_bench.py)")
     p.add_argument("--out", default=None, help="append JSON results to this file")
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny model, 1+1 steps: check the cases run")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="export a chrome trace of 2 steps after warm-up per verlite run to DIR/CASE[_vN].json")
+    p.add_argument("--no_variants", action="store_true", help="only each case's own setting (no VARIANTS)")
     p.add_argument("extra", nargs="*", help="verlite overrides for every case (key=value)")
     a = p.parse_args()
     if a.smoke:
         a.warmup, a.steps, a.trl = 1, 1, False
     if a.run:
+        if a.trace:
+            os.environ["VERLITE_BENCH_TRACE"] = a.trace
         model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[a.case][0])
         res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra, a.smoke)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -253,11 +302,16 @@ def main() -> None:
     for case in a.cases.split(","):
         model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[case][0])
         cmd = [sys.executable, __file__, "--run", "verlite", "--case", case, "--models", a.models,
-               "--warmup", str(a.warmup), "--steps", str(a.steps), *(["--smoke"] if a.smoke else []), *a.extra]
-        if a.max_length:
-            cmd += ["--max_length", str(a.max_length)]
-        rows.append(run_case_subprocess(cmd))
+               "--warmup", str(a.warmup), "--steps", str(a.steps), *(["--smoke"] if a.smoke else []),
+               *(["--max_length", str(a.max_length)] if a.max_length else []), *a.extra]  # overrides last
+        env = dict(os.environ, **({"VERLITE_BENCH_TRACE": a.trace} if a.trace else {}))
+        rows.append(run_case_subprocess(cmd, env))
         print(json.dumps(rows[-1]), flush=True)
+        for i, variant in enumerate(VARIANTS.get(case, []) if not a.no_variants else []):
+            if a.smoke and any("bitsandbytes" in v for v in variant):
+                continue  # bitsandbytes' optimizers are CUDA kernels
+            rows.append(run_case_subprocess(cmd + variant, dict(env, VERLITE_BENCH_LABEL=f"_v{i + 1}")))
+            print(json.dumps(rows[-1]), flush=True)
         for trl_args in TRL_ARGS.get(case, []) if a.trl else []:
             trl_cmd = [sys.executable, str(HERE / "trl_bench.py"), "--model", str(model), "--case", case,
                        "--warmup", str(a.warmup), "--steps", str(a.steps), *trl_args]

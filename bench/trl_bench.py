@@ -140,6 +140,11 @@ def main() -> None:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[StepTimer()])
         trainer.data_collator = CountingCollator(trainer.data_collator)
+        if not a.gsm8k:  # step k trains samples k*batch.., as bench.py's verlite side does (same samples timed)
+            from torch.utils.data import SequentialSampler
+
+            trainer._get_train_sampler = lambda dataset=None, *args, **kwargs: SequentialSampler(
+                dataset if dataset is not None else trainer.train_dataset)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out = trainer.train()

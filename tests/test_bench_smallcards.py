@@ -21,11 +21,41 @@ def test_small_card_cases_run_in_smoke_form(tmp_path):
                              "--cases", CASES], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["case"] for r in rows] == CASES.split(",")
+    # full1.5b_12g also runs its CPU-possible variant (the plain step beside the fused one)
+    assert [r["case"] for r in rows] == ["full1.5b_12g", *CASES.split(",")]
     for r in rows:
         assert r["ok"], r
         assert r["tokens_per_s"] > 0 and r["predicted_gib"] > 0 and r["last_loss"] == r["last_loss"]
+        assert 0 < r["predicted_run_gib"] <= r["predicted_gib"] and r["largest_micro_batch"] > 0
     by_case = {r["case"]: r for r in rows}
     assert by_case["full1.5b_12g"]["master_dtype"].startswith("bf16 master (stochastic rounding), 8-bit AdamW")
     assert by_case["qlora7b_12g"]["master_dtype"].startswith("NF4 base")
     assert "qlora7b_longest_24g" in result.stdout.splitlines()[-1]  # the table
+
+
+def test_trace_and_variants_in_smoke_form(tmp_path):
+    """--trace writes a chrome trace per verlite run; a case's variants run beside it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--models", str(tmp_path),
+                             "--cases", "full1.5b_12g", "--trace", str(tmp_path / "traces")],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["setting"] for r in rows] == [None, "optim.fused_backward=false"], rows
+    assert all(r["ok"] for r in rows), rows
+    assert rows[1]["fused_backward"] is False
+    for r in rows:
+        trace = json.loads(Path(r["trace"]).read_text())
+        assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["full1.5b_12g.json", "full1.5b_12g_v2.json"]
+
+
+def test_nf4_overhead_script_in_smoke_form():
+    """bench/nf4_overhead.py (host time per layer call, NF4 vs bf16 base) runs its four settings."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "nf4_overhead.py"), "--smoke", "--layers", "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["nf4"], r["compiled"]) for r in rows] == [(False, False), (False, True), (True, False), (True, True)]
+    assert all(r["host_ms_per_layer"] > 0 for r in rows)

@@ -116,3 +116,30 @@ def test_a_nan_step_leaves_weights_and_state_untouched(tmp_path, tiny_model, mon
         assert trainer._step(trainer._micro_batches(2)).skipped.item() == 0
     finally:
         shutdown()
+
+
+def test_torchao_update_is_compiled_once_per_function_and_options(monkeypatch):
+    """On GPU torchao's step would build a torch.compile wrapper per parameter per step; the
+    wrapper verlite installs builds one per (function, options) for the whole run."""
+    from verlite.engine import optim
+
+    built = []
+
+    def fake_compile(fn=None, **options):  # records each wrapper built, runs eagerly
+        built.append((fn, options))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(optim, "_COMPILED", {})
+    from torchao.optim import AdamW8bit
+
+    cls = type("AdamW8bit", (AdamW8bit,), {"step": optim._compiled_once(AdamW8bit.step)})
+    params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(5)]
+    opt = cls(params, lr=1e-3)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(built) == 1  # 5 parameters x 3 steps, one wrapper
+    assert torch.compile is fake_compile  # restored after each step
+    assert all(float(opt.state[p]["step"]) == 3 for p in params)  # every parameter updated every step

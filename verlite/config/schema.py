@@ -88,8 +88,14 @@ class ModelConfig:
     partial_pretrain: Optional[str] = None
     trust_remote_code: bool = False
     strategy: str = "fsdp2"  # fsdp2 | fsdp (treated as fsdp2) | none
-    enable_gradient_checkpointing: bool = True
+    # true | false | auto: recompute the decoder layers in backward only when the step would
+    # not fit the card otherwise (engine/memory.py plans it; off on CPU, where memory is no cap).
+    enable_gradient_checkpointing: Union[bool, str] = "auto"
     checkpoint_layers: Optional[int] = None  # recompute only this many decoder layers (None: all)
+    # Of the recomputed layers, the first N keep their attention output (and logsumexp), so
+    # backward does not rerun attention forward (selective recompute; ~11% of a 32k-token
+    # step). None: the planner picks under auto micro-batching for long samples; 0: none.
+    keep_attention_layers: Optional[int] = None
     # verl's key: the one input a recomputed layer keeps waits in pinned host memory, not on
     # the GPU (28 layers x 32k tokens of a 7B model would hold 6 GiB there otherwise).
     enable_activation_offload: bool = False
@@ -132,6 +138,12 @@ class OptimConfig:
     # comes from (e.g. AdamW from torch.optim, or an 8-bit AdamW from torchao.optim). Owned by issue 10.
     optimizer: str = "AdamW"
     optimizer_impl: str = "torch.optim"
+    # Apply each weight's update inside backward, as soon as its gradient is complete, and free
+    # that gradient (engine/fused_backward.py): no full gradient buffer, so more memory for
+    # activations. true | false | auto (on when it lets a step run as one micro-batch that
+    # would otherwise need several). One micro-batch per step; clip_grad uses the previous
+    # step's global norm (README "Small cards").
+    fused_backward: Union[bool, str] = "auto"
 
 
 @dataclass

@@ -38,6 +38,8 @@ class ModelShape:
     vocab: int
     linear_params: int = 0  # weights of the decoder layers' linear layers (what NF4 holds)
     largest_linear: int = 0  # weights of the largest of them (one is dequantized at a time)
+    q_dim: int = 0  # attention heads x head dim (the attention output's width)
+    heads: int = 1
 
 
 @dataclass
@@ -79,7 +81,13 @@ def model_shape(cfg: SFTConfig) -> ModelShape:
                       linear_params=sum(linears), largest_linear=max(linears, default=0),
                       root_params=params - layer_params * len(layers), hidden=c.hidden_size,
                       intermediate=c.intermediate_size, kv_dim=c.num_key_value_heads * head_dim,
-                      layers=len(layers), vocab=c.vocab_size)
+                      layers=len(layers), vocab=c.vocab_size, q_dim=c.num_attention_heads * head_dim,
+                      heads=c.num_attention_heads)
+
+
+def attention_keep_bytes(s: ModelShape) -> float:
+    """Per token: what a layer keeping its attention output holds beyond its input."""
+    return 2 * (s.q_dim or s.hidden) + 4 * s.heads
 
 
 def mlp_bytes_per_token(s: ModelShape, lora: bool) -> float:
@@ -102,22 +110,27 @@ def activation_bytes_per_token(s: ModelShape, lora: bool, tiled_mlp: bool = Fals
 
 def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
              checkpointing: bool | None = None, checkpoint_layers: int | None = None,
-             activation_offload: bool | None = None) -> Estimate:
+             activation_offload: bool | None = None, keep_attention: int | None = None,
+             one_micro_batch: bool | None = None) -> Estimate:
     """Peak bytes for micro-batches of `tokens` tokens (padding-free) on one of `world` GPUs.
     With sequence parallelism a micro-batch is split over its SP group: each GPU holds the
     activations of tokens / sp of them (attention's all-to-all buffers are that size too).
 
     `checkpoint_layers` of the decoder layers are recomputed in backward (None: all of them
-    when checkpointing is on); the others keep their activations."""
+    when checkpointing is on); the others keep their activations. `one_micro_batch` says
+    whether a step is one micro-batch (None: when `tokens` holds a step of max_length samples)."""
     m = cfg.model
     lora = m.lora_rank > 0
     ckpt = m.enable_gradient_checkpointing if checkpointing is None else checkpointing
+    ckpt = ckpt is True or ckpt == "auto"  # unresolved auto: planned as the worst case (all layers)
     offload = m.fsdp_config.cpu_offload or m.fsdp_config.offload_params
     fsdp = m.strategy in ("fsdp2", "fsdp") and (world > 1 or offload)
     shard = world if fsdp else 1
     est = Estimate()
     if not offload:
-        _weights_and_optimizer(est, cfg, shape, shard)
+        fused = fused_gradients(cfg, tokens, world) if one_micro_batch is None else \
+            (one_micro_batch and cfg.optim.fused_backward is True)
+        _weights_and_optimizer(est, cfg, shape, shard, fused)
     if fsdp:  # bf16 copies FSDP gathers: the root and a layer or two in flight (all when not resharded)
         in_flight = shape.layers if not m.fsdp_config.reshard_after_forward else 2
         est.parts["bf16 compute copies"] = (shape.root_params + in_flight * shape.layer_params) * 2
@@ -134,6 +147,10 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     offload_inputs = m.enable_activation_offload if activation_offload is None else activation_offload
     kept_input = 0 if offload_inputs else shape.hidden * 2
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
+    keep = m.keep_attention_layers if keep_attention is None else keep_attention
+    keep = min(keep or 0, recomputed)
+    if keep:  # recomputed layers that keep attention's output (bf16) and logsumexp (fp32) from forward
+        est.parts["kept attention outputs"] = tokens * keep * attention_keep_bytes(shape)
     # Backward of one layer holds its activations (recomputed or kept) plus their gradients;
     # a tiled MLP adds one tile's MLP activations and their gradients.
     est.parts["backward working set"] = tokens * per_layer
@@ -157,7 +174,22 @@ def master_bytes(cfg: SFTConfig) -> int:
     return 2 if cfg.model.fsdp_config.model_dtype in ("bf16", "bfloat16", "fp16", "float16") else 4
 
 
-def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int) -> None:
+def step_tokens(cfg: SFTConfig, world: int = 1) -> int:
+    """Tokens of one rank's (SP group's) whole step, at max_length per sample."""
+    d = cfg.data
+    dp = max(1, world // cfg.ulysses_sequence_parallel_size)
+    mb = d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 1
+    return max(1, (d.train_batch_size or mb * dp) // dp) * d.max_length
+
+
+def fused_gradients(cfg: SFTConfig, tokens: int, world: int = 1) -> bool:
+    """Whether a step of `tokens`-token micro-batches holds no full gradient buffer: the update
+    is fused into backward and the step is one micro-batch (earlier micro-batches accumulate)."""
+    return cfg.optim.fused_backward is True and tokens >= step_tokens(cfg, world)
+
+
+def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int,
+                           fused: bool = False) -> None:
     """Weights, gradients and optimizer state on the GPU: an NF4 or bf16 frozen base under
     LoRA (fp32 adapters), or the trained weights in their master dtype; 8/4-bit or fp32
     AdamW moments, none when they live in host memory (optimizer_offload)."""
@@ -178,7 +210,18 @@ def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, sha
         grad_bytes = master_bytes(cfg)
         name = "bf16" if grad_bytes == 2 else "fp32"
         est.parts[f"weights ({name} master)"] = shape.params * grad_bytes / shard
-    est.parts[f"gradients ({'fp32' if grad_bytes == 4 else 'bf16'})"] = shape.trainable * grad_bytes / shard
+    kind = 'fp32' if grad_bytes == 4 else 'bf16'
+    if fused:  # freed as each is applied: the root's (a tied embedding's lives all backward) and a layer's
+        live = min(shape.trainable, shape.root_params + shape.layer_params)
+        est.parts[f"gradients ({kind}, applied in backward)"] = live * grad_bytes / shard
+        if cfg.optim.optimizer_impl == "torchao.optim" and m.lora_rank == 0:
+            # torchao's compiled update may materialize fp32 copies of a weight's moments while
+            # activations are still held: an untied LM head is updated first in backward.
+            untied = shape.root_params > 1.5 * shape.vocab * shape.hidden
+            biggest = shape.vocab * shape.hidden if untied else shape.largest_linear
+            est.parts["fused update working set"] = biggest * 8
+    else:
+        est.parts[f"gradients ({kind})"] = shape.trainable * grad_bytes / shard
     if m.fsdp_config.optimizer_offload:
         return  # moments (and the fp32 update copy) in host memory
     per = state_bytes(cfg.optim)
@@ -195,9 +238,9 @@ def gpu_capacity_gib(cfg: SFTConfig, device: torch.device | None = None) -> floa
 
 
 def fits(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int,
-         checkpoint_layers: int, activation_offload: bool | None = None) -> bool:
+         checkpoint_layers: int, activation_offload: bool | None = None, keep_attention: int | None = None) -> bool:
     est = estimate(cfg, shape, tokens, world, checkpointing=checkpoint_layers > 0, checkpoint_layers=checkpoint_layers,
-                   activation_offload=activation_offload)
+                   activation_offload=activation_offload, keep_attention=keep_attention)
     return est.total <= capacity_gib * GIB * USABLE
 
 
@@ -359,10 +402,150 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
         d.micro_batch_size_per_gpu = max(1, budget // d.max_length)
     cfg.model.enable_gradient_checkpointing = layers > 0
     cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
+    choose_kept_attention(cfg, shape, budget, layers, capacity, world)
     predicted = estimate(cfg, shape, budget, world, layers > 0, layers).total / GIB
     switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if get_key(cfg, k)]
     log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s (planned for %.1f GiB, predicted peak "
              "%.1f GiB)", budget, layers, shape.layers, "".join(f", {w}" for w in switches), capacity, predicted)
+
+
+# From this sample length on, attention forward is a large share of a recomputed layer
+# (~55% of the GPU time at 32k on an H100): worth memory to run it once. Shorter samples
+# spend the memory better on more tokens or fewer recomputed layers.
+KEEP_ATTENTION_FROM = 8192
+
+
+def choose_kept_attention(cfg: SFTConfig, shape: ModelShape, tokens: int, layers: int, capacity_gib: float,
+                          world: int) -> None:
+    """model.keep_attention_layers unset: as many recomputed layers as the card still holds keep
+    their attention output, for long samples; logged with the predicted cost."""
+    m = cfg.model
+    if m.keep_attention_layers is not None or layers == 0 or cfg.data.max_length < KEEP_ATTENTION_FROM:
+        return
+    keep = 0
+    while keep < layers and fits(cfg, shape, tokens, capacity_gib, world, layers, keep_attention=keep + 1):
+        keep += 1
+    m.keep_attention_layers = keep
+    if keep:
+        log.info("plan: %d of %d recomputed layers keep their attention output (%.2f GiB), so backward does not "
+                 "rerun attention forward there (model.keep_attention_layers)", keep, layers,
+                 tokens * keep * attention_keep_bytes(shape) / GIB)
+
+
+def micro_batch_tokens(cfg: SFTConfig) -> int:
+    """Tokens in the largest micro-batch the configured batching can form (per SP group)."""
+    d = cfg.data
+    if isinstance(d.max_token_len_per_gpu, int):
+        return max(d.max_token_len_per_gpu * cfg.ulysses_sequence_parallel_size, d.max_length)
+    mb = d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 1
+    return mb * d.max_length
+
+
+def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int) -> int | None:
+    """The fewest decoder layers to recompute so micro-batches of `tokens` fit; None if none does."""
+    for layers in range(shape.layers + 1):
+        if fits(cfg, shape, tokens, capacity_gib, world, layers):
+            return layers
+    return None
+
+
+def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
+    """Everything `auto` in memory terms, in order: optim.fused_backward, micro-batching,
+    gradient checkpointing. Returns whether the plan chose recomputation (checkpointing or kept
+    attention outputs were auto): an OOM then recomputes every layer fully before splitting."""
+    was_auto = cfg.model.enable_gradient_checkpointing == "auto" or cfg.model.keep_attention_layers is None
+    resolve_fused_backward(cfg, device, world)
+    d = cfg.data
+    if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
+        resolve_auto_batching(cfg, device, world)
+    return resolve_checkpointing(cfg, device, world) or was_auto
+
+
+def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) -> str | None:
+    """Why the update cannot be fused into backward here (None: it can)."""
+    m, o = cfg.model, cfg.optim
+    if device.type != "cuda":
+        return f"on {device.type} memory is no cap"
+    if world > 1 or m.fsdp_config.cpu_offload or m.fsdp_config.offload_params:
+        return "FSDP sharding writes gradients itself"
+    if m.fsdp_config.optimizer_offload:
+        return "the optimizer state is in host memory"
+    if o.optimizer.startswith("Paged"):
+        return "paged optimizers wait for the GPU after every update"
+    return None
+
+
+def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1) -> None:
+    """optim.fused_backward=auto: on only where it lets the step run as fewer micro-batches or
+    with fewer recomputed layers than the plain step (its per-weight updates cost host time,
+    and clipping acts one step late, so it is not worth it where memory is plentiful)."""
+    o = cfg.optim
+    if o.fused_backward != "auto":
+        return
+    o.fused_backward = False
+    why_not = fused_backward_possible(cfg, device, world)
+    if why_not:
+        log.debug("optim.fused_backward auto: off (%s)", why_not)
+        return
+    import copy
+
+    shape = model_shape(cfg)
+    capacity = gpu_capacity_gib(cfg, device)
+    on = copy.deepcopy(cfg)
+    on.optim.fused_backward = True
+    d = cfg.data
+    if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
+        plain, fused = _fastest_fit(cfg, shape, capacity, world), _fastest_fit(on, shape, capacity, world)
+        better = fused is not None and (plain is None or fused[0] > plain[0] or
+                                         (fused[0] == plain[0] and fused[1] < plain[1]))
+        what = (f"{fused[0]}-token micro-batches, {fused[1]} layers recomputed" if fused else "")
+        was = (f"{plain[0]}-token micro-batches, {plain[1]} layers recomputed" if plain else "not fitting")
+    else:
+        tokens = micro_batch_tokens(cfg)
+        plain, fused = fewest_recomputed(cfg, shape, tokens, capacity, world), \
+            fewest_recomputed(on, shape, tokens, capacity, world)
+        better = fused is not None and (plain is None or fused < plain)
+        what, was = f"{fused} layers recomputed", (f"{plain} layers" if plain is not None else "not fitting")
+    if better:
+        o.fused_backward = True
+        log.info("optim.fused_backward auto: on, each gradient applied and freed in backward: %s (plain step: %s) "
+                 "in %.1f GiB; clip_grad uses the previous step's norm", what, was, capacity)
+
+
+def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
+    """Turn model.enable_gradient_checkpointing=auto into true/false (and checkpoint_layers):
+    off when the configured micro-batches fit the card without it, else only as many layers
+    as needed. Logs one line saying what and why. Returns whether it was auto (an OOM then
+    turns recomputation on for every layer before anything else is split)."""
+    m = cfg.model
+    if m.enable_gradient_checkpointing != "auto":
+        return False
+    if device.type != "cuda":
+        # Host memory is no cap worth recomputing for; recomputation only costs time there.
+        m.enable_gradient_checkpointing = False
+        log.info("gradient checkpointing auto: off (on %s nothing caps memory; recomputing would only cost time)",
+                 device.type)
+        return True
+    shape = model_shape(cfg)
+    capacity = gpu_capacity_gib(cfg, device)
+    tokens = micro_batch_tokens(cfg)
+    layers = fewest_recomputed(cfg, shape, tokens, capacity, world)
+    why = f"{tokens}-token micro-batches in {capacity:.1f} GiB ({USABLE:.0%} usable)"
+    if layers is None:
+        layers = shape.layers
+        peak = estimate(cfg, shape, tokens, world, True, layers).total / GIB
+        log.info("gradient checkpointing auto: on for all %d layers; even so %s are predicted to need %.1f GiB",
+                 shape.layers, why, peak)
+    else:
+        peak = estimate(cfg, shape, tokens, world, layers > 0, layers).total / GIB
+        if layers == 0:
+            log.info("gradient checkpointing auto: off, %s fit without it (predicted peak %.1f GiB)", why, peak)
+        else:
+            log.info("gradient checkpointing auto: %d of %d layers recomputed, the fewest with which %s fit "
+                     "(predicted peak %.1f GiB)", layers, shape.layers, why, peak)
+    m.enable_gradient_checkpointing = layers > 0
+    m.checkpoint_layers = layers if 0 < layers < shape.layers else None
+    return True
 
 
 def per_gpu(cfg: SFTConfig, budget: int) -> int:
@@ -379,6 +562,12 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
     if sp != 1:
         check_sp_size(sp, world, load_hf_config(cfg.model), cfg.model.strategy)
     shape = model_shape(cfg)
+    if cfg.optim.fused_backward == "auto":  # decided as a run on this card would (a GPU run's rule)
+        import copy
+
+        cfg = copy.deepcopy(cfg)
+        cfg.trainer.gpu_mem_gb = capacity_gib
+        resolve_fused_backward(cfg, torch.device("cuda"), world)
     d = cfg.data
     lines = [f"model: {cfg.model.partial_pretrain}: {shape.params / 1e9:.3f} B parameters, "
              f"{shape.trainable / 1e6:.2f} M trainable ({'LoRA r=%d' % cfg.model.lora_rank if cfg.model.lora_rank else 'full fine-tune'})",
@@ -395,19 +584,35 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
     else:
         tokens = None
     if tokens:
-        est = estimate(cfg, shape, tokens, world)
+        ckpt_setting = cfg.model.enable_gradient_checkpointing
+        if ckpt_setting == "auto":
+            layers = fewest_recomputed(cfg, shape, tokens, capacity_gib, world)
+            layers = shape.layers if layers is None else layers
+            est = estimate(cfg, shape, tokens, world, layers > 0, layers)
+            ckpt_words = f"auto: {layers} of {shape.layers} layers recomputed"
+        else:
+            est = estimate(cfg, shape, tokens, world)
+            ckpt_words = "on" if ckpt_setting else "off"
         fits = est.total <= capacity_gib * GIB * USABLE
-        lines += [f"as configured ({what}, gradient checkpointing "
-                  f"{'on' if cfg.model.enable_gradient_checkpointing else 'off'}):", est.table(),
+        lines += [f"as configured ({what}, gradient checkpointing {ckpt_words}):", est.table(),
                   f"  -> {'fits' if fits else 'does NOT fit'} ({USABLE:.0%} of {capacity_gib:.1f} GiB usable)"]
     try:
         budget, layers = choose_batching(cfg, shape, capacity_gib, world)
         ckpt = f"model.enable_gradient_checkpointing={'true' if layers else 'false'}"
         if 0 < layers < shape.layers:
             ckpt += f" model.checkpoint_layers={layers}"
+        if cfg.model.keep_attention_layers is None and layers and d.max_length >= KEEP_ATTENTION_FROM:
+            import copy
+
+            trial = copy.deepcopy(cfg)
+            choose_kept_attention(trial, shape, budget, layers, capacity_gib, world)
+            if trial.model.keep_attention_layers:
+                ckpt += f" model.keep_attention_layers={trial.model.keep_attention_layers}"
         for key in SWITCH_WHY:
             if get_key(cfg, key):
                 ckpt += f" {key}=true"
+        if cfg.optim.fused_backward is True:
+            ckpt += " optim.fused_backward=true"
         lines.append(f"fastest plan that fits: {budget} tokens per micro-batch, {layers} of {shape.layers} layers "
                      f"recomputed: data.packing=true data.max_token_len_per_gpu={per_gpu(cfg, budget)} {ckpt} "
                      "(or data.micro_batch_size_per_gpu=auto)")
@@ -424,3 +629,19 @@ def apply_memory_cap(gpu_mem_gb: float | None, device: torch.device) -> None:
     if gpu_mem_gb < total:
         torch.cuda.set_per_process_memory_fraction(gpu_mem_gb / total, device)
         log.info("GPU memory capped at %.1f of %.1f GiB (trainer.gpu_mem_gb)", gpu_mem_gb, total)
+
+
+def oom_recompute(model, optimizer, cfg: SFTConfig) -> bool:
+    """After an OOM under gradient checkpointing auto: recompute every decoder layer and say
+    so; False when all of them already were (the caller then splits micro-batches)."""
+    from verlite.models.checkpointing import recompute_every_layer
+
+    turned = recompute_every_layer(model, cfg.model.enable_activation_offload)
+    if not turned:
+        return False
+    cfg.model.keep_attention_layers = 0
+    optimizer.zero_grad(set_to_none=True)  # a half-done backward left partial gradients
+    torch.cuda.empty_cache()
+    cfg.model.enable_gradient_checkpointing, cfg.model.checkpoint_layers = True, None
+    log.warning("out of GPU memory: %d layer(s) now recompute fully in backward (planned by auto), step retried", turned)
+    return True

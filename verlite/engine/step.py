@@ -42,10 +42,14 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], device: torch.device,
                params: list[torch.nn.Parameter], clip_grad: float, autocast: bool, world_size: int) -> StepResult:
     local = sum(mb.num_loss_tokens for mb in micro_batches)
-    count = all_reduce_sum(torch.tensor([float(local)], device=device))
+    # A fill kernel, not a host-to-device copy from pageable memory (which may wait for the GPU).
+    count = all_reduce_sum(torch.full((1,), float(local), device=device))
     scale = world_size / count.clamp(min=1.0)
     loss_sum = torch.zeros(1, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    fused = getattr(optimizer, "fused_backward", None)
+    if fused is not None:
+        return _fused_step(fused, model, optimizer, scheduler, micro_batches, device, scale, count, amp)
     for mb in micro_batches:
         with amp:
             loss = model(mb.to(device))
@@ -66,3 +70,41 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return StepResult(mean_loss.detach(), grad_norm.detach(), bad)
+
+
+def _fused_step(fused, model, optimizer, scheduler, micro_batches, device, scale, count, amp) -> StepResult:
+    """The step with the update inside the last backward (engine/fused_backward.py says what
+    that changes): earlier micro-batches accumulate, the last one updates as it goes."""
+    from verlite.errors import VerliteError
+
+    loss_sum = torch.zeros(1, device=device)
+    last = len(micro_batches) - 1
+    bad = torch.zeros((), device=device)
+    grad_norm = torch.full((), float("nan"), device=device)
+    for i, mb in enumerate(micro_batches):
+        with amp:
+            loss = model(mb.to(device))
+        loss_sum += loss.detach()
+        if i < last:
+            (loss * scale).backward()
+            continue
+        # The one host read of the step: a NaN loss must be known before any weight moves.
+        if not bool(torch.isfinite(loss_sum).all()):
+            bad = torch.ones((), device=device)
+            break
+        fused.arm(device)
+        try:
+            (loss * scale).backward()
+        except torch.OutOfMemoryError:
+            if fused.updated:
+                raise VerliteError(f"out of GPU memory in a fused-backward step after {fused.updated} weights were "
+                                   "updated, so the step cannot be retried; set optim.fused_backward=false or a "
+                                   "lower data.max_token_len_per_gpu, then run again to resume") from None
+            raise
+        finally:
+            grad_norm = fused.finish()
+        bad = fused.bad.float()
+    mean_loss = (loss_sum / count.clamp(min=1.0)).reshape(())
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(mean_loss.detach(), grad_norm.detach().reshape(()), bad.reshape(()))

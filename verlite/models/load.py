@@ -124,8 +124,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.partial_pretrain, e, "weights") from None
     model.config.use_cache = False
-    if cfg.enable_gradient_checkpointing:
-        enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload)
+    if cfg.enable_gradient_checkpointing is True:  # auto is resolved by the trainer's plan; unresolved: off
+        enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload, cfg.keep_attention_layers)
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
     if cfg.quantization:  # after LoRA: every frozen base linear, targeted by LoRA or not

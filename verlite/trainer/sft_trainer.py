@@ -24,7 +24,7 @@ from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
 from verlite.engine import ulysses
-from verlite.engine.memory import apply_memory_cap
+from verlite.engine.memory import apply_memory_cap, oom_recompute
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
@@ -166,10 +166,9 @@ class Trainer:
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
         d = self.cfg.data
-        if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
-            from verlite.engine.memory import resolve_auto_batching
+        from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
 
-            resolve_auto_batching(self.cfg, self.device, self.dist.world_size)
+        self.ckpt_auto = resolve_auto_memory(self.cfg, self.device, self.dist.world_size)
         world = self.dist.dp_size  # an SP group shares its samples: it counts as one data-parallel rank
         mb = d.micro_batch_size_per_gpu
         global_batch = d.train_batch_size or mb * world
@@ -316,6 +315,8 @@ class Trainer:
             except torch.OutOfMemoryError:
                 # With several ranks the others already wait in a collective: no retry is possible.
                 single = all(mb.num_samples == 1 for mb in batches.micro_batches)
+                if self.dist.world_size == 1 and self.ckpt_auto and oom_recompute(self.model, self.optimizer, self.cfg):
+                    continue  # auto checkpointing: recompute every layer before splitting anything
                 if self.dist.world_size > 1 or (single and batches.splits == self.oom_splits):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)  # a half-done backward left partial gradients
