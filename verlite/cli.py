@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_sft(args) -> int:
+    from verlite.trainer import timeline
+
+    timeline.mark_launch()  # the run's summary counts from this process's start, imports included
     from verlite.config import load_config
     from verlite.trainer.sft_trainer import run_sft
 

@@ -60,16 +60,32 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_hf_config(cfg: ModelConfig):
-    """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
+_CONFIGS: dict[tuple, object] = {}  # (path, trust_remote_code, config.json's stamp) -> config as read
+
+
+def read_hf_config(path: str, trust_remote_code: bool = False):
+    """AutoConfig.from_pretrained(path), read once per process (the SP check, the resume
+    settings, the memory plan and the model load all ask for it): a fresh copy each call."""
+    import copy
+
     from transformers import AutoConfig
 
-    from verlite.models.quant import quiet_torchao_import
+    try:
+        st = os.stat(os.path.join(path, "config.json"))
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:  # a hub id: its cached file does not change within a run
+        stamp = None
+    key = (path, trust_remote_code, stamp)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return copy.deepcopy(_CONFIGS[key])
 
-    quiet_torchao_import()  # transformers imports torchao (when installed) as it builds a model
+
+def load_hf_config(cfg: ModelConfig):
+    """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
     path = resolve_model_path(cfg.partial_pretrain)
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        hf_config = read_hf_config(path, cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.partial_pretrain, e, "config") from None
     known = set(hf_config.to_dict())
@@ -104,6 +120,9 @@ def master_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype):
     """The HF model on CPU in `dtype`, with LoRA and gradient checkpointing applied."""
+    from verlite.models.quant import quiet_torchao_import
+
+    quiet_torchao_import()  # transformers' model code imports torchao (when installed): keep its warnings out
     from transformers import AutoModelForCausalLM
 
     from verlite.models import attention
