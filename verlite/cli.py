@@ -125,9 +125,11 @@ def _cmd_sft(args) -> int:
 
     timeline.mark_launch()  # the run's summary counts from this process's start, imports included
     from verlite.config import load_config
+
+    cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
     from verlite.trainer.sft_trainer import run_sft
 
-    run_sft(load_config(args.config_path, args.overrides, dialect=args.dialect))
+    run_sft(cfg)
     return 0
 
 

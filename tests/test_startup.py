@@ -1,0 +1,72 @@
+"""Launch to first step (issue 14): what a run imports, and a summary that accounts for the
+whole time since launch."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from conftest import write_jsonl
+
+ROWS = [{"question": f"What is {i} plus {i + 1}?", "answer": f"The answer is {2 * i + 1}."} for i in range(8)]
+WATCHED = ("torch", "transformers", "peft", "torchao", "sklearn")
+
+# Runs the CLI's main() in-process, then prints which packages the run imported.
+PROBE = ("import json, sys\n"
+         "from verlite.cli import main\n"
+         "code = main(sys.argv[1:])\n"
+         f"print('MODULES=' + json.dumps(sorted(m for m in {WATCHED!r} if sys.modules.get(m))))\n"
+         "import torchao  # hidden from transformers during set-up only: still importable afterwards\n"
+         "sys.exit(code)\n")
+
+
+def probe(*args: str, cwd=None) -> tuple[subprocess.CompletedProcess, list[str], float]:
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wall = time.perf_counter() - start
+    found = re.search(r"MODULES=(.*)", r.stdout)
+    return r, json.loads(found.group(1)) if found else [], wall
+
+
+def test_bad_config_fails_before_torch_is_imported(tmp_path):
+    r, modules, _ = probe("sft", "data.train_files=x.jsonl", "model.partial_pretrain=m", "nokey.x=1")
+    assert r.returncode != 0 and "unknown config key 'nokey'" in r.stderr
+    assert "\n" not in r.stderr.strip() or "Traceback" not in r.stderr
+    assert "torch" not in modules and "transformers" not in modules, modules
+
+
+def test_full_finetune_imports_no_peft_nor_torchao_and_its_summary_adds_up(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    r, modules, wall = probe("sft", f"data.train_files={data}", f"model.partial_pretrain={tiny_model}",
+                             "trainer.device=cpu", f"trainer.default_local_dir={tmp_path / 'run'}",
+                             "data.micro_batch_size_per_gpu=2", "trainer.total_training_steps=3",
+                             "trainer.save_freq=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "peft" not in modules and "torchao" not in modules and "sklearn" not in modules, modules
+    done = next(line for line in r.stdout.splitlines() if "Done: 3 steps" in line)
+    since, parts = re.search(r"\| ([\d.]+) s since launch: (.*?); checkpoints written", done).groups()
+    shown = dict(re.match(r"(.*?) ?([\d.]+) s\b", p).groups() for p in parts.split(", ") if p != "compiling off")
+    seconds = [float(x) for x in shown.values()]
+    for name in ("start-up", "data", "model loading", "training", "2 checkpoint(s): training paused",
+                 "final checkpoint"):
+        assert name in shown, (name, parts)
+    assert "compiling off" in parts
+    # every part is shown to 0.1 s: together they are the time since launch
+    assert abs(sum(seconds) - float(since)) <= 0.05 * len(seconds) + 0.05, (seconds, since)
+    # measured from the process's own start, so never more than the launcher saw
+    assert float(since) <= wall + 0.05, (since, wall)
+
+
+def test_process_age_counts_from_the_process_start():
+    code = ("import time; time.sleep(0.5)\n"
+            "from verlite.trainer.timeline import process_age, mark_launch, launch_time\n"
+            "mark_launch(); print(process_age(), time.perf_counter() - launch_time())")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    wall = time.perf_counter() - start
+    age, since_launch = float(out[0]), float(out[1])
+    tick = 0.02  # the kernel keeps the start time in clock ticks (10 ms)
+    assert 0.5 <= age <= wall + tick and 0.5 <= since_launch <= wall + tick
