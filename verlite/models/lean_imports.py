@@ -3,7 +3,7 @@
 Building a model imports transformers' quantizer registry and generation helpers, which
 import every optional package found installed: torchao (its import registers custom ops and
 dynamo/Triton wrappers: seconds on a GPU machine) and scikit-learn (for assisted decoding's
-ROC curve). A plain fine-tune uses neither. `importlib.util.find_spec`, which transformers'
+ROC curve), and scipy (for object-detection losses). A plain fine-tune uses none of them. `importlib.util.find_spec`, which transformers'
 `is_*_available` checks call, answers "not installed" for a name whose sys.modules entry is
 None, so during the model build those packages look absent and are skipped; the entries
 are removed afterwards, so a later `import torchao` (peft, an 8-bit optimizer) works as usual.
@@ -18,7 +18,7 @@ import sys
 from contextlib import contextmanager
 
 # package -> the transformers.utils.import_utils check that would import it
-OPTIONAL = {"torchao": "is_torchao_available", "sklearn": "is_sklearn_available"}
+OPTIONAL = {"torchao": "is_torchao_available", "sklearn": "is_sklearn_available", "scipy": "is_scipy_available"}
 
 
 def _not_asked_yet(check_name: str) -> bool:
@@ -44,10 +44,13 @@ def without(packages: list[str]):
                 del sys.modules[name]
 
 
-def unused_by(model_cfg, optimizer_impl: str) -> list[str]:
+def unused_by(model_cfg, optimizer_impl: str, user_code: bool) -> list[str]:
     """The optional packages a run never needs: torchao only for NF4 quantization, its
-    optimizers and (through peft, which imports it) LoRA."""
-    out = ["sklearn"]
+    optimizers and (through peft, which imports it) LoRA. A user's own dataset class
+    (`user_code`) may import anything, so nothing is hidden from it."""
+    if user_code:
+        return []
+    out = ["sklearn", "scipy"]
     if not model_cfg.quantization and optimizer_impl != "torchao.optim" and model_cfg.lora_rank <= 0:
         out.append("torchao")
     return out

@@ -95,7 +95,8 @@ class StepHealth:
 class Trainer:
     def __init__(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset] = None):
         """`train_ds` replaces data.train_files with samples already tokenized (the benchmark's)."""
-        with lean_imports.without(lean_imports.unused_by(cfg.model, cfg.optim.optimizer_impl)):
+        hidden = lean_imports.unused_by(cfg.model, cfg.optim.optimizer_impl, bool(cfg.data.custom_cls.path))
+        with lean_imports.without(hidden):
             self._set_up(cfg, dist_info, train_ds)
 
     def _set_up(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset]) -> None:
