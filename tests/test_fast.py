@@ -33,8 +33,8 @@ def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
 
 def test_compile_auto_rule():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    # Break-even with a cold cache: COLD_S / (layers x SAVED_S_PER_LAYER) steps of one micro-batch.
-    per_step = 24 * comp.SAVED_S_PER_LAYER
+    # Break-even with a cold cache: COLD_S / (2 passes x layers x SAVED_S_PER_PASS) steps of one micro-batch.
+    per_step = 2 * 24 * comp.SAVED_S_PER_PASS
     even = math.ceil(comp.COLD_S / per_step)
     assert comp.decide("auto", gpu, even, 1, 24, warm=False).enabled
     assert not comp.decide("auto", gpu, even - 1, 1, 24, warm=False).enabled
@@ -42,6 +42,10 @@ def test_compile_auto_rule():
     assert comp.decide("auto", gpu, math.ceil(comp.WARM_S / per_step), 1, 24, warm=True).enabled
     # Two micro-batches a step save twice as much per step.
     assert comp.decide("auto", gpu, math.ceil(even / 2), 2, 24, warm=False).enabled
+    # Recomputed layers run forward twice: a third more passes to save on.
+    assert comp.decide("auto", gpu, math.ceil(comp.COLD_S / (3 * 24 * comp.SAVED_S_PER_PASS)), 1, 24, warm=False,
+                       recomputed=24).enabled
+    assert "72 layer passes (24 layers, 24 recomputed)" in comp.decide("auto", gpu, 10, 1, 24, False, 24).reason
     assert not comp.decide("auto", cpu, 10**6, 8, 24, warm=True).enabled
     assert not comp.decide(True, cpu, 10, 1, 24, warm=False).enabled  # compiling is GPU-only
     assert comp.decide("true", gpu, 1, 1, 24, warm=False).enabled
