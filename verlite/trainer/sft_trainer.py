@@ -23,7 +23,7 @@ from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
 from verlite.data.cache import TokenCache
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
-from verlite.engine import ulysses
+from verlite.engine import gpu_warmup, ulysses
 from verlite.engine.memory import apply_memory_cap
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
@@ -134,6 +134,7 @@ class Trainer:
 
         resume_from = self._resume_point()
         started = time.perf_counter()
+        warming = gpu_warmup.start(self.device)  # cuBLAS and autograd set up while the weights are read
         # What gives this run's weights their meaning; checked against the checkpoint before
         # any weights are read, and saved with every checkpoint.
         self.settings = run_settings(cfg, self.tokenizer, self.train_ds)
@@ -145,6 +146,7 @@ class Trainer:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
+        gpu_warmup.finish(warming)
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
         self.model.train()
