@@ -114,6 +114,11 @@ def test_gsm8k_cli_bench_smoke_logs_compile_off_time_breakdown_and_cache_hit(tmp
         for part in ("training", "compiling off", cache, "model loading", "1 checkpoint(s): training paused",
                      "in the background"):
             assert part in run["done"], run["done"]
+    for run in runs:  # the Done line's parts, as numbers, add up to the time since launch
+        done = run["done_parts"]
+        assert {"start-up", "data", "model loading", "training", "final checkpoint"} <= set(done["parts_s"])
+        assert abs(sum(done["parts_s"].values()) - done["since_launch_s"]) <= 0.05 * len(done["parts_s"]) + 0.05
+        assert run["first_log_line_s"] <= run["first_step_s"] <= run["done_line_s"] <= run["wall_s"]
     assert "second launch's time to first step" in r.stdout
 
 
