@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from conftest import write_jsonl
+import pytest
+
+from conftest import ROOT, write_jsonl
 
 ROWS = [{"question": f"What is {i} plus {i + 1}?", "answer": f"The answer is {2 * i + 1}."} for i in range(8)]
 WATCHED = ("torch", "transformers", "peft", "torchao", "sklearn")
@@ -70,3 +72,13 @@ def test_process_age_counts_from_the_process_start():
     age, since_launch = float(out[0]), float(out[1])
     tick = 0.02  # the kernel keeps the start time in clock ticks (10 ms)
     assert 0.5 <= age <= wall + tick and 0.5 <= since_launch <= wall + tick
+
+
+@pytest.mark.slow
+def test_launch_time_bench_runs_on_cpu(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "launch_time.py"), "--gsm8k", str(data), "--model",
+                        str(tiny_model), "--tree", f"this={ROOT}", "--rounds", "2"], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert re.search(r"this: launch -> step 1 min [\d.]+ / median [\d.]+ s, launch -> exit .* \(1 launches\)", r.stdout)
