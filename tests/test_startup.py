@@ -82,3 +82,11 @@ def test_launch_time_bench_runs_on_cpu(tmp_path, tiny_model):
                        timeout=600, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert re.search(r"this: launch -> step 1 min [\d.]+ / median [\d.]+ s, launch -> exit .* \(1 launches\)", r.stdout)
+
+
+def test_weights_are_read_ahead_only_for_a_local_folder(tiny_model):
+    from verlite.models.load import read_ahead_weights
+
+    size = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
+    assert size > 0 and read_ahead_weights(str(tiny_model)) == size
+    assert read_ahead_weights("Qwen/Qwen2.5-0.5B") == 0  # a hub id: nothing local to read

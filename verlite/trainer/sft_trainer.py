@@ -34,7 +34,7 @@ from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
 from verlite.models import lean_imports
 from verlite.models.attention import supports_varlen
-from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype
+from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
 from verlite.trainer import async_checkpoint
@@ -114,7 +114,9 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
 
-        # Data first: a bad file fails here, before any model or GPU memory is touched.
+        # Data first: a bad file fails here, before any model or GPU memory is touched
+        # (the kernel may already read the weights from disk meanwhile).
+        read_ahead_weights(cfg.model.partial_pretrain)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         apply_chat_template_override(self.tokenizer, cfg.data.chat_template)
         # Start-up: imports, config, distributed set-up and the tokenizer, from the launch on.
