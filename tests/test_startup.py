@@ -90,3 +90,17 @@ def test_weights_are_read_ahead_only_for_a_local_folder(tiny_model):
     size = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
     assert size > 0 and read_ahead_weights(str(tiny_model)) == size
     assert read_ahead_weights("Qwen/Qwen2.5-0.5B") == 0  # a hub id: nothing local to read
+
+
+def test_hidden_packages_look_absent_only_inside_the_block():
+    code = ("import importlib.util as u, sys\n"
+            "from verlite.models.lean_imports import without\n"
+            "with without(['torchao', 'sklearn']) as hidden:\n"
+            "    inside = u.find_spec('torchao') is None\n"
+            "print(hidden, inside, u.find_spec('torchao') is not None, 'torchao' in sys.modules)\n"
+            "import transformers.utils.import_utils as iu\n"
+            "iu.is_torchao_available()  # transformers has asked now: hiding it would break its import\n"
+            "with without(['torchao']) as hidden:\n"
+            "    print(hidden)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert out == ["['torchao', 'sklearn'] True True False", "[]"], out
