@@ -42,8 +42,11 @@ def mark_launch() -> None:
 
 
 def launch_time() -> float:
-    """perf_counter() value of the launch: the process start under the CLI, else now."""
-    return _launch if _launch is not None else time.perf_counter()
+    """perf_counter() value of the launch: the process start for the first run after
+    mark_launch() (the CLI's), now for any other (a second run in the same process)."""
+    global _launch
+    launch, _launch = _launch, None
+    return launch if launch is not None else time.perf_counter()
 
 
 def compile_seconds(first_steps_s: list[float]) -> float:
