@@ -325,8 +325,11 @@ def exit_now(code: int) -> None:
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()  # e.g. wandb's or tensorboard's flush; logging.shutdown
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`verlite sft | head`): nothing left to tell it
+            pass
     os._exit(code)
 
 
