@@ -67,6 +67,15 @@ def done_parts(done: str | None) -> dict:
     return {"since_launch_s": float(found.group(1)), "parts_s": parts, "checkpoint_writes_s": float(found.group(3))}
 
 
+def start_up_parts(out: str) -> dict:
+    """The "start-up: X s since launch (python .. s, imports .. s, ...)" line, in seconds."""
+    found = re.search(r"start-up: ([\d.]+) s since launch \((.*)\)", out)
+    if not found:
+        return {}
+    parts = dict((name, float(v)) for name, v in re.findall(r"(?:^|, )(.+?) ([\d.]+) s", found.group(2)))
+    return {"total_s": float(found.group(1)), "parts_s": parts}
+
+
 def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int, extra: list[str],
            steps: int | None = None) -> dict:
     """One `verlite sft` subprocess; wall time, time to the first step, steady tokens/s."""
@@ -116,7 +125,7 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
     done = next((x.strip() for x in out.splitlines() if "Done:" in x), None)
     result.update(tokens_per_s=round(statistics.median(steady)), logged_rates=[round(x) for x in rates],
                   save_pause_s=[p for p, _ in saves], save_write_s=[w for _, w in saves], args=args,
-                  done=done, done_parts=done_parts(done),
+                  done=done, done_parts=done_parts(done), start_up=start_up_parts(out),
                   exit_after_done_s=round(wall - result["done_line_s"], 2) if result["done_line_s"] else None,
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
                   final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")))
@@ -148,6 +157,9 @@ def summary(rows: list[dict]) -> str:
         if parts:
             out.append("  since launch: " + ", ".join(f"{k} {v} s" for k, v in parts.items()) +
                        f"; exit {r.get('exit_after_done_s')} s after the Done line")
+        start_up = (r.get("start_up") or {}).get("parts_s")
+        if start_up:
+            out.append("  start-up: " + ", ".join(f"{k} {v} s" for k, v in start_up.items()))
     for r in trl:
         out.append(f"TRL {r.get('setting')}: wall {r['wall_s']} s, steady {r['tokens_per_s']} tokens/s")
     if trl and v and v[0]["ok"]:

@@ -119,6 +119,11 @@ def test_gsm8k_cli_bench_smoke_logs_compile_off_time_breakdown_and_cache_hit(tmp
         assert {"start-up", "data", "model loading", "training", "final checkpoint"} <= set(done["parts_s"])
         assert abs(sum(done["parts_s"].values()) - done["since_launch_s"]) <= 0.05 * len(done["parts_s"]) + 0.05
         assert run["first_log_line_s"] <= run["first_step_s"] <= run["done_line_s"] <= run["wall_s"]
+        start_up = run["start_up"]  # split into the steps before the first log line
+        assert {"python", "config", "imports (torch, verlite)", "device init", "transformers import",
+                "tokenizer"} <= set(start_up["parts_s"]), start_up
+        assert abs(sum(start_up["parts_s"].values()) - start_up["total_s"]) <= 0.05 * len(start_up["parts_s"]) + 0.05
+        assert abs(start_up["total_s"] - done["parts_s"]["start-up"]) <= 0.1
     assert "second launch's time to first step" in r.stdout
 
 

@@ -60,6 +60,12 @@ def test_full_finetune_imports_no_peft_nor_torchao_and_its_summary_adds_up(tmp_p
     assert abs(sum(seconds) - float(since)) <= 0.05 * len(seconds) + 0.05, (seconds, since)
     # measured from the process's own start, so never more than the launcher saw
     assert float(since) <= wall + 0.05, (since, wall)
+    # start-up is split into its steps in its own line, which adds up to it as well
+    total, steps = re.search(r"start-up: ([\d.]+) s since launch \((.*)\)", r.stdout).groups()
+    split = dict((k, float(v)) for k, v in re.findall(r"(?:^|, )(.+?) ([\d.]+) s", steps))
+    assert list(split)[:6] == ["python", "config", "imports (torch, verlite)", "device init", "transformers import",
+                               "tokenizer"], split
+    assert abs(sum(split.values()) - float(total)) <= 0.05 * len(split) + 0.05 and shown["start-up"] == total
 
 
 def test_process_age_counts_from_the_process_start():

@@ -127,7 +127,10 @@ def _cmd_sft(args) -> int:
     from verlite.config import load_config
 
     cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
+    timeline.note("config")
     from verlite.trainer.sft_trainer import run_sft
+
+    timeline.note("imports (torch, verlite)")
 
     run_sft(cfg)
     return 0

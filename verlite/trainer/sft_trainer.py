@@ -42,6 +42,7 @@ from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_
 from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
+from verlite.trainer import timeline
 from verlite.trainer.timeline import Timeline, compile_seconds, launch_time
 
 log = logging.getLogger("verlite.trainer")
@@ -50,6 +51,7 @@ log = logging.getLogger("verlite.trainer")
 def run_sft(cfg: SFTConfig) -> dict:
     """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
     dist_info = init_distributed(cfg.trainer.device)
+    timeline.note("device init")  # CUDA's context (torch.cuda.set_device), the process group
     try:
         with hold_run_dir(Path(cfg.trainer.default_local_dir).expanduser(), dist_info):
             return Trainer(cfg, dist_info).fit()
@@ -117,10 +119,20 @@ class Trainer:
         # Data first: a bad file fails here, before any model or GPU memory is touched
         # (the kernel may already read the weights from disk meanwhile).
         read_ahead_weights(cfg.model.partial_pretrain)
+        from transformers import AutoTokenizer  # noqa: F401 -- its import, timed apart from the tokenizer's load
+
+        timeline.note("transformers import")
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         apply_chat_template_override(self.tokenizer, cfg.data.chat_template)
+        timeline.note("tokenizer")
         # Start-up: imports, config, distributed set-up and the tokenizer, from the launch on.
-        self.timeline.add("start-up", self.timeline.since_launch())
+        now = time.perf_counter()
+        self.timeline.add("start-up", now - self.timeline.launch)
+        split = timeline.start_up_split(self.timeline.launch, now)
+        if split:
+            log.info("start-up: %.1f s since launch (%s)", now - self.timeline.launch,
+                     ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
+        self.start_up_split = split
         with self.timeline.phase("data"):
             cache = TokenCache.for_config(cfg.data, self.tokenizer) if not cfg.data.custom_cls.path else None
             self.train_ds = train_ds if train_ds is not None else \
@@ -449,7 +461,7 @@ class Trainer:
                    "data_s": parts["data"], "data_cache": self.train_ds.cache, "model_load_s": parts["model loading"],
                    "saves": saves.saves, "save_stall_s": parts["checkpoint pauses"],
                    "final_save_s": parts["final checkpoint"], "save_write_s": round(saves.write_s, 2),
-                   "since_launch_s": wall, "time_parts": parts}
+                   "since_launch_s": wall, "time_parts": parts, "start_up_parts": self.start_up_split}
         mem = f", peak gpu_mem {summary['peak_gpu_mem_gb']:.1f}GB" if summary["peak_gpu_mem_gb"] is not None else ""
         shown = {"data": f"data {parts['data']:.1f} s ({self.train_ds.cache or 'given'})",
                  "compiling": f"compiling {parts['compiling']:.1f} s (measured)" if self.compiled else "compiling off",

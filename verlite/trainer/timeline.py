@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 _launch: Optional[float] = None  # perf_counter() value of the launch, set by the CLI
+_notes: list[tuple[str, float]] = []  # (what just ended, perf_counter()) since the launch, for start-up's split
 
 
 def process_age() -> Optional[float]:
@@ -39,6 +40,30 @@ def mark_launch() -> None:
     global _launch
     age = process_age()
     _launch = time.perf_counter() - (age if age is not None else 0.0)
+    _notes.clear()
+    note("python")  # the interpreter's own start and `import verlite.cli`
+
+
+def note(done: str) -> None:
+    """Start-up step `done` ended now (imports, config, device init...): the start-up part
+    of the summary is split at these notes."""
+    _notes.append((done, time.perf_counter()))
+
+
+def start_up_split(launch: float, now: float) -> dict[str, float]:
+    """Start-up's seconds per noted step since `launch`, the rest after the last note as
+    "other"; empty when nothing was noted for this launch (a run inside a longer program)."""
+    steps = [(name, t) for name, t in _notes if launch <= t <= now]
+    _notes.clear()
+    if not steps:
+        return {}
+    out, previous = {}, launch
+    for name, t in steps:
+        out[name] = out.get(name, 0.0) + t - previous
+        previous = t
+    if now - previous > 0.005:
+        out["other"] = now - previous
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def launch_time() -> float:
