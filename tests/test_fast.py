@@ -55,11 +55,14 @@ def test_compile_auto_rule():
 
 
 def test_compile_cache_goes_under_the_verlite_cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # set, then removed: monkeypatch restores both
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "c"))
     folder = comp.use_persistent_cache()
     assert folder == tmp_path / "c" / "compile" and folder.is_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")  # Triton's kernels in the same folder
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     assert comp._known_shapes(folder) == ["Qwen2DecoderLayer/896"]
