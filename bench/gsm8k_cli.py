@@ -54,45 +54,79 @@ def build_model(out: Path, gsm8k: Path, smoke: bool) -> Path:
     return build_qwen2(out, tok, hidden_size=64, layers=2, heads=4, kv_heads=2)
 
 
-def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int, extra: list[str]) -> dict:
+def done_parts(done: str | None) -> dict:
+    """The "Done:" line's time since launch and its parts, in seconds."""
+    found = re.search(r"\| ([\d.]+) s since launch: (.*?); checkpoints written in ([\d.]+) s", done or "")
+    if not found:
+        return {}
+    parts = {}
+    for piece in found.group(2).split(", "):
+        m = re.match(r"(?:\d+ checkpoint\(s\): )?(.*?) ?([\d.]+) s\b", piece)
+        if m:
+            parts[m.group(1)] = float(m.group(2))
+    return {"since_launch_s": float(found.group(1)), "parts_s": parts, "checkpoint_writes_s": float(found.group(3))}
+
+
+def start_up_parts(out: str) -> dict:
+    """The "start-up: X s since launch (python .. s, imports .. s, ...)" line, in seconds."""
+    found = re.search(r"start-up: ([\d.]+) s since launch \((.*)\)", out)
+    if not found:
+        return {}
+    parts = dict((name, float(v)) for name, v in re.findall(r"(?:^|, )(.+?) ([\d.]+) s", found.group(2)))
+    return {"total_s": float(found.group(1)), "parts_s": parts}
+
+
+def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int, extra: list[str],
+           steps: int | None = None) -> dict:
     """One `verlite sft` subprocess; wall time, time to the first step, steady tokens/s."""
     args = ["sft", f"data.train_files={data}", f"model.partial_pretrain={model}",
             f"trainer.default_local_dir={run_dir}", "trainer.max_ckpt_to_keep=2"]
     args += ["data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=4", "trainer.device=cpu",
              "trainer.log_interval=1"] if smoke else ["data.micro_batch_size_per_gpu=32"]
+    if steps:
+        args.append(f"trainer.total_training_steps={steps}")
     args += extra
     env = dict(os.environ, VERLITE_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
     metrics = run_dir / "metrics.jsonl"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "verlite.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
+    lines: list[tuple[float, str]] = []  # (seconds since launch when the line arrived, line)
     import threading
 
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line))
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    first_step = None
-    while proc.poll() is None and time.perf_counter() - start < timeout:
-        if first_step is None and metrics.is_file() and metrics.read_text().strip():
-            first_step = time.perf_counter() - start
-        time.sleep(0.02)
-    if proc.poll() is None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
         proc.kill()
-    proc.wait()
+        proc.wait()
     wall = time.perf_counter() - start
     reader.join(timeout=5)
-    out = "".join(lines)
+    out = "".join(line for _, line in lines)
+
+    def seen(pattern: str) -> float | None:
+        return next((round(t, 2) for t, line in lines if re.search(pattern, line)), None)
+
+    # Step 1's log line is printed once the step's loss is read back: the step is done.
+    first_step = seen(r"\| Step 1/\d+ \|")
     result = {"impl": "verlite", "case": "gsm8k_cli", "ok": proc.returncode == 0, "wall_s": round(wall, 2),
-              "first_step_s": round(first_step, 2) if first_step else None}
+              "first_step_s": first_step, "first_log_line_s": seen(r"^INFO: "), "done_line_s": seen(r"Done: ")}
     if proc.returncode != 0:
         result["error"] = out[-1500:]
         return result
     rates = [r["tokens/s"] for r in map(json.loads, metrics.read_text().splitlines()) if "tokens/s" in r]
     steady = rates[2:] or rates
     saves = [tuple(map(float, m)) for m in re.findall(r"training paused ([\d.]+) s; written in ([\d.]+) s", out)]
+    done = next((x.strip() for x in out.splitlines() if "Done:" in x), None)
     result.update(tokens_per_s=round(statistics.median(steady)), logged_rates=[round(x) for x in rates],
                   save_pause_s=[p for p, _ in saves], save_write_s=[w for _, w in saves], args=args,
-                  done=next((x.strip() for x in out.splitlines() if "Done:" in x), None),
+                  done=done, done_parts=done_parts(done), start_up=start_up_parts(out),
+                  exit_after_done_s=round(wall - result["done_line_s"], 2) if result["done_line_s"] else None,
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
                   final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")))
     return result
@@ -119,6 +153,13 @@ def summary(rows: list[dict]) -> str:
     for i, r in enumerate(v, 1):
         out.append(f"verlite launch {i}: wall {r['wall_s']} s, first step at {r['first_step_s']} s, "
                    f"steady {r.get('tokens_per_s')} tokens/s" + ("" if r["ok"] else f" FAILED: {r['error'][-300:]}"))
+        parts = (r.get("done_parts") or {}).get("parts_s")
+        if parts:
+            out.append("  since launch: " + ", ".join(f"{k} {v} s" for k, v in parts.items()) +
+                       f"; exit {r.get('exit_after_done_s')} s after the Done line")
+        start_up = (r.get("start_up") or {}).get("parts_s")
+        if start_up:
+            out.append("  start-up: " + ", ".join(f"{k} {v} s" for k, v in start_up.items()))
     for r in trl:
         out.append(f"TRL {r.get('setting')}: wall {r['wall_s']} s, steady {r['tokens_per_s']} tokens/s")
     if trl and v and v[0]["ok"]:
@@ -142,6 +183,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the JSON lines here")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--lora", action="store_true", help="model.lora_rank=8 on q/v (the article's adapter) on both sides")
+    p.add_argument("--steps", type=int, default=None, help="verlite: stop after N steps (quick checks; TRL not run)")
     a = p.parse_args()
     gsm8k = Path(a.gsm8k)
     work = Path(tempfile.mkdtemp(prefix="gsm8k_cli_"))
@@ -154,9 +196,9 @@ def main() -> None:
     rows = []
     for i in (1, 2):
         lora = ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"] if a.lora else []
-        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout, lora))
+        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout, lora, a.steps))
         print(json.dumps(rows[-1]), flush=True)
-    if a.trl:
+    if a.trl and not a.steps:
         for extra in ([["--lora"], ["--lora", "--ckpt"]] if a.lora else [[], ["--dtype", "bfloat16"]]):
             rows.append(run_trl(model, data, a.smoke, extra, a.timeout))
             print(json.dumps(rows[-1]), flush=True)

@@ -33,8 +33,8 @@ def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
 
 def test_compile_auto_rule():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    # Break-even with a cold cache: COLD_S / (layers x SAVED_S_PER_LAYER) steps of one micro-batch.
-    per_step = 24 * comp.SAVED_S_PER_LAYER
+    # Break-even with a cold cache: COLD_S / (2 passes x layers x SAVED_S_PER_PASS) steps of one micro-batch.
+    per_step = 2 * 24 * comp.SAVED_S_PER_PASS
     even = math.ceil(comp.COLD_S / per_step)
     assert comp.decide("auto", gpu, even, 1, 24, warm=False).enabled
     assert not comp.decide("auto", gpu, even - 1, 1, 24, warm=False).enabled
@@ -42,6 +42,10 @@ def test_compile_auto_rule():
     assert comp.decide("auto", gpu, math.ceil(comp.WARM_S / per_step), 1, 24, warm=True).enabled
     # Two micro-batches a step save twice as much per step.
     assert comp.decide("auto", gpu, math.ceil(even / 2), 2, 24, warm=False).enabled
+    # Recomputed layers run forward twice: a third more passes to save on.
+    assert comp.decide("auto", gpu, math.ceil(comp.COLD_S / (3 * 24 * comp.SAVED_S_PER_PASS)), 1, 24, warm=False,
+                       recomputed=24).enabled
+    assert "72 layer passes (24 layers, 24 recomputed)" in comp.decide("auto", gpu, 10, 1, 24, False, 24).reason
     assert not comp.decide("auto", cpu, 10**6, 8, 24, warm=True).enabled
     assert not comp.decide(True, cpu, 10, 1, 24, warm=False).enabled  # compiling is GPU-only
     assert comp.decide("true", gpu, 1, 1, 24, warm=False).enabled
@@ -51,11 +55,14 @@ def test_compile_auto_rule():
 
 
 def test_compile_cache_goes_under_the_verlite_cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # set, then removed: monkeypatch restores both
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "c"))
     folder = comp.use_persistent_cache()
     assert folder == tmp_path / "c" / "compile" and folder.is_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")  # Triton's kernels in the same folder
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     assert comp._known_shapes(folder) == ["Qwen2DecoderLayer/896"]
@@ -110,6 +117,16 @@ def test_gsm8k_cli_bench_smoke_logs_compile_off_time_breakdown_and_cache_hit(tmp
         for part in ("training", "compiling off", cache, "model loading", "1 checkpoint(s): training paused",
                      "in the background"):
             assert part in run["done"], run["done"]
+    for run in runs:  # the Done line's parts, as numbers, add up to the time since launch
+        done = run["done_parts"]
+        assert {"start-up", "data", "model loading", "training", "final checkpoint"} <= set(done["parts_s"])
+        assert abs(sum(done["parts_s"].values()) - done["since_launch_s"]) <= 0.05 * len(done["parts_s"]) + 0.05
+        assert run["first_log_line_s"] <= run["first_step_s"] <= run["done_line_s"] <= run["wall_s"]
+        start_up = run["start_up"]  # split into the steps before the first log line
+        assert {"python", "config", "imports (torch, verlite)", "device init", "transformers import",
+                "tokenizer"} <= set(start_up["parts_s"]), start_up
+        assert abs(sum(start_up["parts_s"].values()) - start_up["total_s"]) <= 0.05 * len(start_up["parts_s"]) + 0.05
+        assert abs(start_up["total_s"] - done["parts_s"]["start-up"]) <= 0.1
     assert "second launch's time to first step" in r.stdout
 
 

@@ -188,6 +188,12 @@ def test_custom_dataset_class_from_a_file(tmp_path, tokenizer_chat):
     row = pq.read_table(data).to_pylist()[0]["messages"]
     p = tokenizer_chat(row[0]["content"])["input_ids"]
     assert ds.input_ids[0].tolist()[: len(p)] == p and int(ds.loss_mask[0].sum()) == len(ds.input_ids[0]) - len(p)
+    # data.truncation applies to a custom dataset's samples as to verlite's own, and is counted
+    # (so the truncation warning speaks for custom datasets too)
+    short = min(len(x) for x in ds.input_ids) - 1
+    cut = load_dataset(str(data), DataConfig(custom_cls=cfg.custom_cls, max_length=short, truncation="right"),
+                       tokenizer_chat)
+    assert cut.truncated == 5 and all(len(x) == short for x in cut.input_ids)
 
 
 def test_missing_dict_field_is_one_line(tmp_path, tokenizer_chat):

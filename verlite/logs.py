@@ -42,7 +42,20 @@ def setup_logging(level: str = "INFO") -> None:
     root.propagate = False
     for noisy in ("transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel("ERROR" if level != "DEBUG" else "INFO")
-    if level != "DEBUG":  # transformers' per-shard bars would interleave with ours
+    if level == "DEBUG":
+        return
+    # transformers' per-shard bars would interleave with ours. Importing transformers here
+    # would cost every command (and every bad-config error) a second, so when it is not
+    # loaded yet the switches go where it and huggingface_hub read them at import.
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its own level, set when it configures itself

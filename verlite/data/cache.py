@@ -22,8 +22,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -67,8 +69,9 @@ class FileTokens:
         return len(self.offsets) - 1 + self.dropped
 
     def samples(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        cut = self.offsets[1:-1]
-        return np.split(self.ids, cut), np.split(self.mask, cut)
+        bounds = self.offsets.tolist()  # slicing with Python ints: 3x faster than np.split's views
+        ids, mask = self.ids, self.mask
+        return ([ids[a:b] for a, b in zip(bounds, bounds[1:])], [mask[a:b] for a, b in zip(bounds, bounds[1:])])
 
 
 def cache_folder(cfg: DataConfig) -> Optional[Path]:
@@ -86,14 +89,32 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
+    """Kept per tokenizer object and chat template: serializing a 150k-word vocabulary
+    costs a fraction of a second, and train and val files share one tokenizer."""
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        known = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        known = None
+    state = (template, len(tokenizer), str(tokenizer.special_tokens_map))
+    if known is not None and known[0] == state:
+        return known[1]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = {"class": type(tokenizer).__name__, "chat_template": getattr(tokenizer, "chat_template", None),
+    extra = {"class": type(tokenizer).__name__, "chat_template": template,
              "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
              "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id,
              "add_bos": getattr(tokenizer, "add_bos_token", None), "add_eos": getattr(tokenizer, "add_eos_token", None)}
-    return _sha(body + json.dumps(extra, sort_keys=True, default=str))
+    digest = _sha(body + json.dumps(extra, sort_keys=True, default=str))
+    try:
+        _FINGERPRINTS[tokenizer] = (state, digest)
+    except TypeError:
+        pass
+    return digest
 
 
 def _code_fingerprint() -> str:
@@ -158,30 +179,31 @@ class TokenCache:
         key = self.settings + file_digest(path, self.folder) + ("" if limit is None else f"|rows<={limit}")
         return self.folder / (_sha(key)[:40] + ".safetensors")
 
-    def load(self, path: str, limit: Optional[int] = None) -> Optional[FileTokens]:
+    def entry_for(self, path: str, limit: Optional[int] = None) -> Optional[Path]:
+        """The entry's name (the file is hashed once, for both load and store), or None
+        when the file cannot be read to hash it (reading it for tokens reports why)."""
         try:
-            entry = self.entry(path, limit)
+            return self.entry(path, limit)
         except OSError:
             return None
+
+    def load(self, entry: Path) -> Optional[FileTokens]:
+        """The entry's arrays, memory-mapped (safetensors' numpy loader reads into memory;
+        a cache hit should cost no more than the pages the samples touch)."""
         if not entry.is_file():
             return None
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(entry), framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in ("ids", "mask", "offsets")}
+            arrays, meta = _map_safetensors(entry)
             return FileTokens(arrays["ids"], arrays["mask"], arrays["offsets"], int(meta.get("truncated", 0)),
                               int(meta.get("dropped", 0)))
         except Exception as e:  # a damaged entry is a miss, and is replaced below
             log.warning("token cache entry %s is unreadable (%s); tokenizing again", entry, e)
             return None
 
-    def store(self, path: str, tokens: FileTokens, limit: Optional[int] = None) -> None:
+    def store(self, entry: Path, path: str, tokens: FileTokens) -> None:
         from safetensors.numpy import save_file
 
         try:
-            entry = self.entry(path, limit)
             entry.parent.mkdir(parents=True, exist_ok=True)
             tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
             save_file({"ids": tokens.ids, "mask": tokens.mask, "offsets": tokens.offsets}, str(tmp),
@@ -191,3 +213,25 @@ class TokenCache:
         except OSError as e:
             log.warning("token cache: could not write under %s (%s); the next run tokenizes again "
                         "(set data.token_cache to a writable folder, or false)", self.folder, e.strerror or e)
+
+
+_DTYPES = {"I32": np.int32, "U8": np.uint8, "I64": np.int64}
+
+
+def _map_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A safetensors file (8-byte little-endian header size, JSON header, data) as read-only
+    arrays over one memory map of the file."""
+    with open(path, "rb") as f:
+        data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+    size = int(data[:8].view("<u8")[0])
+    header = json.loads(bytes(data[8:8 + size]))
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + size
+    arrays = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        arrays[name] = data[base + start:base + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    ids, mask, offsets = arrays["ids"], arrays["mask"], arrays["offsets"]
+    if len(ids) != len(mask) or len(offsets) < 1 or int(offsets[-1]) != len(ids):
+        raise ValueError("its arrays disagree in length")
+    return arrays, meta

@@ -28,7 +28,7 @@ def _as_list(value, name: str, where: str) -> list[int]:
 def load_custom_dataset(files: list[str], cfg: DataConfig, tokenizer, max_samples: int):
     from omegaconf import OmegaConf
 
-    from verlite.data.dataset import SFTDataset, truncate
+    from verlite.data.dataset import SFTDataset
 
     cls = load_custom_cls(cfg.custom_cls.path, cfg.custom_cls.name)
     name = f"{cfg.custom_cls.name} ({cfg.custom_cls.path})"
@@ -49,14 +49,7 @@ def load_custom_dataset(files: list[str], cfg: DataConfig, tokenizer, max_sample
         keep = _as_list(item["attention_mask"], "attention_mask", where) if "attention_mask" in item else [1] * len(ids)
         if not len(ids) == len(mask) == len(keep):
             raise VerliteError(f"{where}: input_ids, loss_mask and attention_mask differ in length")
-        enc = Encoded([t for t, k in zip(ids, keep) if k], [int(m > 0) for m, k in zip(mask, keep) if k])
-        enc = truncate(enc, cfg.max_length, cfg.truncation, where)
-        if enc is None:
-            ds.dropped += 1
-            continue
-        if not any(enc.loss_mask):
-            raise VerliteError(f"{where}: no token carries loss (loss_mask is all zero)")
-        ds.append(enc)
+        ds.add(Encoded([t for t, k in zip(ids, keep) if k], [int(m > 0) for m, k in zip(mask, keep) if k]), cfg, where)
     if not len(ds):
         raise VerliteError(f"data.custom_cls: {name} produced no samples")
     return ds

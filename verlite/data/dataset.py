@@ -35,17 +35,35 @@ class SFTDataset:
     truncated: int = 0
     dropped: int = 0
     cache: str = ""  # how the samples were obtained, for the run summary ("token cache hit", ...)
+    _lengths: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+        """Tokens per sample; read every step, so kept until samples are added."""
+        if self._lengths is None or len(self._lengths) != len(self):
+            self._lengths = np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+        return self._lengths
 
     def append(self, enc: Encoded) -> None:
         self.input_ids.append(np.asarray(enc.input_ids, dtype=np.int32))
         self.loss_mask.append(np.asarray(enc.loss_mask, dtype=np.uint8))
+
+    def add(self, full: Encoded, cfg: DataConfig, where: str) -> None:
+        """One sample as tokenized, with data.truncation applied, checked and counted."""
+        enc = truncate(full, cfg.max_length, cfg.truncation, where)
+        if enc is None:
+            self.dropped += 1
+            return
+        if not any(enc.loss_mask):
+            if not any(full.loss_mask):
+                raise VerliteError(f"{where}: no token carries loss (loss_mask is all zero)")
+            raise VerliteError(f"{where}: no response token is left after truncation to "
+                               f"data.max_length={cfg.max_length}; raise max_length or set data.truncation=drop")
+        self.truncated += len(enc.input_ids) < len(full.input_ids)
+        self.append(enc)
 
     def extend(self, tokens: FileTokens) -> None:
         ids, masks = tokens.samples()
@@ -55,34 +73,43 @@ class SFTDataset:
         self.dropped += tokens.dropped
 
 
-def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files", workers: int | None = None) -> SFTDataset:
+def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files", workers: int | None = None,
+                 cache: TokenCache | None | bool = True) -> SFTDataset:
+    """`cache`: a TokenCache built for this config and tokenizer (train and val share one),
+    True to build it here, or None/False for none."""
     limit = cfg.val_max_samples if key == "data.val_files" else cfg.train_max_samples
     paths = resolve_files(files, key)
     if cfg.custom_cls.path:
         from verlite.data.custom import load_custom_dataset
 
-        return load_custom_dataset(paths, cfg, tokenizer, limit)
+        return checked(load_custom_dataset(paths, cfg, tokenizer, limit), cfg, key)
     ds = SFTDataset()
-    cache = TokenCache.for_config(cfg, tokenizer)
+    if cache is True:
+        cache = TokenCache.for_config(cfg, tokenizer)
     hits = 0
     left = limit if limit is not None and limit >= 0 else None  # verl's *_max_samples: the first N rows
     for path in paths:
         if left == 0:
             break
-        tokens = cache.load(path, left) if cache is not None else None
+        entry = cache.entry_for(path, left) if cache else None
+        tokens = cache.load(entry) if entry is not None else None
         if tokens is None:
             tokens = tokenize_file(path, cfg, tokenizer, workers, left)
-            if cache is not None:
-                cache.store(path, tokens, left)
+            if entry is not None:
+                cache.store(entry, path, tokens)
         else:
             hits += 1
         ds.extend(tokens)
         if left is not None:
             left -= tokens.rows
-    if cache is None:
+    if not cache:
         ds.cache = "token cache off"
     else:
         ds.cache = "token cache " + ("hit" if hits == len(paths) else "miss" if not hits else f"hit {hits}/{len(paths)} files")
+    return checked(ds, cfg, key)
+
+
+def checked(ds: SFTDataset, cfg: DataConfig, key: str) -> SFTDataset:
     if ds.truncated or ds.dropped:
         log.warning("%s: %d samples longer than max_length=%d were truncated (%s), %d dropped",
                     key, ds.truncated, cfg.max_length, cfg.truncation, ds.dropped)
@@ -146,22 +173,10 @@ def _tokenize_chunk(rows: list[Row]) -> FileTokens:
 
 
 def tokenize_rows(rows: list[Row], cfg: DataConfig, tokenizer) -> FileTokens:
-    ids: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    truncated = dropped = 0
+    ds = SFTDataset()
     for row in rows:
-        full = encode_row(row, cfg, tokenizer)
-        enc = truncate(full, cfg.max_length, cfg.truncation, row.where)
-        if enc is None:
-            dropped += 1
-            continue
-        if not any(enc.loss_mask):
-            raise VerliteError(f"{row.where}: no response token is left after truncation to "
-                               f"data.max_length={cfg.max_length}; raise max_length or set data.truncation=drop")
-        truncated += len(enc.input_ids) < len(full.input_ids)
-        ids.append(np.asarray(enc.input_ids, dtype=np.int32))
-        masks.append(np.asarray(enc.loss_mask, dtype=np.uint8))
-    return FileTokens.from_lists(ids, masks, truncated, dropped)
+        ds.add(encode_row(row, cfg, tokenizer), cfg, row.where)
+    return FileTokens.from_lists(ds.input_ids, ds.loss_mask, ds.truncated, ds.dropped)
 
 
 def _text_field(row: Row, key: str, config_key: str, dict_keys: list[str] | None = None) -> str:

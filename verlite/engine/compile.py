@@ -3,16 +3,19 @@
 `model.compile: auto` (the default) compiles only on a GPU and only when the planned run
 is long enough to repay the compile time:
 
-    compile  <=>  steps x micro_batches x layers x SAVED_S_PER_LAYER  >=  compile cost
+    compile  <=>  steps x micro_batches x layer passes x SAVED_S_PER_PASS  >=  compile cost
 
 Compiling removes per-kernel launch overhead, which is what limits short samples (a GSM8K
 step of 32 x ~205 tokens leaves an H100 waiting on the host), so the saving is counted per
-layer per micro-batch, not per token. The compile cost is COLD_S the first time a layer
+pass of a layer (its forward, its backward, and its forward again when gradient
+checkpointing recomputes it) per micro-batch, not per token: the passes come from the
+planned steps and micro-batches and from the model as built (how many layers recompute). The compile cost is COLD_S the first time a layer
 shape is compiled on this machine and WARM_S once PyTorch's caches hold it (dynamo still
 traces; inductor and AOTAutograd read their results from the FX-graph / autograd caches).
-The constants below come from the H100 run of issue 14 (0.5B shape, batch 32, GSM8K,
-default config: 40k tokens/s eager, 72k compiled, 18 s more wall time over 60 steps);
-update them here from `bench/bench.py --cases gsm8k_cli` when a new measurement exists.
+The constants below come from the H100 run of issue 14 (0.5B shape, batch 32, GSM8K, every
+layer recomputed: 40k tokens/s eager, 72k compiled, 18 s more wall time over 60 steps):
+~3 ms saved per layer per micro-batch over its three passes, taken as 1 ms a pass. Update
+them here from `bench/gsm8k_cli.py` when a measurement without recomputation exists.
 
 Lengths: every packed micro-batch has another length. Left to PyTorch ("automatic
 dynamic"), the first length compiles static and the first change recompiles with the token
@@ -41,7 +44,7 @@ from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.engine")
 
-SAVED_S_PER_LAYER = 0.003  # host time compiling saves per decoder layer per micro-batch (fwd + bwd)
+SAVED_S_PER_PASS = 0.001  # host time compiling saves per layer pass (fwd, bwd or recompute) per micro-batch
 # Measured on the H100 (bench/gsm8k_cli.py, 2026-11-25): one compile of the 0.5B shape's
 # layer, the token dimension dynamic from the start, cold and with the caches filled.
 COLD_S = 16.0  # first compile of a layer shape on this machine (15.8 s measured, 0.5B shape, H100)
@@ -63,6 +66,8 @@ def use_persistent_cache() -> Path:
     folder = compile_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    # Triton keeps its compiled kernels apart (~/.triton by default): one folder holds everything.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return folder
@@ -114,8 +119,10 @@ def parse_setting(setting) -> bool | str:
     raise VerliteError(f"model.compile is {setting!r}; use true, false or auto")
 
 
-def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool) -> CompileChoice:
-    """model.compile (true | false | auto) to a yes/no and the reason, for the log."""
+def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool,
+           recomputed: int = 0) -> CompileChoice:
+    """model.compile (true | false | auto) to a yes/no and the reason, for the log.
+    `recomputed`: layers that gradient checkpointing runs forward twice."""
     setting = parse_setting(setting)
     if setting is True:
         if device.type != "cuda":
@@ -125,13 +132,15 @@ def decide(setting, device: torch.device, steps: int, micro_batches: int, layers
         return CompileChoice(False, "model.compile=false")
     if device.type != "cuda":
         return CompileChoice(False, "model.compile=auto: off on CPU (compiling pays only on a GPU)")
-    saving = steps * micro_batches * layers * SAVED_S_PER_LAYER
+    passes = 2 * layers + recomputed
+    saving = steps * micro_batches * passes * SAVED_S_PER_PASS
     cost = WARM_S if warm else COLD_S
     cache = "cached shape" if warm else "new shape"
     verdict = "on" if saving >= cost else "off"
     return CompileChoice(saving >= cost, f"model.compile=auto: {verdict} ({steps} steps x {micro_batches} micro-batch(es) "
-                                         f"x {layers} layers would save ~{saving:.0f} s against ~{cost:.0f} s to "
-                                         f"compile a {cache})")
+                                         f"x {passes} layer passes ({layers} layers, {recomputed} recomputed) x "
+                                         f"~{SAVED_S_PER_PASS * 1000:.0f} ms would save ~{saving:.0f} s against ~{cost:.0f} s "
+                                         f"to compile a {cache}; assumed from an H100 0.5B run)")
 
 
 def _mark_tokens_dynamic(module, args, output) -> None:
@@ -161,7 +170,9 @@ def maybe_compile(model, setting, device: torch.device, steps: int, micro_batche
     folder = compile_cache_dir()
     signature = layer_signature(model)
     warm = signature in _known_shapes(folder)
-    choice = decide(setting, device, steps, micro_batches, len(model.decoder_layers()), warm)
+    layers = model.decoder_layers()
+    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    choice = decide(setting, device, steps, micro_batches, len(layers), warm, recomputed)
     log.info("compile: %s", choice.reason)
     if choice.enabled:
         folder = use_persistent_cache()

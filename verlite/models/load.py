@@ -40,6 +40,27 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def read_ahead_weights(name: str) -> int:
+    """Ask the kernel to start reading a local model folder's weight files into the page
+    cache (posix_fadvise WILLNEED: asynchronous, no thread, nothing held), so a cold disk
+    works while the data is tokenized. Returns the bytes asked for; 0 where it does not apply."""
+    folder = Path(os.path.expandvars(os.path.expanduser(name)))
+    if not folder.is_dir() or not hasattr(os, "posix_fadvise"):
+        return 0
+    asked = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                asked += path.stat().st_size
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+    return asked
+
+
 def _hub_error(name: str, err: Exception, what: str) -> VerliteError:
     reason = " ".join(str(err).split())[:160]
     return VerliteError(f"cannot load the {what} of '{name}' (not a local folder, and the hub gave: {reason}); "
@@ -60,16 +81,32 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_hf_config(cfg: ModelConfig):
-    """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
+_CONFIGS: dict[tuple, object] = {}  # (path, trust_remote_code, config.json's stamp) -> config as read
+
+
+def read_hf_config(path: str, trust_remote_code: bool = False):
+    """AutoConfig.from_pretrained(path), read once per process (the SP check, the resume
+    settings, the memory plan and the model load all ask for it): a fresh copy each call."""
+    import copy
+
     from transformers import AutoConfig
 
-    from verlite.models.quant import quiet_torchao_import
+    try:
+        st = os.stat(os.path.join(path, "config.json"))
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:  # a hub id: its cached file does not change within a run
+        stamp = None
+    key = (path, trust_remote_code, stamp)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return copy.deepcopy(_CONFIGS[key])
 
-    quiet_torchao_import()  # transformers imports torchao (when installed) as it builds a model
+
+def load_hf_config(cfg: ModelConfig):
+    """The model's HF config with `model:` extras (e.g. rope_theta) applied and checked."""
     path = resolve_model_path(cfg.partial_pretrain)
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        hf_config = read_hf_config(path, cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.partial_pretrain, e, "config") from None
     known = set(hf_config.to_dict())
@@ -104,6 +141,9 @@ def master_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype):
     """The HF model on CPU in `dtype`, with LoRA and gradient checkpointing applied."""
+    from verlite.models.quant import quiet_torchao_import
+
+    quiet_torchao_import()  # transformers' model code imports torchao (when installed): keep its warnings out
     from transformers import AutoModelForCausalLM
 
     from verlite.models import attention

@@ -126,9 +126,9 @@ def _model_facts(name: Optional[str], trust_remote_code: bool) -> dict:
         facts["weights"] = sorted([p.name, p.stat().st_size] for p in folder.iterdir()
                                   if p.suffix in (".safetensors", ".bin") and p.is_file())
     try:
-        from transformers import AutoConfig
+        from verlite.models.load import read_hf_config
 
-        hf = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).to_dict()
+        hf = read_hf_config(path, trust_remote_code).to_dict()
         facts["config"] = {k: hf[k] for k in _SHAPE_KEYS if k in hf}
     except (OSError, ValueError):
         pass

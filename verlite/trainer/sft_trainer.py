@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import random
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,9 +20,10 @@ import torch
 
 from verlite.config import SFTConfig, loggers
 from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
+from verlite.data.cache import TokenCache
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
-from verlite.engine import ulysses
+from verlite.engine import gpu_warmup, ulysses
 from verlite.engine.memory import apply_memory_cap, oom_recompute
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
@@ -32,8 +32,9 @@ from verlite.engine.compile import maybe_compile, parse_setting, steady_max_seql
 from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
+from verlite.models import lean_imports
 from verlite.models.attention import supports_varlen
-from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype
+from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
 from verlite.trainer import async_checkpoint
@@ -41,6 +42,8 @@ from verlite.trainer.metrics import MetricsLogger, Throughput, format_line, gpu_
 from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
+from verlite.trainer import timeline
+from verlite.trainer.timeline import Timeline, compile_seconds, launch_time
 
 log = logging.getLogger("verlite.trainer")
 
@@ -48,6 +51,7 @@ log = logging.getLogger("verlite.trainer")
 def run_sft(cfg: SFTConfig) -> dict:
     """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
     dist_info = init_distributed(cfg.trainer.device)
+    timeline.note("device init")  # CUDA's context (torch.cuda.set_device), the process group
     try:
         with hold_run_dir(Path(cfg.trainer.default_local_dir).expanduser(), dist_info):
             return Trainer(cfg, dist_info).fit()
@@ -93,7 +97,13 @@ class StepHealth:
 class Trainer:
     def __init__(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset] = None):
         """`train_ds` replaces data.train_files with samples already tokenized (the benchmark's)."""
+        hidden = lean_imports.unused_by(cfg.model, cfg.optim.optimizer_impl, bool(cfg.data.custom_cls.path))
+        with lean_imports.without(hidden):
+            self._set_up(cfg, dist_info, train_ds)
+
+    def _set_up(self, cfg: SFTConfig, dist_info: DistInfo, train_ds: Optional[SFTDataset]) -> None:
         self.cfg = cfg
+        self.timeline = Timeline(launch_time())  # where the time goes, for the closing summary
         sp = cfg.ulysses_sequence_parallel_size
         if sp != 1:  # a bad SP size fails now, before data or weights are read
             ulysses.check_sp_size(sp, dist_info.world_size, load_hf_config(cfg.model), cfg.model.strategy)
@@ -101,22 +111,35 @@ class Trainer:
         self.device = dist_info.device
         self.is_lora = cfg.model.lora_rank > 0
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
-        self.phase_s: dict[str, float] = {}  # set-up time by phase, for the closing summary
         parse_setting(cfg.model.compile)  # a bad value fails before any loading
-        started = time.perf_counter()
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
         apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
 
-        # Data first: a bad file fails here, before any model or GPU memory is touched.
+        # Data first: a bad file fails here, before any model or GPU memory is touched
+        # (the kernel may already read the weights from disk meanwhile).
+        read_ahead_weights(cfg.model.partial_pretrain)
+        from transformers import AutoTokenizer  # noqa: F401 -- its import, timed apart from the tokenizer's load
+
+        timeline.note("transformers import")
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         apply_chat_template_override(self.tokenizer, cfg.data.chat_template)
-        self.train_ds = train_ds if train_ds is not None else \
-            load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files")
-        self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files")
-                       if cfg.data.val_files else None)
-        self.phase_s["data"] = time.perf_counter() - started
-        self.plan = self._build_plan()
+        timeline.note("tokenizer")
+        # Start-up: imports, config, distributed set-up and the tokenizer, from the launch on.
+        now = time.perf_counter()
+        self.timeline.add("start-up", now - self.timeline.launch)
+        split = timeline.start_up_split(self.timeline.launch, now)
+        if split:
+            log.info("start-up: %.1f s since launch (%s)", now - self.timeline.launch,
+                     ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
+        self.start_up_split = split
+        with self.timeline.phase("data"):
+            cache = TokenCache.for_config(cfg.data, self.tokenizer) if not cfg.data.custom_cls.path else None
+            self.train_ds = train_ds if train_ds is not None else \
+                load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files", cache=cache)
+            self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files", cache=cache)
+                           if cfg.data.val_files else None)
+            self.plan = self._build_plan()
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.plan.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.plan.steps_per_epoch)
         for key in ("save_freq", "test_freq"):  # verl's "after_each_epoch": known now, from the plan
@@ -125,6 +148,7 @@ class Trainer:
 
         resume_from = self._resume_point()
         started = time.perf_counter()
+        warming = gpu_warmup.start(self.device)  # cuBLAS and autograd set up while the weights are read
         # What gives this run's weights their meaning; checked against the checkpoint before
         # any weights are read, and saved with every checkpoint.
         self.settings = run_settings(cfg, self.tokenizer, self.train_ds)
@@ -136,6 +160,7 @@ class Trainer:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
+        gpu_warmup.finish(warming)
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
         self.model.train()
@@ -146,10 +171,10 @@ class Trainer:
         self.start_step = 0
         if resume_state is not None:
             self._restore(resume_from, resume_state)
-        self.phase_s["model"] = time.perf_counter() - started
         micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
         self.compiled = maybe_compile(self.model, cfg.model.compile, self.device,
                                       max(0, self.total_steps - self.start_step), micro_batches).enabled
+        self.timeline.add("model loading", time.perf_counter() - started)
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
             async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
@@ -238,6 +263,8 @@ class Trainer:
                  self.start_step, self.device)
         batches = prefetch(self._micro_batches, range(self.start_step, self.total_steps))
         self.first_steps_s: list[float] = []  # host time of the first steps: compiling shows there
+        tl = self.timeline
+        loop_start = time.perf_counter()
         with StopRequest() as stop:
             try:
                 for step, micro_batches in zip(range(self.start_step, self.total_steps), batches):
@@ -262,7 +289,8 @@ class Trainer:
                         log.info(format_line(m["epoch"], self.total_epochs, global_step, self.total_steps, m))
                         metrics.write(global_step, m)
                     if self.val_ds is not None and t.test_freq > 0 and global_step % t.test_freq == 0:
-                        self._validate(global_step, metrics)
+                        with tl.phase("validation"):
+                            self._validate(global_step, metrics)
                     due = t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps
                     if (due or save_late) and global_step < self.total_steps:
                         # On a GPU, a checkpoint due while the previous one is still being
@@ -271,24 +299,32 @@ class Trainer:
                         if save_late:
                             log.debug("step %d: previous checkpoint still being written; saving after it", global_step)
                         else:
-                            self._save(global_step)
+                            with tl.phase("checkpoint pauses"):
+                                self._save(global_step)
                             last_saved = global_step
                     if (check_now or self.dist.world_size == 1) and self._stop_requested(stop):
                         path = self._save(global_step, wait=True) if last_saved != global_step else self.run_dir
                         raise TrainingInterrupted(
                             f"stopped at step {global_step}/{self.total_steps}; checkpoint: {path}. Run the same "
                             "command again to resume (trainer.resume_mode=auto)", stop.signum)
+                loop_s = time.perf_counter() - loop_start
                 final_step = max(self.start_step, self.total_steps)
                 validated = t.test_freq > 0 and final_step % t.test_freq == 0
                 if self.val_ds is not None and self.total_steps > self.start_step and not validated:
-                    self._validate(final_step, metrics)
-                final = self._save(final_step, final=True) if last_saved != final_step else \
-                    self.run_dir / f"global_step_{final_step}"
+                    with tl.phase("validation"):
+                        self._validate(final_step, metrics)
+                with tl.phase("final checkpoint"):  # its copy, then the wait for every write still going
+                    final = self._save(final_step, final=True) if last_saved != final_step else \
+                        self.run_dir / f"global_step_{final_step}"
+                    self.saver.close()
             except torch.OutOfMemoryError:
                 raise VerliteError(self._oom_advice()) from None
             finally:
                 self.saver.close()
                 metrics.close()
+        compile_s = compile_seconds(self.first_steps_s) if self.compiled else 0.0
+        tl.add("compiling", compile_s)
+        tl.add("training", loop_s - compile_s - tl.parts.get("checkpoint pauses", 0.0) - tl.parts.get("validation", 0.0))
         health.check(self.total_steps, t.max_bad_steps, self.run_dir)
         return self._summary(speed, health.last_good_loss(), final, health.skipped)
 
@@ -408,49 +444,38 @@ class Trainer:
                 f"model.enable_activation_offload=true (long samples), a lower data.max_length, "
                 f"model.fsdp_config.cpu_offload=true, or `verlite plan` to size it")
 
+    # The closing line's parts, in this order (timeline.py says what each holds).
+    PARTS = ("start-up", "data", "model loading", "compiling", "training", "checkpoint pauses", "validation",
+             "final checkpoint", "other")
+
     def _summary(self, speed: Throughput, last_loss: float, final: Path, skipped: int) -> dict:
+        """The closing line: the whole time since launch, split into parts that add up to it."""
         saves = self.saver.times
-        compile_s = self._compile_estimate()
-        train_s = max(speed.elapsed - compile_s - saves.stall_s, 1e-9)
+        wall, parts = self.timeline.closed()
+        parts = {k: parts.get(k, 0.0) for k in self.PARTS}
+        train_s = max(parts["training"], 1e-9)
         summary = {"steps": self.total_steps, "start_step": self.start_step, "tokens": speed.tokens,
                    "wall_time_s": round(speed.elapsed, 2), "tokens_per_s": round(speed.tokens / max(speed.elapsed, 1e-9), 1),
                    "peak_gpu_mem_gb": gpu_mem_gb(), "final_loss": last_loss, "skipped_steps": skipped,
-                   "checkpoint": str(final), "train_s": round(train_s, 2),
-                   "train_tokens_per_s": round(speed.tokens / train_s, 1), "compile_s": round(compile_s, 2),
-                   "data_s": round(self.phase_s.get("data", 0.0), 2), "data_cache": self.train_ds.cache,
-                   "model_load_s": round(self.phase_s.get("model", 0.0), 2), "saves": saves.saves,
-                   "save_stall_s": round(saves.stall_s, 2), "save_write_s": round(saves.write_s, 2),
-                   "since_launch_s": _since_launch()}
+                   "checkpoint": str(final), "train_s": parts["training"],
+                   "train_tokens_per_s": round(speed.tokens / train_s, 1), "compile_s": parts["compiling"],
+                   "data_s": parts["data"], "data_cache": self.train_ds.cache, "model_load_s": parts["model loading"],
+                   "saves": saves.saves, "save_stall_s": parts["checkpoint pauses"],
+                   "final_save_s": parts["final checkpoint"], "save_write_s": round(saves.write_s, 2),
+                   "since_launch_s": wall, "time_parts": parts, "start_up_parts": self.start_up_split}
         mem = f", peak gpu_mem {summary['peak_gpu_mem_gb']:.1f}GB" if summary["peak_gpu_mem_gb"] is not None else ""
+        shown = {"data": f"data {parts['data']:.1f} s ({self.train_ds.cache or 'given'})",
+                 "compiling": f"compiling {parts['compiling']:.1f} s (measured)" if self.compiled else "compiling off",
+                 "training": f"training {parts['training']:.1f} s ({summary['train_tokens_per_s']:.0f} tokens/s)",
+                 "checkpoint pauses": f"{saves.saves} checkpoint(s): training paused {parts['checkpoint pauses']:.1f} s"}
+        text = ", ".join(shown.get(k, f"{k} {v:.1f} s") for k, v in parts.items() if v or k in shown)
         where = "in the background" if self.cfg.trainer.async_save else "in line"
-        launch = f"; {summary['since_launch_s']:.1f} s since launch" if summary["since_launch_s"] is not None else ""
-        log.info("Done: %d steps, %s tokens in %.1f s (%.0f tokens/s)%s, final train/loss=%.3f | time: training "
-                 "%.1f s (%.0f tokens/s), compiling %s, data %.1f s (%s), model loading %.1f s, %d checkpoint(s): "
-                 "training paused %.1f s, writing %.1f s %s%s",
+        log.info("Done: %d steps, %s tokens in %.1f s (%.0f tokens/s)%s, final train/loss=%.3f | %.1f s since launch: "
+                 "%s; checkpoints written in %.1f s %s",
                  self.total_steps - self.start_step, f"{speed.tokens:,}", speed.elapsed, summary["tokens_per_s"],
-                 mem, last_loss, train_s, summary["train_tokens_per_s"],
-                 f"~{compile_s:.1f} s" if self.compiled else "off", summary["data_s"], self.train_ds.cache or "given",
-                 summary["model_load_s"], saves.saves, saves.stall_s, saves.write_s, where, launch)
+                 mem, last_loss, wall, text, saves.write_s, where)
         log.info("Final checkpoint: %s", final)
         return summary
-
-    def _compile_estimate(self) -> float:
-        """Compiling happens inside the first steps (and the recompile for dynamic lengths in
-        one of the next): their host time above the typical step's."""
-        if not self.compiled or not self.first_steps_s:
-            return 0.0
-        typical = statistics.median(self.first_steps_s)
-        return sum(max(0.0, t - typical) for t in self.first_steps_s)
-
-
-def _since_launch() -> Optional[float]:
-    """Seconds since this process started (imports included), when psutil can tell."""
-    try:
-        import psutil
-
-        return round(time.time() - psutil.Process().create_time(), 2)
-    except Exception:  # psutil missing or no access: the summary just omits it
-        return None
 
 
 if __name__ == "__main__":  # verl >= 0.8's `python -m verl.trainer.sft_trainer` (sft_trainer_engine.yaml)
