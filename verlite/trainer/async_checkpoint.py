@@ -64,8 +64,10 @@ PIN_FRACTION = 0.25
 # fine-tune writes 6 GB per checkpoint, longer than 10 short steps take; on a CPU steps are
 # slow and checkpoints stay exactly every save_freq steps.
 DEFER_WHEN_BUSY_ON = ("cuda",)
-# Threads writing tensor bytes (os.pwrite releases the GIL; page-cache copies scale with cores).
-WRITE_THREADS = 4
+# Threads writing tensor bytes (os.pwrite releases the GIL; page-cache copies scale with cores),
+# leaving most cores to the training process.
+WRITE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+WRITER_NICENESS = 10
 # Buffers at least this large are page-locked one by one (cudaHostRegister works on whole
 # pages: smaller ones could share a page); smaller ones stay ordinary memory (copied in µs).
 PIN_MIN_BYTES = 1 << 20
@@ -95,16 +97,27 @@ def _spec(t: torch.Tensor) -> Spec:
     return tuple(t.shape), t.dtype
 
 
-def _pin(buf: torch.Tensor) -> None:
-    """Page-lock `buf` in place (exact size, unlike torch's pinned allocator); best effort."""
+def _pin(buf: torch.Tensor) -> bool:
+    """Page-lock `buf` in place (exact size, unlike torch's pinned allocator); best effort:
+    unpinned, copies into it are only slower."""
     if buf.numel() * buf.element_size() < PIN_MIN_BYTES:
-        return
-    try:
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
-        if int(getattr(err, "value", err)) != 0:
-            log.debug("cudaHostRegister failed (%s); this checkpoint buffer stays pageable", err)
-    except (RuntimeError, AttributeError) as e:
+        return False
+    try:  # portable: pinned for every device's context, whichever this thread would pick
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1)
+        if int(getattr(err, "value", err)) == 0:
+            return True
+        log.debug("cudaHostRegister failed (%s); this checkpoint buffer stays pageable", err)
+    except (RuntimeError, AttributeError, TypeError) as e:
         log.debug("cannot pin a checkpoint buffer (%s); it stays pageable", e)
+    return False
+
+
+def _unpin(buf: torch.Tensor) -> None:
+    """Before the memory can be freed (it stays valid, merely pageable, for whoever still reads it)."""
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except (RuntimeError, AttributeError, TypeError) as e:
+        log.debug("cannot unpin a checkpoint buffer (%s)", e)
 
 
 class HostBuffers:
@@ -122,12 +135,15 @@ class HostBuffers:
         self._target: Counter = Counter()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._pinned: set[int] = set()  # data_ptr of the buffers page-locked here
 
     def want(self, specs: list[Spec]) -> None:
         """Hold exactly these buffers: excess ones are dropped now, missing ones allocated in the background."""
         with self._lock:
             self._target = Counter(specs)
             for spec, bufs in self._ready.items():
+                for buf in bufs[self._target[spec]:]:
+                    self._drop(buf)
                 del bufs[self._target[spec]:]
             if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
                 return
@@ -145,12 +161,20 @@ class HostBuffers:
             if spec is None:
                 return
             buf = torch.empty(spec[0], dtype=spec[1])
-            if self.pin:
-                _pin(buf)
+            pinned = self.pin and _pin(buf)
             with self._lock:
+                if pinned:
+                    self._pinned.add(buf.data_ptr())
                 held = self._ready.setdefault(spec, [])
-                if len(held) < self._target[spec]:
+                if len(held) < self._target[spec] and not self._stop.is_set():
                     held.append(buf)
+                else:
+                    self._drop(buf)
+
+    def _drop(self, buf: torch.Tensor) -> None:
+        if buf.data_ptr() in self._pinned:
+            self._pinned.discard(buf.data_ptr())
+            _unpin(buf)
 
     def lease(self) -> dict[Spec, list[torch.Tensor]]:
         """The buffers ready now, for one snapshot to take from (pop)."""
@@ -162,11 +186,17 @@ class HostBuffers:
         return self._next_missing() is None
 
     def close(self) -> None:
-        """Stop allocating (waits for at most the one allocation in progress)."""
+        """Stop allocating (waits for at most the one allocation in progress) and let every
+        buffer go (call it when no save will use them again)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._lock:
+            for bufs in self._ready.values():
+                for buf in bufs:
+                    self._drop(buf)
+            self._ready.clear()
 
 
 def _host_memory_bytes() -> int:
@@ -194,11 +224,13 @@ def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[Host
 
 class _Copier:
     """Copies one snapshot's tensors to the host: into leased buffers where one fits, else
-    into fresh memory; in line, host tensors are not copied at all."""
+    into fresh memory; in line, host tensors (and with `device_refs` device tensors) are not
+    copied at all."""
 
-    def __init__(self, buffers: Optional[HostBuffers], in_line: bool):
+    def __init__(self, buffers: Optional[HostBuffers], in_line: bool, device_refs: bool):
         self.buffers = buffers
         self.in_line = in_line
+        self.device_refs = device_refs
         self.lease = buffers.lease() if buffers is not None else {}
         self.specs: list[Spec] = []  # what the buffers should hold next time
         self.async_copies = False
@@ -224,8 +256,10 @@ class _Copier:
                 buf.copy_(t, non_blocking=on_gpu)
                 self.async_copies |= on_gpu
                 return buf
-        if self.in_line and t.device.type == "cpu":
-            return t.contiguous() if plain else t  # nothing changes it before the write ends
+        if self.in_line and (t.device.type == "cpu" or (plain and self.device_refs)):
+            # Nothing changes it before the write ends; a device tensor is streamed to disk
+            # through a small staging buffer (checkpoint.write_tensor_file).
+            return t.contiguous() if plain else t
         return t.to("cpu", copy=True).contiguous() if plain else t.to("cpu", copy=True)
 
     def done(self) -> None:
@@ -260,7 +294,9 @@ def take_snapshot(root: str | Path, step: int, sft_model, tokenizer, optimizer, 
 
     start = time.perf_counter()
     sharded = dist.is_initialized() and dist.get_world_size() > 1
-    copier = _Copier(buffers if not sharded else None, in_line)
+    # Gathered full tensors are fresh device memory: referencing them all would hold the whole
+    # model on one device, so with several ranks they are copied to the host one by one.
+    copier = _Copier(buffers if not sharded else None, in_line, device_refs=not sharded)
     weights = {}
     for name, p in sft_model.named_parameters():
         if is_lora and not p.requires_grad:
@@ -322,6 +358,15 @@ def _write_state(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None
     ckpt.fsync_files([folder / ckpt.STATE])
 
 
+def _lower_priority() -> None:
+    """A writer thread yields the CPU to the training thread when cores are short (Linux:
+    niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 def write_snapshot(snap: Snapshot) -> Optional[Path]:
     """Rank 0: write the snapshot atomically; returns its folder, or None (reported) on failure."""
     root, final = snap.root, snap.final
@@ -332,8 +377,8 @@ def write_snapshot(snap: Snapshot) -> Optional[Path]:
         tmp.mkdir(parents=True)
         # Two file writers (weights; optimizer + the rest) in parallel, their tensor bytes spread
         # over a shared pool of threads that only ever run os.pwrite.
-        with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="verlite-ckpt-io") as pool, \
-                ThreadPoolExecutor(2, thread_name_prefix="verlite-ckpt-file") as files:
+        with ThreadPoolExecutor(WRITE_THREADS, "verlite-ckpt-io", initializer=_lower_priority) as pool, \
+                ThreadPoolExecutor(2, "verlite-ckpt-file", initializer=_lower_priority) as files:
             jobs = [files.submit(_write_hf, snap, tmp / ckpt.HF_DIR, pool), files.submit(_write_state, snap, tmp, pool)]
             for job in jobs:
                 job.result()
