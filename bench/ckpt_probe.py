@@ -90,7 +90,7 @@ def old_writer(model, weights, state, root: Path) -> None:
 
 def new_writer(model, weights, state, root: Path) -> None:
     snap = ac.Snapshot(root, 10, model, _Tokenizer(), weights, state, is_lora=False)
-    assert ac.write_snapshot(snap) is not None
+    assert ac.write_snapshot(snap, background=True) is not None
 
 
 def torch_save(model, weights, state, root: Path) -> None:

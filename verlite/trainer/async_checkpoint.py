@@ -6,28 +6,31 @@ a process killed mid-write leaves a `.tmp` folder that nothing reads, and every 
 checkpoint whole. A save written in line (the final one, one before an exit, or
 `Checkpointer(background=False)`) runs the same two halves back to back: the same bytes.
 
-The writer keeps the GIL free for the training loop, which on a GPU is bound by Python
-launching kernels: tensor bytes go to disk through os.pwrite straight from the host copies
-(checkpoint.write_tensor_file; no pickling of big tensors, no copies into bytes objects), the
-weights file and the optimizer's tensor file are written by parallel threads, each fsyncing
-its own files. Only small things are pickled (trainer_state.pt without its tensors).
+The writer stays out of the way of the training loop, which on a GPU is bound by Python
+launching kernels: tensor bytes go to disk through os.pwrite straight from memory
+(checkpoint.write_tensor_file: no pickling of big tensors, no copies into bytes objects, the
+GIL released for every write; safetensors before 0.6 held it while copying), the weights file
+and the optimizer's tensor file are written by parallel threads that fsync their own files,
+and the writer threads run at a lower CPU priority, so that where cores are few the training
+thread keeps its core (bench/ckpt_probe.py measures both effects). Only small things are
+pickled (trainer_state.pt without its tensors).
 
-Host copies. A D2H copy into pinned (page-locked) memory runs at full PCIe speed and
-asynchronously, into ordinary (pageable) memory at a fraction of it, plus the first-touch page
-faults of fresh memory. But pinning is itself slow: on the H100 host, `torch.empty(pin_memory=
-True)` for a 0.5B full fine-tune's 6 GB (weights + AdamW moments) took ~7 s (torch's pinned
-allocator also rounds each block up to a power of two), against well under that for pageable
-copies. So:
+Host copies. Measured on the H100 host for 6 GiB (a 0.5B full fine-tune's weights + AdamW
+moments): `torch.empty(pin_memory=True)` 4.85 s, then the D2H copy into it 0.13 s; a fresh
+pageable `torch.empty` 0.00 s but the first D2H into it 4.70 s (first-touch page faults), the
+second 0.46 s. Neither kind of fresh buffer is cheap; a reused pinned one is. So:
 - periodic background saves copy into reusable pinned buffers (HostBuffers) that a helper
-  thread allocates while training runs (from the trainable parameters' shapes at start, then
-  from what the first snapshot actually held); a tensor whose buffer is not ready yet is copied
-  to ordinary memory, so a save never waits for pinning;
-- a save written in line never allocates pinned memory (nothing trains after the final save
-  for the copies to overlap with): it uses ready buffers, else ordinary memory, and host
-  tensors are written without a copy at all.
-Large buffers are page-locked with cudaHostRegister (exact size); when pinning fails they stay
-ordinary memory, which only makes the copy slower. Pinned buffers are used only when the state
-is at most PIN_FRACTION of the machine's memory.
+  thread allocates while training runs (from the trainable parameters' shapes when the trainer
+  starts, then from what each snapshot actually held); a tensor whose buffer is not ready yet
+  is copied to fresh memory, so a save never waits for pinning. Buffers of 1 MiB and more are
+  page-locked one by one with cudaHostRegister (exact size: torch's pinned allocator rounds
+  each block up to a power of two); when pinning fails they stay pageable, only slower;
+- a save written in line (nothing trains until it is on disk) makes no host copy of the
+  state: ready buffers are used if there are any, every other device tensor is streamed to
+  disk through a 64 MiB pinned staging buffer per writer thread, host tensors are written
+  where they are.
+Pinned buffers are used only on one GPU and when the state is at most PIN_FRACTION of the
+machine's memory.
 
 With several ranks, gathering the full tensors is collective and stays on the training
 thread; only rank 0 writes. Whether rank 0's write succeeded is agreed (a broadcast) when
@@ -367,8 +370,9 @@ def _lower_priority() -> None:
         pass
 
 
-def write_snapshot(snap: Snapshot) -> Optional[Path]:
-    """Rank 0: write the snapshot atomically; returns its folder, or None (reported) on failure."""
+def write_snapshot(snap: Snapshot, background: bool = False) -> Optional[Path]:
+    """Rank 0: write the snapshot atomically; returns its folder, or None (reported) on failure.
+    `background`: training runs meanwhile, so the writer threads take a lower CPU priority."""
     root, final = snap.root, snap.final
     tmp = root / f"global_step_{snap.step}.tmp"
     try:
@@ -377,8 +381,9 @@ def write_snapshot(snap: Snapshot) -> Optional[Path]:
         tmp.mkdir(parents=True)
         # Two file writers (weights; optimizer + the rest) in parallel, their tensor bytes spread
         # over a shared pool of threads that only ever run os.pwrite.
-        with ThreadPoolExecutor(WRITE_THREADS, "verlite-ckpt-io", initializer=_lower_priority) as pool, \
-                ThreadPoolExecutor(2, "verlite-ckpt-file", initializer=_lower_priority) as files:
+        nice = _lower_priority if background else None
+        with ThreadPoolExecutor(WRITE_THREADS, "verlite-ckpt-io", initializer=nice) as pool, \
+                ThreadPoolExecutor(2, "verlite-ckpt-file", initializer=nice) as files:
             jobs = [files.submit(_write_hf, snap, tmp / ckpt.HF_DIR, pool), files.submit(_write_state, snap, tmp, pool)]
             for job in jobs:
                 job.result()
@@ -450,7 +455,7 @@ class Checkpointer:
         self._pending = snap
         paused = time.perf_counter() - start
         if self.is_main and not in_line:
-            self._thread = threading.Thread(target=self._write, args=(snap, paused, False),
+            self._thread = threading.Thread(target=self._write, args=(snap, paused, False, True),
                                             name="verlite-checkpoint", daemon=True)
             self._thread.start()
         elif self.is_main:
@@ -463,9 +468,9 @@ class Checkpointer:
         self.times.stalls.append(stall)
         return True
 
-    def _write(self, snap: Snapshot, paused: float, write_is_pause: bool) -> None:
+    def _write(self, snap: Snapshot, paused: float, write_is_pause: bool, background: bool = False) -> None:
         start = time.perf_counter()
-        self._result = write_snapshot(snap)
+        self._result = write_snapshot(snap, background)
         took = time.perf_counter() - start
         self.times.write_s += took
         if self._result is not None:

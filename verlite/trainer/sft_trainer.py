@@ -153,7 +153,8 @@ class Trainer:
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
             async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
-            if cfg.trainer.async_save else None, self._on_saved)
+            if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
+            self._on_saved)  # host buffers only when a periodic (background) save will come
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
         # only how samples are grouped (by token budget rather than by count).
