@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import ROOT, write_jsonl
 from verlite.trainer import async_checkpoint as ac
 from verlite.trainer import checkpoint as ckpt
 
@@ -334,3 +334,15 @@ def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_mo
     assert len(ckpt.step_dirs(run)) == 1 and (run / ckpt.LATEST).read_text() == previous.name.split("_")[-1]
     AutoModelForCausalLM.from_pretrained(previous / "huggingface")
     assert ckpt.load_trainer_state(previous)["global_step"] == int(previous.name.split("_")[-1])
+
+
+def test_ckpt_probe_smoke():
+    """bench/ckpt_probe.py --smoke: every writer writes, and the loop rates are reported."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ckpt_probe.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows[0]["state_gb"] > 0
+    assert [x["writer"] for x in rows[1:]] == ["old", "new", "host NaN check", "torch.save", "safetensors.save_file",
+                                               "write_tensor_file"]
+    assert all(x["loop_alone"] > 0 and x["loop_during"] > 0 and x["write_s"] >= 0 for x in rows[1:])
