@@ -97,6 +97,15 @@ def test_host_buffers_fill_in_the_background_and_follow_the_state():
     buffers.close()
     buffers.want([a, b])  # closed: nothing more is allocated
     assert not buffers.ready()
+    # Buffers to be page-locked start on a page of their own (no CUDA here: they stay pageable).
+    big = ((512, 1024), torch.float32)
+    pinned = ac.HostBuffers(pin=True)
+    pinned.want([big, a])
+    while not pinned.ready() and time.time() < deadline:
+        time.sleep(0.01)
+    held = pinned.lease()
+    assert held[big][0].data_ptr() % 4096 == 0 and held[big][0].shape == (512, 1024) and len(held[a]) == 1
+    pinned.close()
 
 
 # ---- saves from a real trainer -----------------------------------------------------------

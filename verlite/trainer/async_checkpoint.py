@@ -71,8 +71,8 @@ DEFER_WHEN_BUSY_ON = ("cuda",)
 # leaving most cores to the training process.
 WRITE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 WRITER_NICENESS = 10
-# Buffers at least this large are page-locked one by one (cudaHostRegister works on whole
-# pages: smaller ones could share a page); smaller ones stay ordinary memory (copied in µs).
+# Buffers at least this large are page-locked one by one (each on pages of its own: cudaHostRegister
+# works on whole pages); smaller ones stay ordinary memory (copied in microseconds).
 PIN_MIN_BYTES = 1 << 20
 
 Spec = tuple[tuple[int, ...], torch.dtype]
@@ -100,17 +100,33 @@ def _spec(t: torch.Tensor) -> Spec:
     return tuple(t.shape), t.dtype
 
 
+_PAGE = 4096
+
+
+def _page_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor whose memory starts on a page and owns every page it touches, so that
+    registering it never overlaps another allocation."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(_round_up(nbytes) + _PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % _PAGE
+    return raw[start:start + nbytes].view(dtype).view(shape)  # the view keeps `raw` alive
+
+
+def _round_up(nbytes: int) -> int:
+    return -(-nbytes // _PAGE) * _PAGE
+
+
 def _pin(buf: torch.Tensor) -> bool:
     """Page-lock `buf` in place (exact size, unlike torch's pinned allocator); best effort:
     unpinned, copies into it are only slower."""
     if buf.numel() * buf.element_size() < PIN_MIN_BYTES:
         return False
     try:  # portable: pinned for every device's context, whichever this thread would pick
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1)
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), _round_up(buf.numel() * buf.element_size()), 1)
         if int(getattr(err, "value", err)) == 0:
             return True
         log.debug("cudaHostRegister failed (%s); this checkpoint buffer stays pageable", err)
-    except (RuntimeError, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - no CUDA runtime here: the buffer stays pageable
         log.debug("cannot pin a checkpoint buffer (%s); it stays pageable", e)
     return False
 
@@ -119,7 +135,7 @@ def _unpin(buf: torch.Tensor) -> None:
     """Before the memory can be freed (it stays valid, merely pageable, for whoever still reads it)."""
     try:
         torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-    except (RuntimeError, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - best effort, as the registration
         log.debug("cannot unpin a checkpoint buffer (%s)", e)
 
 
@@ -163,8 +179,10 @@ class HostBuffers:
             spec = self._next_missing()
             if spec is None:
                 return
-            buf = torch.empty(spec[0], dtype=spec[1])
-            pinned = self.pin and _pin(buf)
+            size = torch.Size(spec[0]).numel() * torch.empty((), dtype=spec[1]).element_size()
+            big = self.pin and size >= PIN_MIN_BYTES
+            buf = _page_aligned_empty(*spec) if big else torch.empty(spec[0], dtype=spec[1])
+            pinned = big and _pin(buf)
             with self._lock:
                 if pinned:
                     self._pinned.add(buf.data_ptr())
