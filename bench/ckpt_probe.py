@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--writers", default="old,new,host NaN check,torch.save,safetensors.save_file,write_tensor_file")
+    ap.add_argument("--writers", default="old,new,torch.save,safetensors.save_file,write_tensor_file")
     ap.add_argument("--repeat", type=int, default=3, help="runs per writer (the fastest write and the "
                     "median loop ratio are reported)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")

@@ -365,7 +365,8 @@ def _write_hf(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None:
         if model.can_generate():
             model.generation_config.save_pretrained(folder)
     else:  # PEFT names and configures the adapter (small); unusual full models keep transformers' writer
-        model.save_pretrained(folder, state_dict=snap.weights, safe_serialization=True)
+        host = {k: v.cpu() for k, v in snap.weights.items()}  # an in-line save may hold device tensors
+        model.save_pretrained(folder, state_dict=host, safe_serialization=True)
     snap.tokenizer.save_pretrained(folder)
     ckpt.fsync_files(folder.rglob("*"))
     if own_weights:
