@@ -355,3 +355,23 @@ def test_ckpt_probe_smoke():
     assert [x["writer"] for x in rows[1:]] == ["old", "new", "torch.save", "safetensors.save_file",
                                                "write_tensor_file"]
     assert all(x["loop_alone"] > 0 and x["loop_during"] > 0 and x["write_s"] >= 0 for x in rows[1:])
+
+
+def test_background_copy_of_torchao_8bit_state_shares_no_memory():
+    """torchao's OptimState8bit.to(copy=True) hands back the live codes; a background write
+    of them would see the next steps' values (found by test_optim_lowmem's resume)."""
+    pytest.importorskip("torchao.optim")
+    from torchao.optim import AdamW8bit
+
+    p = torch.nn.Parameter(torch.randn(256, 256))
+    opt = AdamW8bit([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    live = opt.state[p]["exp_avg"]
+    copier = ac._Copier(None, in_line=False, device_refs=False)
+    snap = copier({"exp_avg": live})["exp_avg"]
+    before = snap.dequantize().clone()
+    assert type(snap) is type(live) and torch.equal(before, live.dequantize())
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(live.dequantize(), before) and torch.equal(snap.dequantize(), before)

@@ -243,6 +243,18 @@ def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[Host
     return buffers
 
 
+def _copy_subclass(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a tensor subclass (torchao's 8-/4-bit optimizer states) that shares no
+    memory with it: their `.to(copy=True)` returns the same inner tensors, which the next
+    optimizer step would change under a background write."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) is torch.Tensor or flatten is None:
+        return t.to("cpu", copy=True)
+    names, ctx = flatten()
+    inner = {n: _copy_subclass(getattr(t, n)) for n in names}
+    return type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
+
+
 class _Copier:
     """Copies one snapshot's tensors to the host: into leased buffers where one fits, else
     into fresh memory; in line, host tensors (and with `device_refs` device tensors) are not
@@ -281,7 +293,7 @@ class _Copier:
             # Nothing changes it before the write ends; a device tensor is streamed to disk
             # through a small staging buffer (checkpoint.write_tensor_file).
             return t.contiguous() if plain else t
-        return t.to("cpu", copy=True).contiguous() if plain else t.to("cpu", copy=True)
+        return t.to("cpu", copy=True).contiguous() if plain else _copy_subclass(t)
 
     def done(self) -> None:
         if self.async_copies:
