@@ -230,6 +230,37 @@ def test_nan_weights_are_refused_and_the_previous_checkpoint_stays(tmp_path, tin
     assert not (tmp_path / "run" / "global_step_2.tmp").exists()
 
 
+def test_final_save_gives_up_a_periodic_write_still_in_flight(tmp_path, tiny_model, monkeypatch, caplog):
+    from verlite.engine.distributed import shutdown
+
+    real = ckpt.write_tensor_file
+
+    def slow_first(path, *a, **k):  # the periodic save's files are still being written
+        if "global_step_1.tmp" in str(path):
+            time.sleep(0.5)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "write_tensor_file", slow_first)
+    monkeypatch.setattr(ac, "DEFER_WHEN_BUSY_ON", ("cuda", "cpu"))  # as on a GPU (on a CPU every save is kept)
+    caplog.set_level("INFO", logger="verlite.checkpoint")
+    t = _trainer(tmp_path, tiny_model, 2)
+    saved = []
+    try:
+        t._step(t._micro_batches(0))
+        args = (t.model, t.tokenizer, t.optimizer, t.scheduler)
+        saver = ac.Checkpointer(background=True, is_main=True, buffers=None,
+                                on_saved=lambda path, *times: saved.append(path.name))
+        assert saver.save(tmp_path / "run", 1, *args, {"global_step": 1}, False)
+        t._step(t._micro_batches(1))
+        assert saver.save(tmp_path / "run", 2, *args, {"global_step": 2}, False, in_line=True)
+        assert saver.wait() == tmp_path / "run" / "global_step_2"
+    finally:
+        shutdown()
+    assert saved == ["global_step_2"] and "step 1: checkpoint superseded" in caplog.text
+    assert [s for s, _ in ckpt.step_dirs(tmp_path / "run")] == [2] and not list((tmp_path / "run").glob("*.tmp"))
+    assert (tmp_path / "run" / ckpt.LATEST).read_text() == "2"
+
+
 # ---- resume ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,7 @@ class Snapshot:
     state: dict  # optimizer, scheduler, rng and the trainer's extra keys
     is_lora: bool = False
     stall_s: float = 0.0
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: a newer save supersedes it
 
     @property
     def final(self) -> Path:
@@ -302,6 +303,11 @@ class _Copier:
             self.buffers.want(self.specs)  # in line (the final save) nothing follows to use them
 
 
+def _device_type(sft_model) -> str:
+    p = next(iter(sft_model.parameters()), None)
+    return p.device.type if p is not None else "cpu"
+
+
 def weights_finite(sft_model, is_lora: bool) -> bool:
     """No NaN/inf in the weights a checkpoint holds, checked on the device (every rank's shard;
     collective when there are several)."""
@@ -382,12 +388,12 @@ def _write_hf(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None:
     snap.tokenizer.save_pretrained(folder)
     ckpt.fsync_files(folder.rglob("*"))
     if own_weights:
-        ckpt.write_tensor_file(folder / "model.safetensors", snap.weights, {"format": "pt"}, pool)
+        ckpt.write_tensor_file(folder / "model.safetensors", snap.weights, {"format": "pt"}, pool, cancel=snap.cancel)
 
 
 def _write_state(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None:
     data, tensors = ckpt.split_tensors(snap.state)
-    ckpt.write_tensor_file(folder / ckpt.STATE_TENSORS, tensors, None, pool)
+    ckpt.write_tensor_file(folder / ckpt.STATE_TENSORS, tensors, None, pool, cancel=snap.cancel)
     torch.save(data, folder / ckpt.STATE)  # small: no tensor bigger than a few bytes remains
     ckpt.fsync_files([folder / ckpt.STATE])
 
@@ -418,10 +424,16 @@ def write_snapshot(snap: Snapshot, background: bool = False) -> Optional[Path]:
             jobs = [files.submit(_write_hf, snap, tmp / ckpt.HF_DIR, pool), files.submit(_write_state, snap, tmp, pool)]
             for job in jobs:
                 job.result()
+        if snap.cancel.is_set():
+            raise ckpt.WriteCancelled()
         ckpt._fsync_dir(tmp / ckpt.HF_DIR)
         ckpt._fsync_dir(tmp)
         ckpt._replace_dir(tmp, final)
         ckpt._write_atomic(root / ckpt.LATEST, str(snap.step))
+    except ckpt.WriteCancelled:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("step %d: checkpoint superseded by a newer one before it was written; not kept", snap.step)
+        return None
     except Exception as e:  # noqa: BLE001 - a failed save is reported; training keeps the previous one
         shutil.rmtree(tmp, ignore_errors=True)
         prev = ckpt.latest_checkpoint(root)
@@ -476,11 +488,18 @@ class Checkpointer:
         False (reported) when the weights hold NaN/inf: nothing is written, and the previous
         checkpoint has landed. Collective: every rank calls it."""
         start = time.perf_counter()
+        finite = weights_finite(sft_model, is_lora)
+        in_line = in_line or not self.background
+        if finite and in_line and self._pending is not None and _device_type(sft_model) in DEFER_WHEN_BUSY_ON:
+            # Where periodic saves already yield to the disk (GPUs), the final (or exit) save
+            # supersedes one still being written: give that up rather than wait for it (the
+            # checkpoint before it stays the latest meanwhile). On a CPU every save_freq step
+            # keeps its checkpoint.
+            self._pending.cancel.set()
         self.wait()  # one write at a time: the buffers and the latest pointer are shared
-        if not weights_finite(sft_model, is_lora):
+        if not finite:
             log.error("step %d: weights hold NaN/inf; checkpoint not written", step)
             return False
-        in_line = in_line or not self.background
         snap = take_snapshot(root, step, sft_model, tokenizer, optimizer, scheduler, extra, is_lora, self.is_main,
                              self.buffers, in_line)
         self._pending = snap

@@ -189,23 +189,32 @@ def _staging() -> torch.Tensor:
     return buf
 
 
-def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False) -> None:
+class WriteCancelled(Exception):
+    """A background write given up because a newer checkpoint supersedes it."""
+
+
+def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False,
+                   cancel: Optional[threading.Event] = None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise WriteCancelled()
     if t.device.type == "cpu" and not staged:
         _pwrite_all(fd, _byte_view(t), offset)
         return
     flat, stage = t.detach().reshape(-1).view(torch.uint8), _staging()
     for start in range(0, flat.numel(), STAGE_BYTES):
         part = flat[start:start + STAGE_BYTES]
+        if cancel is not None and cancel.is_set():
+            raise WriteCancelled()
         stage[:part.numel()].copy_(part)  # in stream order after the training's kernels; waits for the copy
         _pwrite_all(fd, _byte_view(stage[:part.numel()]), offset + start)
 
 
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
-                      pool=None, staged: bool = False) -> None:
+                      pool=None, staged: bool = False, cancel: Optional[threading.Event] = None) -> None:
     """A safetensors file, fsynced. The bytes go out through os.pwrite, which releases the
     GIL; with `pool` (a concurrent.futures executor) tensors are written in parallel. Tensors
     may be on the host or a device (copied through a staging buffer; `staged` does that for
-    host tensors too, for tests)."""
+    host tensors too, for tests). Setting `cancel` stops it between tensors (WriteCancelled)."""
     if sys.byteorder != "little":  # safetensors is little-endian; a raw copy is only right here
         from safetensors.torch import save_file
 
@@ -218,9 +227,9 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Op
         _pwrite_all(fd, memoryview(head), 0)
         if pool is None:
             for offset, t in placed:
-                _pwrite_tensor(fd, t, offset, staged)
+                _pwrite_tensor(fd, t, offset, staged, cancel)
         else:
-            for future in [pool.submit(_pwrite_tensor, fd, t, offset, staged) for offset, t in placed]:
+            for future in [pool.submit(_pwrite_tensor, fd, t, offset, staged, cancel) for offset, t in placed]:
                 future.result()
         os.fsync(fd)
     finally:
