@@ -28,7 +28,8 @@ second 0.46 s. Neither kind of fresh buffer is cheap; a reused pinned one is. So
 - a save written in line (nothing trains until it is on disk) makes no host copy of the
   state: ready buffers are used if there are any, every other device tensor is streamed to
   disk through a 64 MiB pinned staging buffer per writer thread, host tensors are written
-  where they are.
+  where they are. On a GPU it cancels a periodic write still in flight rather than wait for
+  it (that checkpoint is older; the one before it stays the latest until the new one lands).
 Pinned buffers are used only on one GPU and when the state is at most PIN_FRACTION of the
 machine's memory.
 
