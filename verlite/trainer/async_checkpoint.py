@@ -353,6 +353,9 @@ def take_snapshot(root: str | Path, step: int, sft_model, tokenizer, optimizer, 
     return Snapshot(Path(root), step, sft_model.hf, tokenizer, weights, state, is_lora, time.perf_counter() - start)
 
 
+_said: dict[str, bool] = {}
+
+
 def _plain_layout(model, names) -> bool:
     """Does save_pretrained store these weights under their own names, with nothing else to do
     (no renaming/fusing conversions, quantizer, remote code)? Then the weights file is written
@@ -361,7 +364,14 @@ def _plain_layout(model, names) -> bool:
 
     revert = getattr(mu, "revert_weight_conversion", None)
     if revert is None:
-        return False
+        try:
+            from transformers.core_model_loading import revert_weight_conversion as revert
+        except ImportError:
+            if not _said.get("no_revert"):
+                _said["no_revert"] = True
+                log.info("this transformers version cannot tell whether it renames weights on saving; "
+                         "checkpoint weights are written by save_pretrained")
+            return False
     probe = {name: torch.empty(0) for name in names}
     try:
         out = revert(model, probe)
