@@ -19,7 +19,8 @@ from conftest import ROOT, write_jsonl
 from verlite.trainer import async_checkpoint as ac
 from verlite.trainer import checkpoint as ckpt
 
-ROWS = [{"question": f"What is {i} plus {i + 1}?", "answer": f"{i} + {i + 1} = {2 * i + 1}. The answer is {2 * i + 1}."}
+# Not test_fast.py's rows: its CLI test expects a token-cache miss in the session's shared cache.
+ROWS = [{"question": f"Add {i} and {i + 1}.", "answer": f"{i} + {i + 1} = {2 * i + 1}, so the sum is {2 * i + 1}."}
         for i in range(16)]
 LORA = ("model.lora_rank=4", "model.target_modules=[q_proj,v_proj]")
 
