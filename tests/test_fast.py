@@ -3,10 +3,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ import torch
 from conftest import ROOT, run_cli, write_jsonl
 from verlite.engine import compile as comp
 from verlite.errors import VerliteError
-from verlite.trainer import checkpoint as ckpt
 
 ROWS = [{"question": f"What is {i} plus {i + 1}?", "answer": f"{i} + {i + 1} = {2 * i + 1}. The answer is {2 * i + 1}."}
         for i in range(16)]
@@ -128,122 +125,3 @@ def test_gsm8k_cli_bench_smoke_logs_compile_off_time_breakdown_and_cache_hit(tmp
         assert abs(sum(start_up["parts_s"].values()) - start_up["total_s"]) <= 0.05 * len(start_up["parts_s"]) + 0.05
         assert abs(start_up["total_s"] - done["parts_s"]["start-up"]) <= 0.1
     assert "second launch's time to first step" in r.stdout
-
-
-# ---- background checkpoints --------------------------------------------------------------
-
-def _trainer(tmp: Path, model: Path, steps: int, *extra: str):
-    from verlite.config import load_config
-    from verlite.engine.distributed import init_distributed
-    from verlite.trainer.sft_trainer import Trainer
-
-    cfg = load_config(None, sft_args(tmp, model, steps, *extra))
-    return Trainer(cfg, init_distributed("cpu"))
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("lora", [False, True])
-def test_background_checkpoint_is_byte_identical_to_synchronous(tmp_path, tiny_model, lora):
-    from verlite.engine.distributed import shutdown
-    from verlite.trainer.async_checkpoint import Checkpointer
-
-    extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]"] if lora else []
-    t = _trainer(tmp_path, tiny_model, 3, *extra)
-    try:
-        for step in range(3):  # real optimizer state: AdamW moments and step counts
-            t._step(t._micro_batches(step))
-        args = (t.model, t.tokenizer, t.optimizer, t.scheduler, {"global_step": 3}, t.is_lora)
-        sync = ckpt.save_checkpoint(tmp_path / "sync", 3, *args[:5], is_lora=t.is_lora, is_main=True)
-        saved = []
-        saver = Checkpointer(background=True, is_main=True, buffers=None, on_saved=lambda path, *times: saved.append(path))
-        saver.save(tmp_path / "async", 3, *args)
-        # Training goes on while the writer runs; the snapshot must not see it.
-        t._step(t._micro_batches(3))
-        path = saver.wait()
-    finally:
-        shutdown()
-    assert path == tmp_path / "async" / "global_step_3" and saved == [path]
-    a, b = _files(sync), _files(path)
-    assert sorted(a) == sorted(b) and "trainer_state.pt" in a
-    for name in a:
-        assert a[name] == b[name], name
-    assert (tmp_path / "async" / ckpt.LATEST).read_text() == "3"
-
-
-def test_resume_from_background_checkpoint_is_exact(tmp_path, tiny_model):
-    import shutil
-
-    from verlite.config import load_config
-    from verlite.trainer.sft_trainer import run_sft
-
-    run_sft(load_config(None, sft_args(tmp_path / "ref", tiny_model, 6, "trainer.save_freq=3")))
-    # Only the background checkpoint of step 3 survives in a second run folder; resume it.
-    cut = tmp_path / "cut" / "run"
-    cut.mkdir(parents=True)
-    shutil.copytree(tmp_path / "ref" / "run" / "global_step_3", cut / "global_step_3")
-    summary = run_sft(load_config(None, sft_args(tmp_path / "cut", tiny_model, 6, "trainer.save_freq=3")))
-    assert summary["start_step"] == 3
-    name = "global_step_6/huggingface/model.safetensors"
-    assert (tmp_path / "ref" / "run" / name).read_bytes() == (cut / name).read_bytes()
-
-
-SLOW_WRITER = """
-import sys, time
-from pathlib import Path
-from verlite.trainer import checkpoint as ckpt
-real = ckpt._fsync_tree
-def slow(folder):
-    real(folder)
-    if ckpt.latest_checkpoint(folder.parent) is not None:  # the second checkpoint: written, not yet renamed
-        Path(sys.argv[1]).write_text(folder.name)
-        time.sleep(300)
-ckpt._fsync_tree = slow
-from verlite.trainer import async_checkpoint
-async_checkpoint.DEFER_WHEN_BUSY_ON = ("cuda", "cpu")  # as on a GPU: a save due meanwhile is put off
-from verlite.cli import main
-sys.exit(main(["sft", *sys.argv[2:]]))
-"""
-
-
-def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    marker = tmp_path / "writing"
-    args = sft_args(tmp_path, tiny_model, 10_000, "trainer.save_freq=2")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(marker), *args],
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-
-    def last_step() -> int:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        try:
-            return json.loads(lines[-1])["step"] if lines else 0
-        except ValueError:  # a line being written
-            return 0
-
-    deadline = time.time() + 240
-    try:
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        writing = marker.read_text() if marker.exists() else None
-        # Training goes on while that checkpoint is being written, past two more due saves (put off).
-        step = int(writing.split("_")[-1].split(".")[0]) if writing else 0
-        while writing and last_step() < step + 4 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        reached = last_step()
-    finally:
-        proc.kill()
-        _, err = proc.communicate()
-    assert writing, f"no second checkpoint was being written: {err[-2000:]}"
-    assert reached >= step + 4, f"training stopped at step {reached} while step {step} was written: {err[-2000:]}"
-    run = tmp_path / "run"
-    assert (run / writing).is_dir()
-    previous = ckpt.latest_checkpoint(run)
-    assert previous is not None and previous.name != writing.removesuffix(".tmp")
-    assert len(ckpt.step_dirs(run)) == 1 and (run / ckpt.LATEST).read_text() == previous.name.split("_")[-1]
-    AutoModelForCausalLM.from_pretrained(previous / "huggingface")
-    assert ckpt.load_trainer_state(previous)["global_step"] == int(previous.name.split("_")[-1])

@@ -107,21 +107,17 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch, caplog):
-    from transformers import PreTrainedModel
-
     from verlite.config import load_config
     from verlite.trainer.sft_trainer import run_sft
 
-    real = PreTrainedModel.save_pretrained
-    calls = {"n": 0}
+    real = ckpt.write_tensor_file
 
-    def disk_full(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] >= 2:
+    def disk_full(path, *a, **k):  # every tensor file after the first checkpoint's
+        if "global_step_2.tmp" not in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **k)
+        return real(path, *a, **k)
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    monkeypatch.setattr(ckpt, "write_tensor_file", disk_full)
     args = sft_args(tmp_path, tiny_model, 6, "trainer.save_freq=2")[1:]
     with pytest.raises(VerliteError, match="final checkpoint could not be written"):
         run_sft(load_config(None, args))

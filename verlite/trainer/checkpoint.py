@@ -1,6 +1,15 @@
 """Checkpoints: `global_step_N/` with `huggingface/` (model or PEFT adapter + tokenizer, the
-only copy of the weights, kept at master precision so resuming is exact) and
-`trainer_state.pt` (optimizer, scheduler, step, RNG).
+only copy of the weights, kept at master precision so resuming is exact),
+`trainer_state.safetensors` (the optimizer's tensors and the RNG state) and `trainer_state.pt`
+(the rest: scheduler, step, settings, and the optimizer state with each tensor replaced by its
+name in the safetensors file). Checkpoints from before the split keep every tensor inside
+`trainer_state.pt` and still load. Both files load as data only (weights-only unpickling,
+safetensors), so a checkpoint from someone else cannot run code here.
+
+Tensor files are written here rather than by torch.save / safetensors.save_file: a background
+writer must leave the training thread the GIL, and these write each tensor's bytes straight
+from memory with os.pwrite (which releases it) in the standard safetensors layout (the bytes
+safetensors' own writer produces; bench/RESULTS.md "Checkpoint writes" has the measurements).
 
 A checkpoint is written into `global_step_N.tmp` and renamed into place, and
 `latest_checkpointed_iteration.txt` moves only after that: a run killed at any moment
@@ -12,14 +21,18 @@ any number of GPUs and a run can resume on a different number.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import pickle
 import random
 import re
 import shutil
+import struct
+import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -44,17 +57,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | Path, step: int, sft_model, tokenizer, optimizer, scheduler, extra: dict,
-                    is_lora: bool, is_main: bool) -> Optional[Path]:
-    """Write global_step_{step}; returns its path, or None when writing failed (reported).
-    The same snapshot + atomic write as the background writer (async_checkpoint.py), in line."""
-    from verlite.trainer.async_checkpoint import agree, take_snapshot, write_snapshot
-
-    snap = take_snapshot(root, step, sft_model, tokenizer, optimizer, scheduler, extra, is_lora, is_main)
-    ok = agree(write_snapshot(snap) is not None if is_main else False)
-    return snap.final if ok else None
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     replace_dir(tmp, final)  # re-saving the same step (e.g. after a resume) swaps the old one out
     _fsync_dir(final.parent)
@@ -70,20 +72,179 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- tensor files -------------------------------------------------------------------------
+STATE_TENSORS = "trainer_state.safetensors"
+_TENSOR_REF = "__verlite_tensor__"  # {_TENSOR_REF: name}: where trainer_state.pt had a tensor
+# safetensors' dtype names, in the order its writer sorts them (descending), so that every
+# tensor starts aligned to its element size and the bytes equal the library's own output.
+_ST_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+             "I64", "U64"]
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64"}
+for _name, _attr in (("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[getattr(torch, _attr)] = _name
+_CHUNK = 256 << 20  # bytes per write call: the GIL is released for each, retaken between
+
+
+def is_plain_tensor(value) -> bool:
+    """A dense tensor of a dtype safetensors holds (not a subclass such as torchao's 8-bit
+    optimizer states, which stay in trainer_state.pt)."""
+    return type(value) is torch.Tensor and value.layout == torch.strided and value.dtype in _ST_DTYPES
+
+
+def split_tensors(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state with every plain tensor replaced by {_TENSOR_REF: name}, {name: tensor})."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value, path: str):
+        if is_plain_tensor(value):
+            name = path if path not in tensors else f"{path}#{len(tensors)}"
+            tensors[name] = value
+            return {_TENSOR_REF: name}
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v, f"{path}/{i}") for i, v in enumerate(value))
+        return value
+
+    return walk(state, ""), tensors
+
+
+def join_tensors(state, tensors: dict[str, torch.Tensor], where: Path):
+    """The inverse of split_tensors."""
+    if isinstance(state, dict):
+        if len(state) == 1 and _TENSOR_REF in state:
+            name = state[_TENSOR_REF]
+            if name not in tensors:
+                raise VerliteError(f"{where} lacks the tensor {name!r} that {STATE} names; resume from another "
+                                   "checkpoint or set trainer.resume_mode=disable")
+            return tensors[name]
+        return {k: join_tensors(v, tensors, where) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(join_tensors(v, tensors, where) for v in state)
+    return state
+
+
+def _has_refs(state) -> bool:
+    if isinstance(state, dict):
+        return (len(state) == 1 and _TENSOR_REF in state) or any(_has_refs(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(_has_refs(v) for v in state)
+    return False
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (it must be a contiguous host tensor)."""
+    flat = t.detach().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def safetensors_layout(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
+                       ) -> tuple[bytes, list[tuple[int, torch.Tensor]]]:
+    """The file's header (length prefix included) and where each tensor's bytes go."""
+    order = sorted(tensors.items(), key=lambda kv: (-_ST_ORDER.index(_ST_DTYPES[kv[1].dtype]), kv[0]))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    placed, offset = [], 0
+    for name, t in order:
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: tensor files are written from contiguous tensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        placed.append((offset, t))
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, [(start + off, t) for off, t in placed]
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data[:_CHUNK], offset)
+        data, offset = data[n:], offset + n
+
+
+# A device tensor is written through a small pinned staging buffer per writer thread: no host
+# copy of the whole state is made (a fresh 6 GiB host buffer, pinned or not, costs ~5 s on the
+# H100 host before the first byte is copied).
+STAGE_BYTES = 64 << 20
+_stage = threading.local()
+
+
+def _staging() -> torch.Tensor:
+    buf = getattr(_stage, "buf", None)
+    if buf is None or buf.numel() != STAGE_BYTES:
+        buf = _stage.buf = torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    return buf
+
+
+class WriteCancelled(Exception):
+    """A background write given up because a newer checkpoint supersedes it."""
+
+
+def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False,
+                   cancel: Optional[threading.Event] = None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise WriteCancelled()
+    if t.device.type == "cpu" and not staged:
+        _pwrite_all(fd, _byte_view(t), offset)
+        return
+    flat, stage = t.detach().reshape(-1).view(torch.uint8), _staging()
+    for start in range(0, flat.numel(), STAGE_BYTES):
+        part = flat[start:start + STAGE_BYTES]
+        if cancel is not None and cancel.is_set():
+            raise WriteCancelled()
+        stage[:part.numel()].copy_(part)  # in stream order after the training's kernels; waits for the copy
+        _pwrite_all(fd, _byte_view(stage[:part.numel()]), offset + start)
+
+
+def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
+                      pool=None, staged: bool = False, cancel: Optional[threading.Event] = None) -> None:
+    """A safetensors file, fsynced. The bytes go out through os.pwrite, which releases the
+    GIL; with `pool` (a concurrent.futures executor) tensors are written in parallel. Tensors
+    may be on the host or a device (copied through a staging buffer; `staged` does that for
+    host tensors too, for tests). Setting `cancel` stops it between tensors (WriteCancelled)."""
+    if sys.byteorder != "little":  # safetensors is little-endian; a raw copy is only right here
+        from safetensors.torch import save_file
+
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        _fsync_file(path)
+        return
+    head, placed = safetensors_layout(tensors, metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, memoryview(head), 0)
+        if pool is None:
+            for offset, t in placed:
+                _pwrite_tensor(fd, t, offset, staged, cancel)
+        else:
+            for future in [pool.submit(_pwrite_tensor, fd, t, offset, staged, cancel) for offset, t in placed]:
+                future.result()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        if path.is_file():
+            _fsync_file(path)
 
 
 def prune_checkpoints(root: str | Path, keep: Optional[int]) -> None:
@@ -132,8 +293,8 @@ _STATE_TYPE_PACKAGES = ("torchao.optim",)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    """trainer_state.pt as data only (tensors, numbers, strings, lists, dicts): unpickling
-    never runs code from the file, so a checkpoint from someone else cannot run code here."""
+    """trainer_state.pt as data only (tensors, numbers, strings, lists, dicts), with the tensors
+    of trainer_state.safetensors put back: nothing read runs code from the checkpoint."""
     path = ckpt / STATE
     for attempt in range(2):
         try:
@@ -153,6 +314,16 @@ def load_trainer_state(ckpt: Path) -> dict:
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "global_step"} <= set(state):
         raise VerliteError(f"{path} is not a verlite trainer state; resume from another checkpoint "
                            "or set trainer.resume_mode=disable")
+    if _has_refs(state):  # written since the tensors moved to their own file
+        tensors_path = ckpt / STATE_TENSORS
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(tensors_path)
+        except Exception as e:
+            raise VerliteError(f"{tensors_path} cannot be read ({' '.join(str(e).split())[:200]}); resume from "
+                               "another checkpoint or set trainer.resume_mode=disable") from None
+        state = join_tensors(state, tensors, tensors_path)
     return state
 
 

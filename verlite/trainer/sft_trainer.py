@@ -178,7 +178,8 @@ class Trainer:
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
             async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
-            if cfg.trainer.async_save else None, self._on_saved)
+            if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
+            self._on_saved)  # host buffers only when a periodic (background) save will come
         # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
         # the same numbers as padded rows without computing on padding. data.packing decides
         # only how samples are grouped (by token budget rather than by count).
@@ -405,12 +406,9 @@ class Trainer:
         final save or `wait` is set (the process is about to exit)."""
         extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
-        if not self._weights_finite():
-            log.error("step %d: weights hold NaN/inf; checkpoint not written", global_step)
-            self.saver.wait()
+        if not self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                               extra, self.is_lora, in_line=final or wait):  # False: NaN/inf weights (logged)
             return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
-        self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                        extra, self.is_lora)
         path = self.run_dir / f"global_step_{global_step}"
         if final or wait:
             if self.saver.wait() is None:
@@ -425,13 +423,6 @@ class Trainer:
         how = "in the background" if self.cfg.trainer.async_save else "in line"
         log.info("Checkpoint saved to %s (training paused %.2f s; written in %.1f s %s)", path, paused_s, write_s, how)
         ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
-
-    def _weights_finite(self) -> bool:
-        bad = torch.zeros(1, device=self.device)
-        for p in self.params:
-            local = p.to_local() if hasattr(p, "to_local") else p
-            bad += (~torch.isfinite(local)).any().to(bad.device, torch.float32)
-        return all_reduce_sum(bad).item() == 0
 
     def _oom_advice(self) -> str:
         d, m = self.cfg.data, self.cfg.model

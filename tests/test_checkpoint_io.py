@@ -1,0 +1,409 @@
+"""Checkpoint writes (issue 14): the tensor-file writer, the state split into
+trainer_state.safetensors + a data-only trainer_state.pt, background saves byte-identical to
+in-line ones (with and without reusable host buffers), exact resume from new and old formats,
+NaN weights refused, a kill mid-write."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write_jsonl
+from verlite.trainer import async_checkpoint as ac
+from verlite.trainer import checkpoint as ckpt
+
+# Not test_fast.py's rows: its CLI test expects a token-cache miss in the session's shared cache.
+ROWS = [{"question": f"Add {i} and {i + 1}.", "answer": f"{i} + {i + 1} = {2 * i + 1}, so the sum is {2 * i + 1}."}
+        for i in range(16)]
+LORA = ("model.lora_rank=4", "model.target_modules=[q_proj,v_proj]")
+
+
+def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
+    data = write_jsonl(tmp / "train.jsonl", ROWS)
+    return [f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
+            f"trainer.default_local_dir={tmp / 'run'}", "data.micro_batch_size_per_gpu=2", "data.train_batch_size=4",
+            f"trainer.total_training_steps={steps}", "trainer.log_interval=1", "optim.lr=1e-3",
+            "model.enable_gradient_checkpointing=false", *extra]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- the tensor file and the state split -------------------------------------------------
+
+def test_tensor_file_is_byte_identical_to_safetensors_save_file(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).to(torch.bfloat16), "step": torch.tensor(7.0),
+               "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "mask": torch.tensor([True, False]),
+               "i32": torch.ones(3, dtype=torch.int32), "f16": torch.randn(4, dtype=torch.float16),
+               "bytes": torch.arange(5, dtype=torch.uint8), "empty": torch.empty(0, 4)}
+    for metadata in (None, {"format": "pt"}):
+        save_file(tensors, str(tmp_path / "lib.safetensors"), metadata=metadata)
+        ckpt.write_tensor_file(tmp_path / "ours.safetensors", tensors, metadata)
+        with ThreadPoolExecutor(3) as pool:
+            ckpt.write_tensor_file(tmp_path / "pool.safetensors", tensors, metadata, pool)
+        # Device tensors go through a small staging buffer, chunk by chunk (forced here for host ones).
+        monkeypatch.setattr(ckpt, "STAGE_BYTES", 8)
+        with ThreadPoolExecutor(2) as pool:
+            ckpt.write_tensor_file(tmp_path / "staged.safetensors", tensors, metadata, pool, staged=True)
+        lib = (tmp_path / "lib.safetensors").read_bytes()
+        for name in ("ours", "pool", "staged"):
+            assert (tmp_path / f"{name}.safetensors").read_bytes() == lib, name
+
+
+def test_state_split_round_trips_and_leaves_only_data():
+    state = {"optimizer": {"state": {"a.weight": {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 2)}},
+                           "param_groups": [{"lr": 1e-3, "params": ["a.weight"]}]},
+             "rng": {"python": (3, (1, 2), None), "torch": torch.randint(0, 255, (16,), dtype=torch.uint8)},
+             "global_step": 3, "pair": (torch.ones(2), "x")}
+    data, tensors = ckpt.split_tensors(state)
+    assert len(tensors) == 4 and not any(isinstance(v, torch.Tensor) for v in _leaves(data))
+    back = ckpt.join_tensors(data, tensors, Path("x"))
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"] and back["global_step"] == 3
+    assert torch.equal(back["optimizer"]["state"]["a.weight"]["exp_avg"], state["optimizer"]["state"]["a.weight"]["exp_avg"])
+    assert isinstance(back["pair"], tuple) and torch.equal(back["pair"][0], torch.ones(2))
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def test_host_buffers_fill_in_the_background_and_follow_the_state():
+    buffers = ac.HostBuffers(pin=False)
+    a, b = ((4, 2), torch.float32), ((3,), torch.bfloat16)
+    buffers.want([a, a, b])
+    deadline = time.time() + 30
+    while not buffers.ready() and time.time() < deadline:
+        time.sleep(0.01)
+    lease = buffers.lease()
+    assert len(lease[a]) == 2 and len(lease[b]) == 1 and lease[b][0].dtype == torch.bfloat16
+    buffers.want([a])  # the state changed: the excess goes at once
+    assert len(buffers.lease()[a]) == 1 and b not in buffers.lease()
+    buffers.close()
+    buffers.want([a, b])  # closed: nothing more is allocated
+    assert not buffers.ready()
+    # Buffers to be page-locked start on a page of their own (no CUDA here: they stay pageable).
+    big = ((512, 1024), torch.float32)
+    pinned = ac.HostBuffers(pin=True)
+    pinned.want([big, a])
+    while not pinned.ready() and time.time() < deadline:
+        time.sleep(0.01)
+    held = pinned.lease()
+    assert held[big][0].data_ptr() % 4096 == 0 and held[big][0].shape == (512, 1024) and len(held[a]) == 1
+    pinned.close()
+
+
+# ---- saves from a real trainer -----------------------------------------------------------
+
+def _trainer(tmp: Path, model: Path, steps: int, *extra: str):
+    from verlite.config import load_config
+    from verlite.engine.distributed import init_distributed
+    from verlite.trainer.sft_trainer import Trainer
+
+    cfg = load_config(None, sft_args(tmp, model, steps, *extra))
+    return Trainer(cfg, init_distributed("cpu"))
+
+
+def _training_state(t):
+    import copy
+
+    return ([p.detach().clone() for p in t.params], copy.deepcopy(t.optimizer.state_dict()),
+            copy.deepcopy(t.scheduler.state_dict()), ckpt.rng_state())
+
+
+def _restore_training_state(t, state) -> None:
+    import copy
+
+    params, optim, sched, rng = state
+    with torch.no_grad():
+        for p, a in zip(t.params, params):
+            p.copy_(a)
+    t.optimizer.load_state_dict(copy.deepcopy(optim))
+    t.scheduler.load_state_dict(sched)
+    ckpt.set_rng_state(rng)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_background_checkpoint_is_byte_identical_to_synchronous(tmp_path, tiny_model, lora):
+    from transformers import AutoModelForCausalLM
+
+    from verlite.engine.distributed import shutdown
+
+    t = _trainer(tmp_path, tiny_model, 6, *(LORA if lora else ()))
+    saved = []
+    try:
+        for step in range(3):  # real optimizer state: AdamW moments and step counts
+            t._step(t._micro_batches(step))
+        args = (t.model, t.tokenizer, t.optimizer, t.scheduler, {"global_step": 3}, t.is_lora)
+        sync = ac.Checkpointer(background=False, is_main=True, buffers=None, on_saved=lambda *a: None)
+        assert sync.save(tmp_path / "sync", 3, *args)
+        sync_path = sync.wait()
+        # Background saves: without buffers, with buffers not yet allocated (fresh copies), then
+        # with every buffer ready (copies into reused memory); and an in-line save.
+        buffers = ac.HostBuffers(pin=False)
+        paths = []
+        for name, pool in (("plain", None), ("cold", buffers), ("warm", buffers), ("in_line", buffers)):
+            if name == "warm":
+                while not buffers.ready():
+                    time.sleep(0.01)
+            saver = ac.Checkpointer(background=True, is_main=True, buffers=pool,
+                                    on_saved=lambda path, *times: saved.append(path))
+            assert saver.save(tmp_path / name, 3, *args, in_line=name == "in_line")
+            if name != "in_line":  # training goes on while the writer runs; the snapshot must not see it
+                before = _training_state(t)
+                t._step(t._micro_batches(3))
+                assert any(not torch.equal(a, p) for a, p in zip(before[0], t.params))
+            paths.append(saver.wait())
+            if name != "in_line":  # back to step 3 for the next save
+                _restore_training_state(t, before)
+        buffers.close()
+    finally:
+        shutdown()
+    assert sync_path == tmp_path / "sync" / "global_step_3" and saved == paths
+    a = _files(sync_path)
+    assert {"trainer_state.pt", "trainer_state.safetensors"} <= set(a)
+    for path in paths:
+        b = _files(path)
+        assert sorted(a) == sorted(b), path
+        for name in a:
+            assert a[name] == b[name], (path, name)
+        assert (path.parent / ckpt.LATEST).read_text() == "3"
+    # trainer_state.pt holds no tensor but the tiniest (its data-only part); the HF folder loads.
+    data = torch.load(sync_path / ckpt.STATE, weights_only=True)
+    assert not any(isinstance(v, torch.Tensor) for v in _leaves(data))
+    if not lora:
+        AutoModelForCausalLM.from_pretrained(sync_path / "huggingface")
+
+
+def test_full_model_folder_matches_save_pretrained(tmp_path, tiny_model):
+    """The weights file written here is the one transformers writes, and so are its configs."""
+    from verlite.engine.distributed import shutdown
+
+    t = _trainer(tmp_path, tiny_model, 1)
+    try:
+        t._step(t._micro_batches(0))
+        saver = ac.Checkpointer(background=False, is_main=True, buffers=None, on_saved=lambda *a: None)
+        assert saver.save(tmp_path / "ours", 1, t.model, t.tokenizer, t.optimizer, t.scheduler, {"global_step": 1},
+                          False)
+        weights = {n.removeprefix("hf."): p.detach() for n, p in t.model.named_parameters()}
+        assert ac._plain_layout(t.model.hf, weights)  # written here, not by save_pretrained
+        t.model.hf.save_pretrained(tmp_path / "theirs", state_dict=weights, safe_serialization=True)
+    finally:
+        shutdown()
+    ours, theirs = tmp_path / "ours" / "global_step_1" / "huggingface", tmp_path / "theirs"
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
+def test_nan_weights_are_refused_and_the_previous_checkpoint_stays(tmp_path, tiny_model, caplog):
+    from verlite.engine.distributed import shutdown
+
+    t = _trainer(tmp_path, tiny_model, 2)
+    try:
+        t._step(t._micro_batches(0))
+        args = (t.model, t.tokenizer, t.optimizer, t.scheduler)
+        saver = ac.Checkpointer(background=True, is_main=True, buffers=None, on_saved=lambda *a: None)
+        assert saver.save(tmp_path / "run", 1, *args, {"global_step": 1}, False)
+        with torch.no_grad():
+            t.params[0][0] = float("nan")
+        assert not saver.save(tmp_path / "run", 2, *args, {"global_step": 2}, False)
+        assert saver.wait() is None
+    finally:
+        shutdown()
+    assert "weights hold NaN/inf; checkpoint not written" in caplog.text
+    assert [s for s, _ in ckpt.step_dirs(tmp_path / "run")] == [1]
+    assert not (tmp_path / "run" / "global_step_2.tmp").exists()
+
+
+def test_final_save_gives_up_a_periodic_write_still_in_flight(tmp_path, tiny_model, monkeypatch, caplog):
+    from verlite.engine.distributed import shutdown
+
+    real = ckpt.write_tensor_file
+
+    def slow_first(path, *a, **k):  # the periodic save's files are still being written
+        if "global_step_1.tmp" in str(path):
+            time.sleep(0.5)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "write_tensor_file", slow_first)
+    monkeypatch.setattr(ac, "DEFER_WHEN_BUSY_ON", ("cuda", "cpu"))  # as on a GPU (on a CPU every save is kept)
+    caplog.set_level("INFO", logger="verlite.checkpoint")
+    t = _trainer(tmp_path, tiny_model, 2)
+    saved = []
+    try:
+        t._step(t._micro_batches(0))
+        args = (t.model, t.tokenizer, t.optimizer, t.scheduler)
+        saver = ac.Checkpointer(background=True, is_main=True, buffers=None,
+                                on_saved=lambda path, *times: saved.append(path.name))
+        assert saver.save(tmp_path / "run", 1, *args, {"global_step": 1}, False)
+        t._step(t._micro_batches(1))
+        assert saver.save(tmp_path / "run", 2, *args, {"global_step": 2}, False, in_line=True)
+        assert saver.wait() == tmp_path / "run" / "global_step_2"
+    finally:
+        shutdown()
+    assert saved == ["global_step_2"] and "step 1: checkpoint superseded" in caplog.text
+    assert [s for s, _ in ckpt.step_dirs(tmp_path / "run")] == [2] and not list((tmp_path / "run").glob("*.tmp"))
+    assert (tmp_path / "run" / ckpt.LATEST).read_text() == "2"
+
+
+# ---- resume ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model) -> Path:
+    """6 steps with background checkpoints at 3 and 6."""
+    from verlite.config import load_config
+    from verlite.trainer.sft_trainer import run_sft
+
+    tmp = tmp_path_factory.mktemp("ref")
+    run_sft(load_config(None, sft_args(tmp, tiny_model, 6, "trainer.save_freq=3")))
+    return tmp / "run"
+
+
+def _resume_from(tmp: Path, model: Path, checkpoint: Path) -> Path:
+    from verlite.config import load_config
+    from verlite.trainer.sft_trainer import run_sft
+
+    cut = tmp / "run"
+    cut.mkdir(parents=True)
+    shutil.copytree(checkpoint, cut / checkpoint.name)
+    summary = run_sft(load_config(None, sft_args(tmp, model, 6, "trainer.save_freq=3")))
+    assert summary["start_step"] == 3
+    return cut
+
+
+def test_resume_from_background_checkpoint_is_exact(tmp_path, tiny_model, reference_run):
+    cut = _resume_from(tmp_path, tiny_model, reference_run / "global_step_3")
+    name = "global_step_6/huggingface/model.safetensors"
+    assert (reference_run / name).read_bytes() == (cut / name).read_bytes()
+    assert _files(reference_run / "global_step_6")["trainer_state.safetensors"] == \
+        _files(cut / "global_step_6")["trainer_state.safetensors"]
+
+
+def test_checkpoint_with_tensors_inside_trainer_state_pt_still_resumes_exactly(tmp_path, tiny_model, reference_run):
+    """The format before the split: every tensor pickled inside trainer_state.pt."""
+    old = tmp_path / "old" / "global_step_3"
+    shutil.copytree(reference_run / "global_step_3", old)
+    torch.save(ckpt.load_trainer_state(old), old / ckpt.STATE)
+    (old / ckpt.STATE_TENSORS).unlink()
+    assert isinstance(torch.load(old / ckpt.STATE, weights_only=True)["rng"]["torch"], torch.Tensor)
+    cut = _resume_from(tmp_path / "resumed", tiny_model, old)
+    name = "global_step_6/huggingface/model.safetensors"
+    assert (reference_run / name).read_bytes() == (cut / name).read_bytes()
+
+
+def test_a_missing_state_tensor_file_is_one_clear_error(tmp_path, reference_run):
+    from verlite.errors import VerliteError
+
+    broken = Path(shutil.copytree(reference_run / "global_step_3", tmp_path / "global_step_3"))
+    (broken / ckpt.STATE_TENSORS).unlink()
+    with pytest.raises(VerliteError, match=r"trainer_state.safetensors cannot be read .*resume_mode=disable"):
+        ckpt.load_trainer_state(broken)
+
+
+# ---- a kill mid-write --------------------------------------------------------------------
+
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from verlite.trainer import checkpoint as ckpt
+real = ckpt._replace_dir
+def slow(tmp, final):
+    if ckpt.latest_checkpoint(tmp.parent) is not None:  # the second checkpoint: written, not yet renamed
+        Path(sys.argv[1]).write_text(tmp.name)
+        time.sleep(300)
+    real(tmp, final)
+ckpt._replace_dir = slow
+from verlite.trainer import async_checkpoint
+async_checkpoint.DEFER_WHEN_BUSY_ON = ("cuda", "cpu")  # as on a GPU: a save due meanwhile is put off
+from verlite.cli import main
+sys.exit(main(["sft", *sys.argv[2:]]))
+"""
+
+
+def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    marker = tmp_path / "writing"
+    args = sft_args(tmp_path, tiny_model, 10_000, "trainer.save_freq=2")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(marker), *args],
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def last_step() -> int:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        try:
+            return json.loads(lines[-1])["step"] if lines else 0
+        except ValueError:  # a line being written
+            return 0
+
+    deadline = time.time() + 240
+    try:
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        writing = marker.read_text() if marker.exists() else None
+        # Training goes on while that checkpoint is being written, past two more due saves (put off).
+        step = int(writing.split("_")[-1].split(".")[0]) if writing else 0
+        while writing and last_step() < step + 4 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        reached = last_step()
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs
+        _, err = proc.communicate()
+    assert writing, f"no second checkpoint was being written: {err[-2000:]}"
+    assert reached >= step + 4, f"training stopped at step {reached} while step {step} was written: {err[-2000:]}"
+    run = tmp_path / "run"
+    assert (run / writing).is_dir() and (run / writing / ckpt.STATE_TENSORS).is_file()
+    previous = ckpt.latest_checkpoint(run)
+    assert previous is not None and previous.name != writing.removesuffix(".tmp")
+    assert len(ckpt.step_dirs(run)) == 1 and (run / ckpt.LATEST).read_text() == previous.name.split("_")[-1]
+    AutoModelForCausalLM.from_pretrained(previous / "huggingface")
+    assert ckpt.load_trainer_state(previous)["global_step"] == int(previous.name.split("_")[-1])
+
+
+def test_ckpt_probe_smoke():
+    """bench/ckpt_probe.py --smoke: every writer writes, and the loop rates are reported."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ckpt_probe.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows[0]["state_gb"] > 0
+    assert [x["writer"] for x in rows[1:]] == ["old", "new", "torch.save", "safetensors.save_file",
+                                               "write_tensor_file"]
+    assert all(x["loop_alone"] > 0 and x["loop_during"] > 0 and x["write_s"] >= 0 for x in rows[1:])
+
+
+def test_background_copy_of_torchao_8bit_state_shares_no_memory():
+    """torchao's OptimState8bit.to(copy=True) hands back the live codes; a background write
+    of them would see the next steps' values (found by test_optim_lowmem's resume)."""
+    pytest.importorskip("torchao.optim")
+    from torchao.optim import AdamW8bit
+
+    p = torch.nn.Parameter(torch.randn(256, 256))
+    opt = AdamW8bit([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    live = opt.state[p]["exp_avg"]
+    copier = ac._Copier(None, in_line=False, device_refs=False)
+    snap = copier({"exp_avg": live})["exp_avg"]
+    before = snap.dequantize().clone()
+    assert type(snap) is type(live) and torch.equal(before, live.dequantize())
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(live.dequantize(), before) and torch.equal(snap.dequantize(), before)
