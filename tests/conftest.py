@@ -65,6 +65,18 @@ def article_data(tmp_path) -> Path:
     return path
 
 
+def shape_config(folder: Path, shape: str, max_position_embeddings: int) -> Path:
+    """A bench shape (bench/shapes.py) as a config-only model folder: enough for the planner."""
+    from transformers import Qwen2Config
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from shapes import SHAPES
+
+    path = folder / shape
+    Qwen2Config(max_position_embeddings=max_position_embeddings, **SHAPES[shape]).save_pretrained(path)
+    return path
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

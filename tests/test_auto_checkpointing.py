@@ -4,29 +4,22 @@ saying what and why; after an OOM every layer recomputes (models/checkpointing.p
 gradients are those of the plain model."""
 
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import shape_config
+
 from verlite.config import load_config
 from verlite.engine.memory import estimate, model_shape, resolve_checkpointing
 
-ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")  # only planned for: nothing is allocated on it
 
 
 @pytest.fixture(scope="module")
 def qwen05b(tmp_path_factory) -> Path:
-    from transformers import Qwen2Config
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from shapes import SHAPES
-
-    path = tmp_path_factory.mktemp("shape") / "qwen0.5b"
-    Qwen2Config(max_position_embeddings=32768, **SHAPES["qwen0.5b"]).save_pretrained(path)
-    return path
+    return shape_config(tmp_path_factory.mktemp("shape"), "qwen0.5b", 32768)
 
 
 def cfg_for(model, *overrides):

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, write_jsonl
+from conftest import ROOT
 from verlite.trainer import async_checkpoint as ac
+from test_fast import sft_args as fast_sft_args
 from verlite.trainer import checkpoint as ckpt
 
 # Not test_fast.py's rows: its CLI test expects a token-cache miss in the session's shared cache.
@@ -26,11 +27,7 @@ LORA = ("model.lora_rank=4", "model.target_modules=[q_proj,v_proj]")
 
 
 def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
-    data = write_jsonl(tmp / "train.jsonl", ROWS)
-    return [f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
-            f"trainer.default_local_dir={tmp / 'run'}", "data.micro_batch_size_per_gpu=2", "data.train_batch_size=4",
-            f"trainer.total_training_steps={steps}", "trainer.log_interval=1", "optim.lr=1e-3",
-            "model.enable_gradient_checkpointing=false", *extra]
+    return fast_sft_args(tmp, model, steps, *extra, rows=ROWS)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -18,8 +18,8 @@ ROWS = [{"question": f"What is {i} plus {i + 1}?", "answer": f"{i} + {i + 1} = {
         for i in range(16)]
 
 
-def sft_args(tmp: Path, model: Path, steps: int, *extra: str) -> list[str]:
-    data = write_jsonl(tmp / "train.jsonl", ROWS)
+def sft_args(tmp: Path, model: Path, steps: int, *extra: str, rows: list[dict] = ROWS) -> list[str]:
+    data = write_jsonl(tmp / "train.jsonl", rows)
     return [f"data.train_files={data}", f"model.partial_pretrain={model}", "trainer.device=cpu",
             f"trainer.default_local_dir={tmp / 'run'}", "data.micro_batch_size_per_gpu=2", "data.train_batch_size=4",
             f"trainer.total_training_steps={steps}", "trainer.log_interval=1", "optim.lr=1e-3",

@@ -8,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import shape_config
+
 from test_optim_lowmem import EIGHT_BIT, train, wide_model  # noqa: F401  (fixture)
 
 FUSED = "optim.fused_backward=true"
@@ -55,52 +57,21 @@ def test_fused_resumes_exactly(tmp_path, wide_model, extra):  # noqa: F811
 
 
 def test_a_nan_step_leaves_weights_and_state_untouched(tmp_path, tiny_model, monkeypatch):
-    from test_bad_numbers import poison
+    from test_optim_lowmem import check_nan_step_changes_nothing
     from test_trainer import config
-    from verlite.engine.distributed import init_distributed, shutdown
+    from verlite.engine.distributed import init_distributed
     from verlite.trainer.sft_trainer import Trainer
-
-    def snapshot(trainer):
-        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-        state = {(i, k): v.clone() for i, p in enumerate(trainer.params)
-                 for k, v in trainer.optimizer.state.get(p, {}).items()}
-        return weights, state
 
     trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3",
                              FUSED), init_distributed("cpu"))
-    try:
-        assert trainer.optimizer.fused_backward is not None
-        trainer._step(trainer._micro_batches(0))
-        before = snapshot(trainer)
-        assert before[1]
-        poison(monkeypatch, {0})
-        assert trainer._step(trainer._micro_batches(1)).skipped.item() == 1
-        after = snapshot(trainer)
-        for part in (0, 1):
-            assert before[part].keys() == after[part].keys()
-            for key in before[part]:
-                assert torch.equal(before[part][key], after[part][key]), key
-        assert all(p.grad is None for p in trainer.params)
-        assert trainer._step(trainer._micro_batches(2)).skipped.item() == 0
-    finally:
-        shutdown()
+    assert trainer.optimizer.fused_backward is not None
+    check_nan_step_changes_nothing(trainer, monkeypatch, grads_freed=True)
 
 
 # ---- the planner (engine/memory.py) ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def qwen15b(tmp_path_factory):
-    import sys
-
-    from transformers import Qwen2Config
-
-    from test_auto_checkpointing import ROOT
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from shapes import SHAPES
-
-    path = tmp_path_factory.mktemp("shape") / "qwen1.5b"
-    Qwen2Config(max_position_embeddings=32768, **SHAPES["qwen1.5b"]).save_pretrained(path)
-    return path
+    return shape_config(tmp_path_factory.mktemp("shape"), "qwen1.5b", 32768)
 
 
 def small_card(model, *extra):

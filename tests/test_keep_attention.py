@@ -3,13 +3,13 @@ layers that keep attention's output run attention forward once, not twice, with 
 gradients; the planner gives it to long samples as far as the card holds (engine/memory.py);
 an OOM takes it back."""
 
-import sys
 
 import pytest
 import torch
+
+from conftest import shape_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_auto_checkpointing import ROOT
 from verlite.config import load_config
 from verlite.config.schema import ModelConfig
 from verlite.engine.memory import GIB, estimate, model_shape, resolve_auto_memory
@@ -61,14 +61,7 @@ def test_kept_attention_runs_once_with_the_same_gradients(tiny_model):
 
 @pytest.fixture(scope="module")
 def qwen7b(tmp_path_factory):
-    from transformers import Qwen2Config
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from shapes import SHAPES
-
-    path = tmp_path_factory.mktemp("shape") / "qwen7b"
-    Qwen2Config(max_position_embeddings=131072, **SHAPES["qwen7b"]).save_pretrained(path)
-    return path
+    return shape_config(tmp_path_factory.mktemp("shape"), "qwen7b", 131072)
 
 
 def qlora(model, length, cap, batch):

@@ -89,30 +89,40 @@ def test_bf16_master_weights_use_stochastic_rounding(tmp_path, wide_model, capsy
                                    ["model.lora_rank=4", "model.quantization=nf4"]],
                          ids=["adamw8bit", "optimizer_offload", "qlora"])
 def test_a_nan_step_leaves_weights_and_state_untouched(tmp_path, tiny_model, monkeypatch, extra):
-    from test_bad_numbers import poison
     from test_trainer import config
-    from verlite.engine.distributed import init_distributed, shutdown
+    from verlite.engine.distributed import init_distributed
     from verlite.trainer.sft_trainer import Trainer
 
-    def snapshot(trainer):
+    trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3",
+                             *extra), init_distributed("cpu"))
+    check_nan_step_changes_nothing(trainer, monkeypatch)
+
+
+def check_nan_step_changes_nothing(trainer, monkeypatch, grads_freed: bool = False) -> None:
+    """Step 1 poisoned: skipped with weights and optimizer state bit-identical (and, for the fused
+    step, no gradient left behind); step 2 trains again."""
+    from test_bad_numbers import poison
+    from verlite.engine.distributed import shutdown
+
+    def snapshot():
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         state = {(i, k): (v.dequantize() if hasattr(v, "dequantize") else v).clone()
                  for i, p in enumerate(trainer.params) for k, v in trainer.optimizer.state.get(p, {}).items()}
         return weights, state
 
-    trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3",
-                             *extra), init_distributed("cpu"))
     try:
         trainer._step(trainer._micro_batches(0))
-        before = snapshot(trainer)
+        before = snapshot()
         assert before[1]  # the optimizer has state to protect
         poison(monkeypatch, {0})
         assert trainer._step(trainer._micro_batches(1)).skipped.item() == 1
-        after = snapshot(trainer)
+        after = snapshot()
         for part in (0, 1):
             assert before[part].keys() == after[part].keys()
             for key in before[part]:
                 assert torch.equal(before[part][key], after[part][key]), key
+        if grads_freed:
+            assert all(p.grad is None for p in trainer.params)
         assert trainer._step(trainer._micro_batches(2)).skipped.item() == 0
     finally:
         shutdown()
