@@ -4,7 +4,9 @@ writes them) and inference / serve / export (which read them) share one definiti
     run_dir/
       global_step_N/                     one complete checkpoint
         huggingface/                     model or PEFT adapter + tokenizer
-        trainer_state.pt                 optimizer, scheduler, step, RNG, settings
+        trainer_state.pt                 optimizer, scheduler, step, RNG, settings (data only; its
+                                         tensors named, not stored, when the next file exists)
+        trainer_state.safetensors        the optimizer's and RNG's tensors (written since 2026-11-25)
       global_step_N.tmp/                 a checkpoint being written (renamed when complete)
       latest_checkpointed_iteration.txt  N of the newest complete checkpoint (verl's name)
 """
@@ -17,6 +19,7 @@ from typing import Optional
 
 LATEST = "latest_checkpointed_iteration.txt"
 STATE = "trainer_state.pt"
+STATE_TENSORS = "trainer_state.safetensors"
 HF_DIR = "huggingface"
 STEP_PREFIX = "global_step_"
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")

@@ -37,7 +37,7 @@ from typing import Iterable, Optional
 import torch
 
 from verlite.errors import VerliteError
-from verlite.layout import HF_DIR, LATEST, STATE, latest_checkpoint, step_dirs  # noqa: F401 (re-exported)
+from verlite.layout import HF_DIR, LATEST, STATE, STATE_TENSORS, latest_checkpoint, step_dirs  # noqa: F401 (re-exported)
 from verlite.outputs import replace_dir
 
 log = logging.getLogger("verlite.checkpoint")
@@ -81,7 +81,6 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ---- tensor files -------------------------------------------------------------------------
-STATE_TENSORS = "trainer_state.safetensors"
 _TENSOR_REF = "__verlite_tensor__"  # {_TENSOR_REF: name}: where trainer_state.pt had a tensor
 # safetensors' dtype names, in the order its writer sorts them (descending), so that every
 # tensor starts aligned to its element size and the bytes equal the library's own output.
