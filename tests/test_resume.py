@@ -66,6 +66,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model, lora):
     kill_at = random.Random().randint(9, 45)
     victim = start(sft_args(tmp_path / "cut", tiny_model, steps, *extra))
     wait_for_step(tmp_path / "cut" / "run", kill_at, victim)
+    # Checkpoints are written in the background (at a lower CPU priority): on a busy CPU the
+    # step-7 one may still be in flight at step 9. Kill once one is whole, wherever training is.
+    deadline = time.time() + 120
+    while not ckpt.step_dirs(tmp_path / "cut" / "run") and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     survivors = ckpt.step_dirs(tmp_path / "cut" / "run")
