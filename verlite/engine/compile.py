@@ -102,6 +102,8 @@ def remember_shape(folder: Path, signature: str) -> None:
     shapes = _known_shapes(folder)
     if signature in shapes:
         return
+    # A cache, not a result: no fsync (a file lost in a crash only costs the next run its warm
+    # estimate), but renamed into place so a reader never sees half of it.
     tmp = folder / (SHAPES_FILE + f".{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(shapes + [signature]))

@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from verlite.outputs import output_file
 
 log = logging.getLogger("verlite.trainer")
 
@@ -122,9 +123,10 @@ def _truncate_after(path: Path, step: int) -> None:
             continue  # a line cut short by a kill
     if len(keep) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")  # a kill now must not lose the lines kept
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    # Whole or untouched, and on disk before the rename: a kill or power loss now must not
+    # lose the lines kept.
+    with output_file(path, "the metrics log") as f:
+        f.write("".join(k + "\n" for k in keep))
     log.info("%s: dropped %d line(s) after step %d, left by an earlier run that stopped before saving them",
              path, len(lines) - len(keep), step)
 
