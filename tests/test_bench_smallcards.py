@@ -33,6 +33,7 @@ def test_small_card_cases_run_in_smoke_form(tmp_path):
     assert "qlora7b_longest_24g" in result.stdout.splitlines()[-1]  # the table
 
 
+@pytest.mark.slow  # a bench smoke run
 def test_trace_and_variants_in_smoke_form(tmp_path):
     """--trace writes a chrome trace per verlite run; a case's variants run beside it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -50,6 +51,7 @@ def test_trace_and_variants_in_smoke_form(tmp_path):
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["full1.5b_12g.json", "full1.5b_12g_v2.json"]
 
 
+@pytest.mark.slow  # a bench smoke run
 def test_nf4_overhead_script_in_smoke_form():
     """bench/nf4_overhead.py (host time per layer call, NF4 vs bf16 base) runs its four settings."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -374,6 +374,7 @@ def test_kill_during_background_save_keeps_previous_checkpoint(tmp_path, tiny_mo
     assert ckpt.load_trainer_state(previous)["global_step"] == int(previous.name.split("_")[-1])
 
 
+@pytest.mark.slow  # a bench smoke run
 def test_ckpt_probe_smoke():
     """bench/ckpt_probe.py --smoke: every writer writes, and the loop rates are reported."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "ckpt_probe.py"), "--smoke"], capture_output=True,
