@@ -90,7 +90,6 @@ class Snapshot:
     weights: dict[str, torch.Tensor]
     state: dict  # optimizer, scheduler, rng and the trainer's extra keys
     is_lora: bool = False
-    stall_s: float = 0.0
     cancel: threading.Event = field(default_factory=threading.Event)  # set: a newer save supersedes it
 
     @property
@@ -332,7 +331,6 @@ def take_snapshot(root: str | Path, step: int, sft_model, tokenizer, optimizer, 
     host tensors are referenced, not copied, and the write must come before the next step)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    start = time.perf_counter()
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     # Gathered full tensors are fresh device memory: referencing them all would hold the whole
     # model on one device, so with several ranks they are copied to the host one by one.
@@ -350,7 +348,7 @@ def take_snapshot(root: str | Path, step: int, sft_model, tokenizer, optimizer, 
     state = {"optimizer": copier(optim_sd) if is_main else {},
              "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": ckpt.rng_state(), **copy.deepcopy(extra)}
     copier.done()
-    return Snapshot(Path(root), step, sft_model.hf, tokenizer, weights, state, is_lora, time.perf_counter() - start)
+    return Snapshot(Path(root), step, sft_model.hf, tokenizer, weights, state, is_lora)
 
 
 _said: dict[str, bool] = {}
@@ -467,10 +465,8 @@ def agree(ok: bool) -> bool:
 
 @dataclass
 class SaveTimes:
-    saves: int = 0
-    stall_s: float = 0.0  # training thread: waiting for the previous write + copying to the host
+    saves: int = 0  # the training thread's pauses are timed by the trainer (trainer/timeline.py)
     write_s: float = 0.0  # writer: serializing, fsync, rename (in the background when async)
-    stalls: list[float] = field(default_factory=list)
 
 
 class Checkpointer:
@@ -521,12 +517,7 @@ class Checkpointer:
             self._thread.start()
         elif self.is_main:
             self._write(snap, paused, not self.background)
-        # A background checkpointer's in-line save counts only its copy as the pause, as when
-        # the trainer waited for a background write (the numbers stay comparable).
-        stall = time.perf_counter() - start if not self.background else paused
         self.times.saves += 1
-        self.times.stall_s += stall
-        self.times.stalls.append(stall)
         return True
 
     def _write(self, snap: Snapshot, paused: float, write_is_pause: bool, background: bool = False) -> None:
