@@ -218,10 +218,10 @@ def predicted_peak(cfg, world: int, tokens: int | None = None) -> float:
     from verlite.engine.memory import GIB, estimate, model_shape, step_tokens
 
     d, m = cfg.data, cfg.model
-    tokens = tokens or d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    budget = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
+    tokens = tokens or budget
     shape = model_shape(cfg)
     layers = (m.checkpoint_layers or shape.layers) if m.enable_gradient_checkpointing is True else 0
-    budget = d.max_token_len_per_gpu or d.micro_batch_size_per_gpu * d.max_length
     est = estimate(cfg, shape, tokens, world, layers > 0, layers, one_micro_batch=budget >= step_tokens(cfg, world))
     return round(est.total / GIB, 2)
 
