@@ -93,7 +93,6 @@ def load_model_and_tokenizer(model_path: str, model_name: Optional[str] = None, 
 class Loaded:
     model: object
     tokenizer: object
-    folder: Path | str  # the resolved checkpoint folder (or hub id)
     base_id: str  # the base model as named (an adapter's base, else the folder)
     adapter: Optional[Path]  # the adapter folder when the checkpoint is one
 
@@ -116,7 +115,7 @@ def load_checkpoint(model_path: str, model_name: Optional[str] = None, device=No
     tokenizer = load_tokenizer(str(folder) if has_tokenizer(folder) else base_id)
     tokenizer.padding_side = "left"
     model.to(device).eval()
-    return Loaded(model, tokenizer, folder, base_id, adapter)
+    return Loaded(model, tokenizer, base_id, adapter)
 
 
 def is_adapter(folder) -> bool:
