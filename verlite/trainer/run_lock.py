@@ -84,9 +84,14 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise VerliteError (one line naming the directory and the holder)."""
         try:
-            if not self.run_dir.is_dir():
+            # Two runs started together both find no directory: the one whose mkdir loses the
+            # race goes on to the lock (and its one-line "in use" error), not to a write error.
+            try:
                 self.run_dir.mkdir(parents=True)
                 self.created_dir = True
+            except FileExistsError:
+                if not self.run_dir.is_dir():
+                    raise
             while self.fd is None:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
