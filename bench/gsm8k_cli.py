@@ -184,6 +184,10 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--lora", action="store_true", help="model.lora_rank=8 on q/v (the article's adapter) on both sides")
     p.add_argument("--steps", type=int, default=None, help="verlite: stop after N steps (quick checks; TRL not run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra override for both verlite launches (e.g. model.compile=true); repeatable")
+    p.add_argument("--trl_dtypes", default="float32,bfloat16",
+                   help="TRL's weight dtypes to run (full fine-tune); the ratio is against the best")
     a = p.parse_args()
     gsm8k = Path(a.gsm8k)
     work = Path(tempfile.mkdtemp(prefix="gsm8k_cli_"))
@@ -196,10 +200,11 @@ def main() -> None:
     rows = []
     for i in (1, 2):
         lora = ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"] if a.lora else []
-        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout, lora, a.steps))
+        rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout, lora + a.set, a.steps))
         print(json.dumps(rows[-1]), flush=True)
     if a.trl and not a.steps:
-        for extra in ([["--lora"], ["--lora", "--ckpt"]] if a.lora else [[], ["--dtype", "bfloat16"]]):
+        full = [[] if d == "float32" else ["--dtype", d] for d in a.trl_dtypes.split(",") if d]
+        for extra in ([["--lora"], ["--lora", "--ckpt"]] if a.lora else full):
             rows.append(run_trl(model, data, a.smoke, extra, a.timeout))
             print(json.dumps(rows[-1]), flush=True)
     if a.out:
