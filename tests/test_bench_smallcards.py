@@ -42,7 +42,7 @@ def test_trace_and_variants_in_smoke_form(tmp_path):
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["setting"] for r in rows] == [None, "optim.fused_backward=false"], rows
+    assert [r["setting"] for r in rows] == [None, "optim.fused_backward=false optim.optimizer=AdamW4bit"], rows
     assert all(r["ok"] for r in rows), rows
     assert rows[1]["fused_backward"] is False
     for r in rows:

@@ -14,6 +14,8 @@ from verlite.config import load_config
 from verlite.engine.memory import GIB, choose_batching, estimate, model_shape
 from verlite.errors import VerliteError
 
+from conftest import shape_config
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -120,3 +122,54 @@ def test_examples_fit_their_12_gib_card(shapes, example, shape, capsys):
         assert "-> fits" in out.out  # the micro batch as written, not only the planner's pick
     if "gemma" in example:
         assert "rope_theta = 10000.0" in out.out + out.err
+
+
+def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shapes, caplog):
+    """QLoRA 7B, batch 8 of at most 1024 tokens, 12 GiB: planned for 8192-token micro-batches,
+    27 of 28 layers are recomputed; samples of 200-900 tokens never form more than ~5,000, and
+    the plan then recomputes fewer layers, sized for the largest step of the run (all epochs).
+    The GSM8K default run (0.5B, batch 32 of ~207 tokens, max_length 1024) on a 24 GiB card:
+    planned for 32,768 tokens it recomputes 18 layers; for the ~7,800 its steps hold, none."""
+    import logging
+
+    import numpy as np
+    import torch
+
+    from verlite.data.batching import StepPlan
+    from verlite.engine.memory import data_micro_batch_tokens, resolve_auto_memory
+
+    def config(*extra):
+        return load_config(None, [f"model.partial_pretrain={shapes['qwen7b']}", "model.lora_rank=8", QV,
+                                  "model.quantization=nf4", "data.train_batch_size=8", "data.max_length=1024",
+                                  "data.micro_batch_size_per_gpu=auto", "trainer.gpu_mem_gb=12",
+                                  "trainer.total_epochs=3", *extra])
+
+    lengths = np.random.default_rng(0).integers(200, 900, size=64)
+    worst, fitted = config(), config()
+    resolve_auto_memory(worst, torch.device("cuda"))
+    with caplog.at_level(logging.INFO, logger="verlite.plan"):
+        resolve_auto_memory(fitted, torch.device("cuda"), lengths=lengths)
+    assert worst.data.max_token_len_per_gpu == fitted.data.max_token_len_per_gpu == 8192  # same batching
+    assert worst.model.checkpoint_layers == 27
+    assert fitted.model.checkpoint_layers == 26  # a 7B layer keeps ~1 GiB at 5,700 tokens: one more fits
+    seen = data_micro_batch_tokens(fitted, lengths, 1)
+    plan = StepPlan(lengths, 8, 1, fitted.trainer.seed, None, 8192, packed=True)
+    steps = 3 * plan.steps_per_epoch
+    assert seen == max(int(lengths[plan.step_indices(s)].sum()) for s in range(steps)) < 8192
+    assert any(f"largest micro-batch ({seen} tokens)" in r.getMessage() for r in caplog.records)
+    # Predicted to fit at that size; several GPUs or unpacked batches keep planning for the budget.
+    shape = model_shape(fitted)
+    layers = fitted.model.checkpoint_layers
+    assert estimate(fitted, shape, seen, 1, True, layers).total <= 12 * GIB * 0.92
+    assert data_micro_batch_tokens(fitted, lengths, 2) is None
+    assert data_micro_batch_tokens(config("data.max_token_len_per_gpu=2048"), lengths, 1) is None
+
+    gsm8k = np.random.default_rng(0).normal(207, 60, size=7473).clip(60, 1024).astype(int)
+    short = shape_config(shapes["qwen7b"].parent, "qwen0.5b", 32768)
+    runs = [load_config(None, [f"model.partial_pretrain={short}", "data.micro_batch_size_per_gpu=32",
+                                "data.max_length=1024", "data.packing=true", "trainer.gpu_mem_gb=24"]) for _ in "ab"]
+    resolve_auto_memory(runs[0], torch.device("cuda"))
+    resolve_auto_memory(runs[1], torch.device("cuda"), lengths=gsm8k)
+    assert runs[0].model.enable_gradient_checkpointing is True and runs[0].model.checkpoint_layers == 18
+    assert runs[1].model.enable_gradient_checkpointing is False
+    assert runs[1].optim.fused_backward is False  # nothing to win from fusing where nothing is recomputed

@@ -146,6 +146,17 @@ class StepPlan:
         order = self.epoch_order(epoch)
         return order[within * self.global_batch:(within + 1) * self.global_batch].tolist()
 
+    def largest_step_tokens(self, steps: int) -> int:
+        """Tokens of the largest of the first `steps` global steps (all their samples together),
+        one vectorized pass per epoch."""
+        largest, done, epoch = 0, 0, 0
+        while done < steps:
+            take = min(self.steps_per_epoch, steps - done)
+            order = self.epoch_order(epoch)[: take * self.global_batch].reshape(take, self.global_batch)
+            largest = max(largest, int(self.lengths[order].sum(axis=1).max()))
+            done, epoch = done + take, epoch + 1
+        return largest
+
     def rank_micro_batches(self, step: int, rank: int) -> list[tuple[list[int], bool]]:
         """This rank's micro-batches for `step`, as (sample indices, is_placeholder)."""
         indices = self.step_indices(step)

@@ -166,7 +166,35 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     est.parts["logits (one chunk)"] = chunk * shape.vocab * 2 + tokens * shape.hidden * 4
     if not lora:  # the LM head's fp32 gradient accumulator and its per-chunk bf16 partial
         est.parts["LM head gradient buffer"] = shape.vocab * shape.hidden * (4 + 2)
+    if not offload:
+        _update_after_backward(est, cfg, shape, shard)
     return est
+
+
+# torchao's low-bit AdamW updates one weight at a time with both moments dequantized to fp32
+# and an fp32 copy of the weight (stochastic rounding): 12 bytes per element of that weight.
+# Measured on the H100 (full1.5b_12g, bf16 master, AdamW8bit, 2026-11-25): a plain step peaked
+# at 11.24 GiB = weights + gradients + state (8.63) + 12 B x the 233 M-element tied embedding
+# (11.23); planned with 13 B so that the plan stays above a figure rounded to 0.01 GiB.
+LOW_BIT_UPDATE_BYTES = 13
+
+
+def _update_after_backward(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int) -> None:
+    """The peak of the optimizer step when it comes after activations are freed (a plain
+    step, or a fused step's tied embedding, whose gradient completes last): weights,
+    gradients still held and moments, plus the update's working set on the largest weight.
+    Counted only beyond the backward peak the other parts describe."""
+    from verlite.engine.optim import state_bytes
+
+    if cfg.optim.optimizer_impl != "torchao.optim" or cfg.model.lora_rank > 0 or state_bytes(cfg.optim) >= 8:
+        return
+    if cfg.model.fsdp_config.optimizer_offload:
+        return
+    largest = max(shape.vocab * shape.hidden, shape.largest_linear) / shard
+    held = sum(v for k, v in est.parts.items() if k.startswith(("weights", "gradients", "AdamW state")))
+    peak = held + largest * LOW_BIT_UPDATE_BYTES
+    if peak > est.total:
+        est.parts["optimizer step (largest weight in fp32)"] = peak - est.total
 
 
 def master_bytes(cfg: SFTConfig) -> int:
@@ -372,6 +400,11 @@ def smallest_change(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
             _set(trial, key, value)
         trial_shape = model_shape(trial) if "model.lora_rank" in change else shape
         found = _switch_until_fit(trial, trial_shape, capacity_gib, world)
+        if not found and trial.optim.fused_backward == "auto" and \
+                fused_backward_possible(trial, torch.device("cuda"), world) is None:
+            trial.optim.fused_backward = True  # what `auto` turns on at run time when it is what fits
+            found = _switch_until_fit(trial, trial_shape, capacity_gib, world)
+            change = {**change, "optim.fused_backward": "true"} if found else change
         if found:
             (tokens, layers), turned = found
             settings = " ".join(f"{k}={v}" for k, v in {**change, **{k: "true" for k in turned}}.items())
@@ -388,7 +421,32 @@ def smallest_change(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
     return "the model alone does not fit: use more GPUs (FSDP2 shards it) or model.fsdp_config.cpu_offload=true"
 
 
-def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> None:
+def data_micro_batch_tokens(cfg: SFTConfig, lengths, world: int) -> int | None:
+    """Tokens of the largest micro-batch this run's samples will form, when that is below what
+    the batching allows (micro_batch_tokens: max_length samples throughout); None otherwise.
+
+    The order of the samples is fixed by the seed (data/batching.py), so a run knows its
+    steps before the first one: a packed step of 8 samples of at most 1024 tokens planned at
+    8192 tokens may never hold more than 5,000, and the layers that memory then spares need
+    not be recomputed. Only for one GPU (or SP group) with packed micro-batches, where a step
+    that fits the budget is one micro-batch; other runs plan for the budget."""
+    d = cfg.data
+    if lengths is None or len(lengths) == 0 or not d.packing or world > 1 or cfg.ulysses_sequence_parallel_size > 1:
+        return None
+    from verlite.data.batching import StepPlan
+
+    budget = micro_batch_tokens(cfg)
+    mb = d.micro_batch_size_per_gpu if isinstance(d.micro_batch_size_per_gpu, int) else 1
+    global_batch = d.train_batch_size or mb
+    if len(lengths) < global_batch:
+        return None  # the trainer says so in its own words
+    plan = StepPlan(lengths, global_batch, 1, cfg.trainer.seed, None, budget, packed=True)
+    steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * plan.steps_per_epoch
+    largest = plan.largest_step_tokens(steps)
+    return largest if largest < budget else None  # a larger step is split into budget-sized micro-batches
+
+
+def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int, lengths=None) -> None:
     """Replace `auto` micro-batching with a token budget (and checkpointing) that fits."""
     d = cfg.data
     if d.micro_batch_size_per_gpu == "auto" and d.train_batch_size is None:
@@ -400,13 +458,18 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int) -> N
     d.packing = True  # micro-batches grouped by tokens, not by count
     if d.micro_batch_size_per_gpu == "auto":
         d.micro_batch_size_per_gpu = max(1, budget // d.max_length)
+    tokens, sized = budget, ""
+    seen = data_micro_batch_tokens(cfg, lengths, world)
+    if seen and layers:  # memory the data leaves unused goes to recomputing fewer layers
+        tokens, layers = seen, fewest_recomputed(cfg, shape, seen, capacity, world)
+        sized = f", sized for the data's largest micro-batch ({seen} tokens)"
     cfg.model.enable_gradient_checkpointing = layers > 0
     cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
-    choose_kept_attention(cfg, shape, budget, layers, capacity, world)
-    predicted = estimate(cfg, shape, budget, world, layers > 0, layers).total / GIB
+    choose_kept_attention(cfg, shape, tokens, layers, capacity, world)
+    predicted = estimate(cfg, shape, tokens, world, layers > 0, layers).total / GIB
     switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if get_key(cfg, k)]
-    log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s (planned for %.1f GiB, predicted peak "
-             "%.1f GiB)", budget, layers, shape.layers, "".join(f", {w}" for w in switches), capacity, predicted)
+    log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s%s (planned for %.1f GiB, predicted peak "
+             "%.1f GiB)", budget, layers, shape.layers, sized, "".join(f", {w}" for w in switches), capacity, predicted)
 
 
 # From this sample length on, attention forward is a large share of a recomputed layer
@@ -449,16 +512,18 @@ def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_g
     return None
 
 
-def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
+def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None) -> bool:
     """Everything `auto` in memory terms, in order: optim.fused_backward, micro-batching,
-    gradient checkpointing. Returns whether the plan chose recomputation (checkpointing or kept
-    attention outputs were auto): an OOM then recomputes every layer fully before splitting."""
+    gradient checkpointing. `lengths`: the training samples' token counts, when loaded (the
+    recomputation is then sized for the largest micro-batch they form). Returns whether the
+    plan chose recomputation (checkpointing or kept attention outputs were auto): an OOM then
+    recomputes every layer fully before splitting."""
     was_auto = cfg.model.enable_gradient_checkpointing == "auto" or cfg.model.keep_attention_layers is None
-    resolve_fused_backward(cfg, device, world)
+    resolve_fused_backward(cfg, device, world, lengths)
     d = cfg.data
     if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
-        resolve_auto_batching(cfg, device, world)
-    return resolve_checkpointing(cfg, device, world) or was_auto
+        resolve_auto_batching(cfg, device, world, lengths)
+    return resolve_checkpointing(cfg, device, world, lengths) or was_auto
 
 
 def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) -> str | None:
@@ -475,7 +540,7 @@ def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) ->
     return None
 
 
-def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1) -> None:
+def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None) -> None:
     """optim.fused_backward=auto: on only where it lets the step run as fewer micro-batches or
     with fewer recomputed layers than the plain step (its per-weight updates cost host time,
     and clipping acts one step late, so it is not worth it where memory is plentiful)."""
@@ -501,7 +566,7 @@ def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1)
         what = (f"{fused[0]}-token micro-batches, {fused[1]} layers recomputed" if fused else "")
         was = (f"{plain[0]}-token micro-batches, {plain[1]} layers recomputed" if plain else "not fitting")
     else:
-        tokens = micro_batch_tokens(cfg)
+        tokens = data_micro_batch_tokens(cfg, lengths, world) or micro_batch_tokens(cfg)
         plain, fused = fewest_recomputed(cfg, shape, tokens, capacity, world), \
             fewest_recomputed(on, shape, tokens, capacity, world)
         better = fused is not None and (plain is None or fused < plain)
@@ -512,7 +577,7 @@ def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1)
                  "in %.1f GiB; clip_grad uses the previous step's norm", what, was, capacity)
 
 
-def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1) -> bool:
+def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None) -> bool:
     """Turn model.enable_gradient_checkpointing=auto into true/false (and checkpoint_layers):
     off when the configured micro-batches fit the card without it, else only as many layers
     as needed. Logs one line saying what and why. Returns whether it was auto (an OOM then
@@ -528,9 +593,11 @@ def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1) 
         return True
     shape = model_shape(cfg)
     capacity = gpu_capacity_gib(cfg, device)
-    tokens = micro_batch_tokens(cfg)
+    seen = data_micro_batch_tokens(cfg, lengths, world)
+    tokens = seen or micro_batch_tokens(cfg)
     layers = fewest_recomputed(cfg, shape, tokens, capacity, world)
-    why = f"{tokens}-token micro-batches in {capacity:.1f} GiB ({USABLE:.0%} usable)"
+    why = (f"{tokens}-token micro-batches" + (" (the largest this data forms)" if seen else "") +
+           f" in {capacity:.1f} GiB ({USABLE:.0%} usable)")
     if layers is None:
         layers = shape.layers
         peak = estimate(cfg, shape, tokens, world, True, layers).total / GIB

@@ -194,7 +194,7 @@ class Trainer:
         d = self.cfg.data
         from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
 
-        self.ckpt_auto = resolve_auto_memory(self.cfg, self.device, self.dist.world_size)
+        self.ckpt_auto = resolve_auto_memory(self.cfg, self.device, self.dist.world_size, self.train_ds.lengths)
         world = self.dist.dp_size  # an SP group shares its samples: it counts as one data-parallel rank
         mb = d.micro_batch_size_per_gpu
         global_batch = d.train_batch_size or mb * world
