@@ -147,6 +147,8 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     offload_inputs = m.enable_activation_offload if activation_offload is None else activation_offload
     kept_input = 0 if offload_inputs else shape.hidden * 2
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
+    if offload_inputs and recomputed:  # the input of the layer being recomputed, back from the host
+        est.parts["recomputed input (from host)"] = tokens * shape.hidden * 2
     keep = m.keep_attention_layers if keep_attention is None else keep_attention
     keep = min(keep or 0, recomputed)
     if keep:  # recomputed layers that keep attention's output (bf16) and logsumexp (fp32) from forward
