@@ -2,7 +2,9 @@
 results file, the plan (verlite/engine/memory.py, as it is now) for the largest micro-batch
 that run formed, next to the peak the GPU measured. No GPU needed.
 
-    python bench/plan_check.py bench/results/2026-11-25-h100-smallcards.jsonl --warmup 2 --steps 6
+    python bench/plan_check.py bench/results/2026-11-25b-h100-smallcards.jsonl --warmup 2 --steps 4
+    python bench/plan_check.py bench/results/2026-11-25-h100-smallcards.jsonl --warmup 2 --steps 6 \
+        --case_steps qlora7b_long32k_24g=1,3 --case_steps qlora7b_longest_24g=1,3
 
 The bench's samples are a pure function of (case, count) and step k trains samples
 k*batch .. (k+1)*batch-1 (bench.py's in_plan_order), so the micro-batch sizes of a past run
@@ -70,8 +72,11 @@ def main() -> None:
     p.add_argument("results", help="a bench.py JSON-lines file")
     p.add_argument("--warmup", type=int, required=True, help="the --warmup of the run that wrote it")
     p.add_argument("--steps", type=int, required=True, help="the --steps of the run that wrote it")
+    p.add_argument("--case_steps", action="append", default=[], metavar="CASE=WARMUP,STEPS",
+                   help="another warm-up/steps for one case (a file written by two bench calls); repeatable")
     p.add_argument("--models", default="/tmp/bench_plan_check", help="where config-only model folders go")
     a = p.parse_args()
+    per_case = {c: tuple(map(int, v.split(","))) for c, v in (x.split("=", 1) for x in a.case_steps)}
     from shapes import qwen2_config
 
     from verlite.errors import VerliteError
@@ -86,7 +91,7 @@ def main() -> None:
         folder = Path(a.models) / shape_name
         if not (folder / "config.json").is_file():  # the plan needs the config only
             qwen2_config(shape_name, max_position_embeddings=262144).save_pretrained(folder)
-        tokens = largest_micro_batch(row, a.warmup, a.steps)
+        tokens = largest_micro_batch(row, *per_case.get(row["case"], (a.warmup, a.steps)))
         try:
             plan = plan_for(row, folder, tokens)
         except VerliteError as e:  # e.g. bitsandbytes rows where it is not installed

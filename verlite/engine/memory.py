@@ -147,6 +147,10 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     offload_inputs = m.enable_activation_offload if activation_offload is None else activation_offload
     kept_input = 0 if offload_inputs else shape.hidden * 2
     est.parts["activations"] = tokens * (kept * per_layer + recomputed * kept_input)
+    # What every layer shares: ids, labels, positions, loss index (int64) and the rotary cos/sin
+    # (bf16, with their fp32 source): ~1.6 KB a token at head_dim 128, 0.15 GiB at 100k tokens.
+    head_dim = (shape.q_dim or shape.hidden) // max(1, shape.heads)
+    est.parts["sequence inputs"] = tokens * (4 * 8 + head_dim * (2 + 4) * 2)
     if offload_inputs and recomputed:  # the input of the layer being recomputed, back from the host
         est.parts["recomputed input (from host)"] = tokens * shape.hidden * 2
     keep = m.keep_attention_layers if keep_attention is None else keep_attention
