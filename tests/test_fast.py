@@ -62,7 +62,37 @@ def test_compile_cache_goes_under_the_verlite_cache(tmp_path, monkeypatch):
     assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")  # Triton's kernels in the same folder
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
     comp.remember_shape(folder, "Qwen2DecoderLayer/896")
-    assert comp._known_shapes(folder) == ["Qwen2DecoderLayer/896"]
+    assert comp._known_shapes(folder) == {"Qwen2DecoderLayer/896": {}}
+
+
+def test_compile_auto_decides_from_the_costs_measured_on_this_machine(tmp_path, monkeypatch):
+    """A compiled run records what compiling cost it; the next run of the shape decides from
+    that figure, not from the H100 constants (a file from before costs were kept still reads)."""
+    monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    folder = comp.compile_cache_dir()
+    folder.mkdir(parents=True)
+    (folder / comp.SHAPES_FILE).write_text(json.dumps(["old/shape"]))  # the earlier format
+    assert comp._known_shapes(folder) == {"old/shape": {}}
+    gpu = torch.device("cuda")
+    per_step = 2 * 24 * comp.SAVED_S_PER_PASS
+    steps = math.ceil(comp.WARM_S / per_step)  # repays the assumed warm cost, not 3x it
+    assert comp.decide("auto", gpu, steps, 1, 24, True, known=comp._known_shapes(folder)["old/shape"]).enabled
+    comp.record_cost("old/shape", 21.0, warm=False)  # the first, cold compile: kept, not used for warm runs
+    comp.record_cost("old/shape", 3 * comp.WARM_S, warm=True)  # this machine compiles slower than the H100
+    known = comp._known_shapes(folder)["old/shape"]
+    assert known == {"cold_s": 21.0, "warm_s": round(3 * comp.WARM_S, 2)}
+    choice = comp.decide("auto", gpu, steps, 1, 24, True, known=known)
+    assert not choice.enabled and "measured here" in choice.reason
+    assert comp.decide("auto", gpu, 3 * steps + 1, 1, 24, True, known=known).enabled
+    assert "assumed from an H100" in comp.decide("auto", gpu, steps, 1, 24, False).reason
+    # What the trainer calls after its run: the first steps' time above a steady step's.
+    ran = comp.CompileChoice(True, "", signature="new/shape", warm=False)
+    assert comp.measured_cost(ran, [9.5, 0.5, 0.5, 0.5, 0.5]) == pytest.approx(9.0)
+    assert comp._known_shapes(folder)["new/shape"] == {"cold_s": 9.0}
+    assert comp.measured_cost(comp.CompileChoice(False, ""), [9.5, 0.5, 0.5]) == 0.0
+    comp.measured_cost(comp.CompileChoice(True, "", "other/shape", True), [3.0, 0.5, 0.5], record=False)  # rank > 0
+    assert "other/shape" not in comp._known_shapes(folder)
 
 
 def test_one_compile_serves_every_length(tiny_model):

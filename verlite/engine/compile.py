@@ -12,6 +12,9 @@ checkpointing recomputes it) per micro-batch, not per token: the passes come fro
 planned steps and micro-batches and from the model as built (how many layers recompute). The compile cost is COLD_S the first time a layer
 shape is compiled on this machine and WARM_S once PyTorch's caches hold it (dynamo still
 traces; inductor and AOTAutograd read their results from the FX-graph / autograd caches).
+Each compiled run records what compiling cost it (its first steps' time above a steady
+step's) beside the caches, so a later run of the same shape decides from this machine's
+own measurement rather than the H100's constants.
 The constants below come from the H100 run of issue 14 (0.5B shape, batch 32, GSM8K, every
 layer recomputed: 40k tokens/s eager, 72k compiled, 18 s more wall time over 60 steps):
 ~3 ms saved per layer per micro-batch over its three passes, taken as 1 ms a pass. Update
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +81,8 @@ def use_persistent_cache() -> Path:
 class CompileChoice:
     enabled: bool
     reason: str
+    signature: str = ""  # the compiled layer shape (layer_signature)
+    warm: bool = False  # whether this machine's caches held it before this run
 
 
 def layer_signature(model) -> str:
@@ -91,25 +97,60 @@ def layer_signature(model) -> str:
     return "/".join(map(str, keys))
 
 
-def _known_shapes(folder: Path) -> list[str]:
+def _known_shapes(folder: Path) -> dict[str, dict]:
+    """signature -> {"cold_s": seconds, "warm_s": seconds} as measured here (either may be absent)."""
     try:
-        return json.loads((folder / SHAPES_FILE).read_text())
+        known = json.loads((folder / SHAPES_FILE).read_text())
     except (OSError, ValueError):
-        return []
+        return {}
+    if isinstance(known, list):  # written before costs were recorded: shapes only
+        return {sig: {} for sig in known if isinstance(sig, str)}
+    return {k: v for k, v in known.items() if isinstance(v, dict)} if isinstance(known, dict) else {}
 
 
-def remember_shape(folder: Path, signature: str) -> None:
-    shapes = _known_shapes(folder)
-    if signature in shapes:
-        return
+def _write_shapes(folder: Path, shapes: dict[str, dict]) -> None:
     # A cache, not a result: no fsync (a file lost in a crash only costs the next run its warm
     # estimate), but renamed into place so a reader never sees half of it.
     tmp = folder / (SHAPES_FILE + f".{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(shapes + [signature]))
+        tmp.write_text(json.dumps(shapes, indent=1))
         os.replace(tmp, folder / SHAPES_FILE)
     except OSError as e:  # a read-only cache only costs the next run its warm estimate
         log.debug("could not record the compiled shape in %s: %s", folder, e)
+
+
+def remember_shape(folder: Path, signature: str) -> None:
+    shapes = _known_shapes(folder)
+    if signature not in shapes:
+        _write_shapes(folder, {**shapes, signature: {}})
+
+
+def record_cost(signature: str, seconds: float, warm: bool, folder: Path | None = None) -> None:
+    """What compiling this shape cost this run, measured (cold: the caches did not hold it)."""
+    folder = folder or compile_cache_dir()
+    shapes = _known_shapes(folder)
+    entry = dict(shapes.get(signature, {}))
+    entry["warm_s" if warm else "cold_s"] = round(float(seconds), 2)
+    _write_shapes(folder, {**shapes, signature: entry})
+
+
+def compile_seconds(first_steps_s: list[float]) -> float:
+    """The first steps' host time above a steady step's: compiling happens inside them (and
+    a recompile may come in one of the next). The steady step is the median of the first ten."""
+    if len(first_steps_s) < 2:
+        return 0.0
+    typical = statistics.median(first_steps_s)
+    return sum(max(0.0, t - typical) for t in first_steps_s)
+
+
+def compile_cost(known: dict | None) -> tuple[float, str]:
+    """(seconds, where the figure comes from) for compiling a shape with this cache entry
+    (None: a shape this cache has not compiled)."""
+    if known is None:
+        return COLD_S, "a new shape, assumed from an H100 0.5B run"
+    if "warm_s" in known:
+        return known["warm_s"], "a cached shape, measured here"
+    return WARM_S, "a cached shape, assumed from an H100 0.5B run"
 
 
 def parse_setting(setting) -> bool | str:
@@ -122,9 +163,10 @@ def parse_setting(setting) -> bool | str:
 
 
 def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool,
-           recomputed: int = 0) -> CompileChoice:
+           recomputed: int = 0, known: dict | None = None) -> CompileChoice:
     """model.compile (true | false | auto) to a yes/no and the reason, for the log.
-    `recomputed`: layers that gradient checkpointing runs forward twice."""
+    `recomputed`: layers that gradient checkpointing runs forward twice. `known`: this
+    machine's cache entry for the shape (its measured compile costs), when it has one."""
     setting = parse_setting(setting)
     if setting is True:
         if device.type != "cuda":
@@ -136,13 +178,12 @@ def decide(setting, device: torch.device, steps: int, micro_batches: int, layers
         return CompileChoice(False, "model.compile=auto: off on CPU (compiling pays only on a GPU)")
     passes = 2 * layers + recomputed
     saving = steps * micro_batches * passes * SAVED_S_PER_PASS
-    cost = WARM_S if warm else COLD_S
-    cache = "cached shape" if warm else "new shape"
+    cost, source = compile_cost((known if known is not None else {}) if warm else None)
     verdict = "on" if saving >= cost else "off"
     return CompileChoice(saving >= cost, f"model.compile=auto: {verdict} ({steps} steps x {micro_batches} micro-batch(es) "
                                          f"x {passes} layer passes ({layers} layers, {recomputed} recomputed) x "
                                          f"~{SAVED_S_PER_PASS * 1000:.0f} ms would save ~{saving:.0f} s against ~{cost:.0f} s "
-                                         f"to compile a {cache}; assumed from an H100 0.5B run)")
+                                         f"to compile {source})")
 
 
 def _mark_tokens_dynamic(module, args, output) -> None:
@@ -167,14 +208,27 @@ def steady_max_seqlen(max_seqlen: int, max_length: int) -> int:
     return max(max_seqlen, max_length) if max_length <= FIXED_MAX_SEQLEN_UP_TO else max_seqlen
 
 
+def measured_cost(choice: CompileChoice, first_steps_s: list[float], record: bool = True) -> float:
+    """Seconds compiling cost this run (0 when it did not compile), from its first steps;
+    recorded beside the caches (`record`: rank 0) for the next run of the shape here."""
+    if not choice.enabled:
+        return 0.0
+    seconds = compile_seconds(first_steps_s)
+    if record and len(first_steps_s) >= 3 and choice.signature:  # fewer steps show no steady step to compare
+        record_cost(choice.signature, seconds, choice.warm)
+    return seconds
+
+
 def maybe_compile(model, setting, device: torch.device, steps: int, micro_batches: int) -> CompileChoice:
-    """Decide, log the decision in one line, and compile with the persistent caches."""
+    """Decide, log the decision in one line, and compile with the persistent caches. The
+    choice carries the shape's signature and whether the caches held it, for `record_cost`."""
     folder = compile_cache_dir()
     signature = layer_signature(model)
-    warm = signature in _known_shapes(folder)
+    known = _known_shapes(folder).get(signature)
     layers = model.decoder_layers()
     recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
-    choice = decide(setting, device, steps, micro_batches, len(layers), warm, recomputed)
+    choice = decide(setting, device, steps, micro_batches, len(layers), known is not None, recomputed, known)
+    choice.signature, choice.warm = signature, known is not None
     log.info("compile: %s", choice.reason)
     if choice.enabled:
         folder = use_persistent_cache()

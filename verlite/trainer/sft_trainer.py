@@ -28,7 +28,7 @@ from verlite.engine.memory import apply_memory_cap, oom_recompute
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
-from verlite.engine.compile import maybe_compile, parse_setting, steady_max_seqlen
+from verlite.engine.compile import maybe_compile, measured_cost, parse_setting, steady_max_seqlen
 from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
@@ -43,7 +43,7 @@ from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
 from verlite.trainer import timeline
-from verlite.trainer.timeline import Timeline, compile_seconds, launch_time
+from verlite.trainer.timeline import Timeline, launch_time
 
 log = logging.getLogger("verlite.trainer")
 
@@ -172,8 +172,9 @@ class Trainer:
         if resume_state is not None:
             self._restore(resume_from, resume_state)
         micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
-        self.compiled = maybe_compile(self.model, cfg.model.compile, self.device,
-                                      max(0, self.total_steps - self.start_step), micro_batches).enabled
+        self.compile_choice = maybe_compile(self.model, cfg.model.compile, self.device,
+                                            max(0, self.total_steps - self.start_step), micro_batches)
+        self.compiled = self.compile_choice.enabled
         self.timeline.add("model loading", time.perf_counter() - started)
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
@@ -323,7 +324,7 @@ class Trainer:
             finally:
                 self.saver.close()
                 metrics.close()
-        compile_s = compile_seconds(self.first_steps_s) if self.compiled else 0.0
+        compile_s = measured_cost(self.compile_choice, self.first_steps_s, record=self.dist.is_main)
         tl.add("compiling", compile_s)
         tl.add("training", loop_s - compile_s - tl.parts.get("checkpoint pauses", 0.0) - tl.parts.get("validation", 0.0))
         health.check(self.total_steps, t.max_bad_steps, self.run_dir)

@@ -14,7 +14,6 @@ program (tests, the quickstart, bench.py) counts from its own creation instead.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from contextlib import contextmanager
 from typing import Optional
@@ -72,15 +71,6 @@ def launch_time() -> float:
     global _launch
     launch, _launch = _launch, None
     return launch if launch is not None else time.perf_counter()
-
-
-def compile_seconds(first_steps_s: list[float]) -> float:
-    """The first steps' host time above a steady step's: compiling happens inside them (and
-    a recompile may come in one of the next). The steady step is the median of the first ten."""
-    if len(first_steps_s) < 2:
-        return 0.0
-    typical = statistics.median(first_steps_s)
-    return sum(max(0.0, t - typical) for t in first_steps_s)
 
 
 class Timeline:
