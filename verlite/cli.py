@@ -146,7 +146,12 @@ def _cmd_plan(args) -> int:
     if args.gpu_mem_gb:
         cfg.trainer.gpu_mem_gb = args.gpu_mem_gb
     device = torch.device("cuda") if torch.cuda.is_available() else None
-    print(plan_report(cfg, gpu_capacity_gib(cfg, device), args.nproc))
+    from verlite.models import lean_imports
+
+    # A plan builds the model on the meta device and needs no optional package: transformers
+    # would import torchao (and print its start-up warnings) for nothing.
+    with lean_imports.without(list(lean_imports.OPTIONAL)):
+        print(plan_report(cfg, gpu_capacity_gib(cfg, device), args.nproc))
     return 0
 
 

@@ -691,6 +691,9 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
                      "(or data.micro_batch_size_per_gpu=auto)")
     except VerliteError as e:
         lines.append(str(e))
+    if cfg.model.enable_gradient_checkpointing == "auto":
+        lines.append("planned for micro-batches of max_length samples throughout; on one GPU a run sizes "
+                     "recomputation for the largest micro-batch its data forms, which can only recompute fewer layers")
     return "\n".join(lines)
 
 
