@@ -9,9 +9,9 @@ that run formed, next to the peak the GPU measured. No GPU needed.
 The bench's samples are a pure function of (case, count) and step k trains samples
 k*batch .. (k+1)*batch-1 (bench.py's in_plan_order), so the micro-batch sizes of a past run
 can be rebuilt here; `--warmup` and `--steps` must be the ones that run used. The row's own
-budget, recomputed layers and memory switches are applied as it ran. Rows that already
-carry `predicted_run_gib` (bench.py records it since 2026-11-25) are compared as recorded
-and re-planned. The issue's bound: the plan within +25 % / -0 % of the measured peak.
+budget, recomputed layers and memory switches are applied as it ran (newer bench.py rows
+also carry `predicted_run_gib`, the plan made when they ran). The issue's bound: the plan
+within +25 % / -0 % of the measured peak.
 """
 
 from __future__ import annotations

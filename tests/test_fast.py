@@ -86,6 +86,14 @@ def test_compile_auto_decides_from_the_costs_measured_on_this_machine(tmp_path, 
     assert not choice.enabled and "measured here" in choice.reason
     assert comp.decide("auto", gpu, 3 * steps + 1, 1, 24, True, known=known).enabled
     assert "assumed from an H100" in comp.decide("auto", gpu, steps, 1, 24, False).reason
+    # A new shape: the H100's cold cost scaled by how this machine's cold compiles compared.
+    shapes = comp._known_shapes(folder)
+    cold, source = comp.compile_cost(None, shapes)
+    assert cold == pytest.approx(21.0) and "scaled by the cold compiles measured here" in source
+    # Nonsense in the file (hand-edited, another version) is ignored; one bad figure is bounded.
+    assert comp.compile_cost({"warm_s": "slow"}, {"x": {"cold_s": None}}) == (comp.WARM_S, pytest.approx(
+        "a cached shape, assumed from an H100 0.5B run"))
+    assert comp.compile_cost({"warm_s": 1e6})[0] == 4 * comp.WARM_S
     # What the trainer calls after its run: the first steps' time above a steady step's.
     ran = comp.CompileChoice(True, "", signature="new/shape", warm=False)
     assert comp.measured_cost(ran, [9.5, 0.5, 0.5, 0.5, 0.5]) == pytest.approx(9.0)

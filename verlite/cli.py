@@ -150,7 +150,7 @@ def _cmd_plan(args) -> int:
 
     # A plan builds the model on the meta device and needs no optional package: transformers
     # would import torchao (and print its start-up warnings) for nothing.
-    with lean_imports.without(list(lean_imports.OPTIONAL)):
+    with lean_imports.without(list(lean_imports.OPTIONAL) if lean_imports.enabled() else []):
         print(plan_report(cfg, gpu_capacity_gib(cfg, device), args.nproc))
     return 0
 

@@ -146,14 +146,15 @@ class StepPlan:
         order = self.epoch_order(epoch)
         return order[within * self.global_batch:(within + 1) * self.global_batch].tolist()
 
-    def largest_step_tokens(self, steps: int) -> int:
-        """Tokens of the largest of the first `steps` global steps (all their samples together),
-        one vectorized pass per epoch."""
+    def largest_step_tokens(self, steps: int, padded: bool = False) -> int:
+        """Tokens of the largest of the first `steps` global steps (all their samples together;
+        `padded`: as rows padded to the step's longest sample), one vectorized pass per epoch."""
         largest, done, epoch = 0, 0, 0
         while done < steps:
             take = min(self.steps_per_epoch, steps - done)
-            order = self.epoch_order(epoch)[: take * self.global_batch].reshape(take, self.global_batch)
-            largest = max(largest, int(self.lengths[order].sum(axis=1).max()))
+            sizes = self.lengths[self.epoch_order(epoch)[: take * self.global_batch].reshape(take, self.global_batch)]
+            per_step = sizes.max(axis=1) * self.global_batch if padded else sizes.sum(axis=1)
+            largest = max(largest, int(per_step.max()))
             done, epoch = done + take, epoch + 1
         return largest
 

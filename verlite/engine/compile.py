@@ -13,8 +13,9 @@ planned steps and micro-batches and from the model as built (how many layers rec
 shape is compiled on this machine and WARM_S once PyTorch's caches hold it (dynamo still
 traces; inductor and AOTAutograd read their results from the FX-graph / autograd caches).
 Each compiled run records what compiling cost it (its first steps' time above a steady
-step's) beside the caches, so a later run of the same shape decides from this machine's
-own measurement rather than the H100's constants.
+step's) beside the caches: a later run of the same shape decides from this machine's own
+warm figure, and a new shape's cold cost is scaled by how this machine's cold compiles
+compared with the H100's (compile_cost).
 The constants below come from the H100 run of issue 14 (0.5B shape, batch 32, GSM8K, every
 layer recomputed: 40k tokens/s eager, 72k compiled, 18 s more wall time over 60 steps):
 ~3 ms saved per layer per micro-batch over its three passes, taken as 1 ms a pass. Update
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -143,14 +145,28 @@ def compile_seconds(first_steps_s: list[float]) -> float:
     return sum(max(0.0, t - typical) for t in first_steps_s)
 
 
-def compile_cost(known: dict | None) -> tuple[float, str]:
+def _seconds(value) -> float | None:
+    """A recorded duration, if it is one (the file may be hand-edited or from another version)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
+
+
+def compile_cost(known: dict | None, shapes: dict[str, dict] | None = None) -> tuple[float, str]:
     """(seconds, where the figure comes from) for compiling a shape with this cache entry
-    (None: a shape this cache has not compiled)."""
+    (None: a shape this cache has not compiled). `shapes`: every entry of this cache, whose
+    measured cold compiles say how fast this machine compiles next to the H100 the constants
+    come from. Measurements are clamped to 1/4..4x the constants: one bad figure (a first
+    step slowed by something else) must not keep `auto` off for good, since a run that does
+    not compile records nothing new."""
+    colds = [x for e in (shapes or {}).values() if (x := _seconds(e.get("cold_s")))]
+    factor = min(4.0, max(0.25, statistics.median(colds) / COLD_S)) if colds else None
+    scaled = "scaled by the cold compiles measured here" if factor else "assumed from an H100 0.5B run"
     if known is None:
-        return COLD_S, "a new shape, assumed from an H100 0.5B run"
-    if "warm_s" in known:
-        return known["warm_s"], "a cached shape, measured here"
-    return WARM_S, "a cached shape, assumed from an H100 0.5B run"
+        return COLD_S * (factor or 1.0), f"a new shape, {scaled}"
+    warm = _seconds(known.get("warm_s"))
+    if warm is not None:
+        return min(4 * WARM_S, max(WARM_S / 4, warm)), "a cached shape, measured here"
+    return WARM_S * (factor or 1.0), f"a cached shape, {scaled}"
 
 
 def parse_setting(setting) -> bool | str:
@@ -163,10 +179,11 @@ def parse_setting(setting) -> bool | str:
 
 
 def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool,
-           recomputed: int = 0, known: dict | None = None) -> CompileChoice:
+           recomputed: int = 0, known: dict | None = None, shapes: dict[str, dict] | None = None) -> CompileChoice:
     """model.compile (true | false | auto) to a yes/no and the reason, for the log.
     `recomputed`: layers that gradient checkpointing runs forward twice. `known`: this
-    machine's cache entry for the shape (its measured compile costs), when it has one."""
+    machine's cache entry for the shape (its measured compile costs), when it has one;
+    `shapes`: all of this cache's entries (see compile_cost)."""
     setting = parse_setting(setting)
     if setting is True:
         if device.type != "cuda":
@@ -178,7 +195,7 @@ def decide(setting, device: torch.device, steps: int, micro_batches: int, layers
         return CompileChoice(False, "model.compile=auto: off on CPU (compiling pays only on a GPU)")
     passes = 2 * layers + recomputed
     saving = steps * micro_batches * passes * SAVED_S_PER_PASS
-    cost, source = compile_cost((known if known is not None else {}) if warm else None)
+    cost, source = compile_cost((known if known is not None else {}) if warm else None, shapes)
     verdict = "on" if saving >= cost else "off"
     return CompileChoice(saving >= cost, f"model.compile=auto: {verdict} ({steps} steps x {micro_batches} micro-batch(es) "
                                          f"x {passes} layer passes ({layers} layers, {recomputed} recomputed) x "
@@ -224,10 +241,11 @@ def maybe_compile(model, setting, device: torch.device, steps: int, micro_batche
     choice carries the shape's signature and whether the caches held it, for `record_cost`."""
     folder = compile_cache_dir()
     signature = layer_signature(model)
-    known = _known_shapes(folder).get(signature)
+    shapes = _known_shapes(folder)
+    known = shapes.get(signature)
     layers = model.decoder_layers()
     recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
-    choice = decide(setting, device, steps, micro_batches, len(layers), known is not None, recomputed, known)
+    choice = decide(setting, device, steps, micro_batches, len(layers), known is not None, recomputed, known, shapes)
     choice.signature, choice.warm = signature, known is not None
     log.info("compile: %s", choice.reason)
     if choice.enabled:

@@ -272,9 +272,10 @@ def gpu_capacity_gib(cfg: SFTConfig, device: torch.device | None = None) -> floa
 
 
 def fits(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int,
-         checkpoint_layers: int, activation_offload: bool | None = None, keep_attention: int | None = None) -> bool:
+         checkpoint_layers: int, activation_offload: bool | None = None, keep_attention: int | None = None,
+         one_micro_batch: bool | None = None) -> bool:
     est = estimate(cfg, shape, tokens, world, checkpointing=checkpoint_layers > 0, checkpoint_layers=checkpoint_layers,
-                   activation_offload=activation_offload, keep_attention=keep_attention)
+                   activation_offload=activation_offload, keep_attention=keep_attention, one_micro_batch=one_micro_batch)
     return est.total <= capacity_gib * GIB * USABLE
 
 
@@ -427,17 +428,20 @@ def smallest_change(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
     return "the model alone does not fit: use more GPUs (FSDP2 shards it) or model.fsdp_config.cpu_offload=true"
 
 
-def data_micro_batch_tokens(cfg: SFTConfig, lengths, world: int) -> int | None:
+def data_micro_batch_tokens(cfg: SFTConfig, lengths, world: int, padding_free: bool = False) -> int | None:
     """Tokens of the largest micro-batch this run's samples will form, when that is below what
     the batching allows (micro_batch_tokens: max_length samples throughout); None otherwise.
+    A micro-batch found this way is a whole step (callers plan it with one_micro_batch=True).
 
     The order of the samples is fixed by the seed (data/batching.py), so a run knows its
     steps before the first one: a packed step of 8 samples of at most 1024 tokens planned at
     8192 tokens may never hold more than 5,000, and the layers that memory then spares need
-    not be recomputed. Only for one GPU (or SP group) with packed micro-batches, where a step
-    that fits the budget is one micro-batch; other runs plan for the budget."""
+    not be recomputed. Only for one GPU (or SP group), with packed micro-batches (a step that
+    fits the budget is one micro-batch) or micro-batches of `micro_batch_size_per_gpu`
+    samples (laid out `padding_free` on GPUs: their real tokens; else padded to the longest);
+    other runs plan for the budget."""
     d = cfg.data
-    if lengths is None or len(lengths) == 0 or not d.packing or world > 1 or cfg.ulysses_sequence_parallel_size > 1:
+    if lengths is None or len(lengths) == 0 or world > 1 or cfg.ulysses_sequence_parallel_size > 1:
         return None
     from verlite.data.batching import StepPlan
 
@@ -446,9 +450,20 @@ def data_micro_batch_tokens(cfg: SFTConfig, lengths, world: int) -> int | None:
     global_batch = d.train_batch_size or mb
     if len(lengths) < global_batch:
         return None  # the trainer says so in its own words
-    plan = StepPlan(lengths, global_batch, 1, cfg.trainer.seed, None, budget, packed=True)
+    by_count = not d.packing and d.max_token_len_per_gpu is None
+    if not d.packing and not by_count:
+        return None  # a token budget over padded rows: planned for the budget
+    if by_count and global_batch % mb:
+        return None  # the trainer refuses it
+    plan = StepPlan(lengths, global_batch, 1, cfg.trainer.seed, mb if by_count else None,
+                    None if by_count else budget, packed=d.packing)
     steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * plan.steps_per_epoch
-    largest = plan.largest_step_tokens(steps)
+    if by_count:
+        if global_batch != mb:
+            return None  # accumulation over several micro-batches: planned for the budget
+        largest = plan.largest_step_tokens(steps, padded=not padding_free)
+    else:
+        largest = plan.largest_step_tokens(steps)
     return largest if largest < budget else None  # a larger step is split into budget-sized micro-batches
 
 
@@ -464,15 +479,16 @@ def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int, leng
     d.packing = True  # micro-batches grouped by tokens, not by count
     if d.micro_batch_size_per_gpu == "auto":
         d.micro_batch_size_per_gpu = max(1, budget // d.max_length)
-    tokens, sized = budget, ""
-    seen = data_micro_batch_tokens(cfg, lengths, world)
-    if seen and layers:  # memory the data leaves unused goes to recomputing fewer layers
-        tokens, layers = seen, fewest_recomputed(cfg, shape, seen, capacity, world)
+    tokens, sized, one = budget, "", None
+    seen = data_micro_batch_tokens(cfg, lengths, world, padding_free=True)  # auto batching packs
+    fewer = fewest_recomputed(cfg, shape, seen, capacity, world, one_micro_batch=True) if seen and layers else None
+    if fewer is not None:  # memory the data leaves unused goes to recomputing fewer layers
+        tokens, layers, one = seen, min(layers, fewer), True
         sized = f", sized for the data's largest micro-batch ({seen} tokens)"
     cfg.model.enable_gradient_checkpointing = layers > 0
     cfg.model.checkpoint_layers = layers if 0 < layers < shape.layers else None
-    choose_kept_attention(cfg, shape, tokens, layers, capacity, world)
-    predicted = estimate(cfg, shape, tokens, world, layers > 0, layers).total / GIB
+    choose_kept_attention(cfg, shape, tokens, layers, capacity, world, one_micro_batch=one)
+    predicted = estimate(cfg, shape, tokens, world, layers > 0, layers, one_micro_batch=one).total / GIB
     switches = [f"{k.rsplit('.', 1)[-1]} ({why})" for k, why in SWITCH_WHY.items() if get_key(cfg, k)]
     log.info("auto: %d tokens per micro-batch, %d of %d layers recomputed%s%s (planned for %.1f GiB, predicted peak "
              "%.1f GiB)", budget, layers, shape.layers, sized, "".join(f", {w}" for w in switches), capacity, predicted)
@@ -485,14 +501,15 @@ KEEP_ATTENTION_FROM = 8192
 
 
 def choose_kept_attention(cfg: SFTConfig, shape: ModelShape, tokens: int, layers: int, capacity_gib: float,
-                          world: int) -> None:
+                          world: int, one_micro_batch: bool | None = None) -> None:
     """model.keep_attention_layers unset: as many recomputed layers as the card still holds keep
     their attention output, for long samples; logged with the predicted cost."""
     m = cfg.model
     if m.keep_attention_layers is not None or layers == 0 or cfg.data.max_length < KEEP_ATTENTION_FROM:
         return
     keep = 0
-    while keep < layers and fits(cfg, shape, tokens, capacity_gib, world, layers, keep_attention=keep + 1):
+    while keep < layers and fits(cfg, shape, tokens, capacity_gib, world, layers, keep_attention=keep + 1,
+                                 one_micro_batch=one_micro_batch):
         keep += 1
     m.keep_attention_layers = keep
     if keep:
@@ -510,26 +527,31 @@ def micro_batch_tokens(cfg: SFTConfig) -> int:
     return mb * d.max_length
 
 
-def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int) -> int | None:
-    """The fewest decoder layers to recompute so micro-batches of `tokens` fit; None if none does."""
+def fewest_recomputed(cfg: SFTConfig, shape: ModelShape, tokens: int, capacity_gib: float, world: int,
+                      one_micro_batch: bool | None = None) -> int | None:
+    """The fewest decoder layers to recompute so micro-batches of `tokens` fit; None if none does.
+    `one_micro_batch`: each step is one such micro-batch (None: when `tokens` holds a whole step
+    of max_length samples)."""
     for layers in range(shape.layers + 1):
-        if fits(cfg, shape, tokens, capacity_gib, world, layers):
+        if fits(cfg, shape, tokens, capacity_gib, world, layers, one_micro_batch=one_micro_batch):
             return layers
     return None
 
 
-def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None) -> bool:
+def resolve_auto_memory(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None,
+                        padding_free: bool = False) -> bool:
     """Everything `auto` in memory terms, in order: optim.fused_backward, micro-batching,
     gradient checkpointing. `lengths`: the training samples' token counts, when loaded (the
-    recomputation is then sized for the largest micro-batch they form). Returns whether the
-    plan chose recomputation (checkpointing or kept attention outputs were auto): an OOM then
+    recomputation is then sized for the largest micro-batch they form; `padding_free`: the
+    trainer lays micro-batches out without padding). Returns whether the plan chose
+    recomputation (checkpointing or kept attention outputs were auto): an OOM then
     recomputes every layer fully before splitting."""
     was_auto = cfg.model.enable_gradient_checkpointing == "auto" or cfg.model.keep_attention_layers is None
-    resolve_fused_backward(cfg, device, world, lengths)
+    resolve_fused_backward(cfg, device, world, lengths, padding_free)
     d = cfg.data
     if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
         resolve_auto_batching(cfg, device, world, lengths)
-    return resolve_checkpointing(cfg, device, world, lengths) or was_auto
+    return resolve_checkpointing(cfg, device, world, lengths, padding_free) or was_auto
 
 
 def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) -> str | None:
@@ -546,7 +568,8 @@ def fused_backward_possible(cfg: SFTConfig, device: torch.device, world: int) ->
     return None
 
 
-def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None) -> None:
+def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None,
+                           padding_free: bool = False) -> None:
     """optim.fused_backward=auto: on only where it lets the step run as fewer micro-batches or
     with fewer recomputed layers than the plain step (its per-weight updates cost host time,
     and clipping acts one step late, so it is not worth it where memory is plentiful)."""
@@ -567,14 +590,18 @@ def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1,
     d = cfg.data
     if d.micro_batch_size_per_gpu == "auto" or d.max_token_len_per_gpu == "auto":
         plain, fused = _fastest_fit(cfg, shape, capacity, world), _fastest_fit(on, shape, capacity, world)
+        if plain is None and fused is None:
+            o.fused_backward = "auto"  # nothing fits: the error's smallest change weighs the fused step itself
+            return
         better = fused is not None and (plain is None or fused[0] > plain[0] or
                                          (fused[0] == plain[0] and fused[1] < plain[1]))
         what = (f"{fused[0]}-token micro-batches, {fused[1]} layers recomputed" if fused else "")
         was = (f"{plain[0]}-token micro-batches, {plain[1]} layers recomputed" if plain else "not fitting")
     else:
-        tokens = data_micro_batch_tokens(cfg, lengths, world) or micro_batch_tokens(cfg)
-        plain, fused = fewest_recomputed(cfg, shape, tokens, capacity, world), \
-            fewest_recomputed(on, shape, tokens, capacity, world)
+        seen = data_micro_batch_tokens(cfg, lengths, world, padding_free)
+        tokens, one = (seen, True) if seen else (micro_batch_tokens(cfg), None)
+        plain, fused = fewest_recomputed(cfg, shape, tokens, capacity, world, one_micro_batch=one), \
+            fewest_recomputed(on, shape, tokens, capacity, world, one_micro_batch=one)
         better = fused is not None and (plain is None or fused < plain)
         what, was = f"{fused} layers recomputed", (f"{plain} layers" if plain is not None else "not fitting")
     if better:
@@ -583,7 +610,8 @@ def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1,
                  "in %.1f GiB; clip_grad uses the previous step's norm", what, was, capacity)
 
 
-def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None) -> bool:
+def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1, lengths=None,
+                          padding_free: bool = False) -> bool:
     """Turn model.enable_gradient_checkpointing=auto into true/false (and checkpoint_layers):
     off when the configured micro-batches fit the card without it, else only as many layers
     as needed. Logs one line saying what and why. Returns whether it was auto (an OOM then
@@ -599,18 +627,18 @@ def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1, 
         return True
     shape = model_shape(cfg)
     capacity = gpu_capacity_gib(cfg, device)
-    seen = data_micro_batch_tokens(cfg, lengths, world)
-    tokens = seen or micro_batch_tokens(cfg)
-    layers = fewest_recomputed(cfg, shape, tokens, capacity, world)
+    seen = data_micro_batch_tokens(cfg, lengths, world, padding_free)
+    tokens, one = (seen, True) if seen else (micro_batch_tokens(cfg), None)
+    layers = fewest_recomputed(cfg, shape, tokens, capacity, world, one_micro_batch=one)
     why = (f"{tokens}-token micro-batches" + (" (the largest this data forms)" if seen else "") +
            f" in {capacity:.1f} GiB ({USABLE:.0%} usable)")
     if layers is None:
         layers = shape.layers
-        peak = estimate(cfg, shape, tokens, world, True, layers).total / GIB
+        peak = estimate(cfg, shape, tokens, world, True, layers, one_micro_batch=one).total / GIB
         log.info("gradient checkpointing auto: on for all %d layers; even so %s are predicted to need %.1f GiB",
                  shape.layers, why, peak)
     else:
-        peak = estimate(cfg, shape, tokens, world, layers > 0, layers).total / GIB
+        peak = estimate(cfg, shape, tokens, world, layers > 0, layers, one_micro_batch=one).total / GIB
         if layers == 0:
             log.info("gradient checkpointing auto: off, %s fit without it (predicted peak %.1f GiB)", why, peak)
         else:

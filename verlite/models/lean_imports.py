@@ -45,12 +45,17 @@ def without(packages: list[str]):
                 del sys.modules[name]
 
 
+def enabled() -> bool:
+    """VERLITE_LEAN_IMPORTS=0 hides nothing (should a package turn out to be needed after all)."""
+    return os.environ.get("VERLITE_LEAN_IMPORTS", "1") != "0"
+
+
 def unused_by(model_cfg, optimizer_impl: str, user_code: bool) -> list[str]:
     """The optional packages a run never needs: torchao only for NF4 quantization, its
     optimizers and (through peft, which imports it) LoRA. A user's own dataset class
     (`user_code`) may import anything, so nothing is hidden from it; VERLITE_LEAN_IMPORTS=0
     hides nothing either (should a package turn out to be needed after all)."""
-    if user_code or os.environ.get("VERLITE_LEAN_IMPORTS", "1") == "0":
+    if user_code or not enabled():
         return []
     out = ["sklearn", "scipy"]
     if not model_cfg.quantization and optimizer_impl != "torchao.optim" and model_cfg.lora_rank <= 0:

@@ -115,6 +115,11 @@ class Trainer:
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
         apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
+        # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
+        # the same numbers as padded rows without computing on padding. data.packing decides
+        # only how samples are grouped (by token budget rather than by count).
+        # Sequence parallelism splits packed rows, so it always packs.
+        self.packed_layout = cfg.data.packing or sp > 1 or (self.device.type == "cuda" and supports_varlen(self.device))
 
         # Data first: a bad file fails here, before any model or GPU memory is touched
         # (the kernel may already read the weights from disk meanwhile).
@@ -181,11 +186,6 @@ class Trainer:
             async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
             if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
             self._on_saved)  # host buffers only when a periodic (background) save will come
-        # On GPUs every micro-batch is laid out padding-free (one packed row, varlen attention):
-        # the same numbers as padded rows without computing on padding. data.packing decides
-        # only how samples are grouped (by token budget rather than by count).
-        # Sequence parallelism splits packed rows, so it always packs.
-        self.packed_layout = cfg.data.packing or sp > 1 or (self.device.type == "cuda" and supports_varlen(self.device))
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
         # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
         self.autocast = not uses_fsdp(cfg.model, dist_info.world_size) and self.device.type == "cuda"
@@ -195,7 +195,8 @@ class Trainer:
         d = self.cfg.data
         from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
 
-        self.ckpt_auto = resolve_auto_memory(self.cfg, self.device, self.dist.world_size, self.train_ds.lengths)
+        self.ckpt_auto = resolve_auto_memory(self.cfg, self.device, self.dist.world_size, self.train_ds.lengths,
+                                             padding_free=self.packed_layout)
         world = self.dist.dp_size  # an SP group shares its samples: it counts as one data-parallel rank
         mb = d.micro_batch_size_per_gpu
         global_batch = d.train_batch_size or mb * world
