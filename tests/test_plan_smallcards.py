@@ -173,3 +173,46 @@ def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shape
     assert runs[0].model.enable_gradient_checkpointing is True and runs[0].model.checkpoint_layers == 18
     assert runs[1].model.enable_gradient_checkpointing is False
     assert runs[1].optim.fused_backward is False  # nothing to win from fusing where nothing is recomputed
+
+
+def test_data_sized_plans_with_the_fused_step_and_fixed_micro_batches(shapes):
+    """The 1.5B full fine-tune at 12 GiB (8-bit state, bf16 master): auto batching turns the
+    fused step on and a data-sized step is still one micro-batch, so its gradients are not
+    counted whole (that once crashed the plan); micro-batches of a fixed count are sized by
+    their real tokens when the GPU lays them out padding-free, by padded rows otherwise."""
+    import numpy as np
+    import torch
+
+    from verlite.engine.memory import data_micro_batch_tokens, plan_report, resolve_auto_memory
+
+    lengths = np.random.default_rng(1).integers(48, 1024, size=48)
+    small = ["data.train_batch_size=8", "data.max_length=1024", "optim.optimizer=AdamW8bit",
+             "optim.optimizer_impl=torchao.optim", "model.fsdp_config.model_dtype=bf16", "trainer.gpu_mem_gb=12",
+             "trainer.total_training_steps=6"]
+    for batching in (["data.micro_batch_size_per_gpu=auto"], ["data.micro_batch_size_per_gpu=8", "data.packing=true"]):
+        cfg = load_config(None, [f"model.partial_pretrain={shapes['qwen1.5b']}", *small, *batching])
+        resolve_auto_memory(cfg, torch.device("cuda"), lengths=lengths)
+        assert cfg.optim.fused_backward is True
+        layers = cfg.model.checkpoint_layers
+        assert layers is not None and layers < 27, layers  # 27 when planned for 8192 tokens
+        seen = data_micro_batch_tokens(cfg, lengths, 1)
+        assert estimate(cfg, model_shape(cfg), seen, 1, True, layers, one_micro_batch=True).total <= 12 * GIB * 0.92
+
+    gsm8k = np.random.default_rng(0).normal(207, 60, size=7473).clip(60, 1024).astype(int)
+    short = shape_config(shapes["qwen7b"].parent, "qwen0.5b", 32768)
+    by_count = [f"model.partial_pretrain={short}", "data.micro_batch_size_per_gpu=32", "data.max_length=1024",
+                "trainer.gpu_mem_gb=16"]
+    planned = {}
+    for name, lengths_, free in (("budget", None, True), ("padded", gsm8k, False), ("padding-free", gsm8k, True)):
+        cfg = load_config(None, by_count)
+        resolve_auto_memory(cfg, torch.device("cuda"), lengths=lengths_, padding_free=free)
+        planned[name] = cfg.model.checkpoint_layers or (24 if cfg.model.enable_gradient_checkpointing else 0)
+    assert planned["budget"] > planned["padded"] > planned["padding-free"], planned
+    padded = data_micro_batch_tokens(load_config(None, by_count), gsm8k, 1, padding_free=False)
+    free = data_micro_batch_tokens(load_config(None, by_count), gsm8k, 1, padding_free=True)
+    assert free < padded < 32 * 1024 and padded % 32 == 0
+
+    # `verlite plan` for the same 1.5B in fp32 master weights names the fused step in its advice.
+    report = plan_report(load_config(None, [f"model.partial_pretrain={shapes['qwen1.5b']}", "data.train_batch_size=8",
+                                            "data.micro_batch_size_per_gpu=auto"]), 12.0)
+    assert "model.fsdp_config.model_dtype=bf16 optim.fused_backward=true" in report, report
