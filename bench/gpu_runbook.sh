@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# What issues 10 and 14 still need measured on the GPU machine, in parts that each fit one
+# 10-minute device call. Run from the repository root there, with the wheels of
+# bench/wheels.sh in .whl/ and GSM8K train in $GSM8K (default .gsm8k/train.jsonl):
+#
+#   bash bench/gpu_runbook.sh A "$OUT"    # issue 14: gsm8k_cli defaults with TRL beside, then compiled
+#   bash bench/gpu_runbook.sh B "$OUT"    # issue 10: 12 GiB cases with TRL beside, then 32k
+#   bash bench/gpu_runbook.sh C "$OUT"    # issue 14: token cache on all cores, LoRA save pauses
+#
+# Every step writes its full output under OUT (a device call returns only the tail of its
+# output) and has its own time limit, so one slow step cannot cost the others.
+set -uo pipefail
+part=${1:?part A, B or C}
+out=${2:?output folder}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > /dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+gsm8k=${GSM8K:-$PWD/.gsm8k/train.jsonl}
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "rc=$?" >> "$out/$name.txt"
+  grep -v '^{' "$out/$name.txt" | tail -8 | cut -c1-400
+}
+python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
+case $part in
+  A)  # launch to final checkpoint, both launches, TRL (bf16, its best) in the same call
+      step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl --trl_dtypes bfloat16 \
+          --out "$out/gsm8k_default.jsonl"
+      # compiled, nothing recomputed: what compile `auto`'s SAVED_S_PER_PASS should be
+      step gsm8k_compiled 230 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --set model.compile=true \
+          --out "$out/gsm8k_compiled.jsonl" ;;
+  B)  step small_12g 330 python bench/bench.py --cases full1.5b_12g,qlora7b_12g --warmup 2 --steps 4 --trl \
+          --out "$out/small_12g.jsonl"
+      step small_32k 230 python bench/bench.py --cases qlora7b_long32k_24g --warmup 1 --steps 3 --trl \
+          --out "$out/small_32k.jsonl"
+      python bench/plan_check.py "$out/small_12g.jsonl" --warmup 2 --steps 4 > "$out/plan_check.txt" 2>&1
+      tail -6 "$out/plan_check.txt" ;;
+  C)  step token_cache 120 python bench/token_cache.py --gsm8k "$gsm8k"
+      step gsm8k_lora 300 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --trl --out "$out/gsm8k_lora.jsonl" ;;
+  *)  echo "unknown part $part (A, B or C)" >&2; exit 2 ;;
+esac
