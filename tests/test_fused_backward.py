@@ -132,3 +132,28 @@ def test_explicit_fused_with_host_state_is_refused(tmp_path, wide_model):  # noq
                      f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.total_training_steps=1", FUSED,
                      "model.fsdp_config.optimizer_offload=true"])
     assert code == 2
+
+
+def test_a_decoder_layer_is_updated_with_one_optimizer_call(tmp_path, tiny_model, monkeypatch):
+    """Per-weight host work was on the step's critical path: a layer's weights are clipped and
+    updated together, once its last gradient is complete; the other weights one by one."""
+    from test_trainer import config
+    from verlite.engine.distributed import init_distributed
+    from verlite.trainer.sft_trainer import Trainer
+
+    trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=2",
+                             "optim.clip_grad=1.0", FUSED), init_distributed("cpu"))
+    fused = trainer.optimizer.fused_backward
+    layers = trainer.model.decoder_layers()
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    in_layers = {p for layer in layers for p in layer.parameters()}
+    assert len(fused.buckets) == len(layers) + sum(p not in in_layers for p in trained)
+    sizes = []
+    step = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (sizes.append(
+        sum(len(g["params"]) for g in trainer.optimizer.param_groups)), step(*a, **k))[1])
+    before = [p.detach().clone() for p in trained]
+    trainer._step(trainer._micro_batches(0))
+    assert len(sizes) == len(fused.buckets) and sorted(sizes)[-1] == len(list(layers[0].parameters()))
+    assert all(not torch.equal(a, p) for a, p in zip(before, trained))  # every weight moved
+    assert all(p.grad is None for p in trained)  # and every gradient was freed

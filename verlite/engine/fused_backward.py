@@ -20,6 +20,12 @@ What it changes, decided here once:
   the other optimizers; the step counts as skipped either way.
 - One process, no FSDP sharding, optimizer state on the GPU: FSDP2 writes sharded gradients
   itself (no accumulation hook fires) and a host-side optimizer would wait on every weight.
+- Updates go by bucket, a decoder layer's weights together (`buckets`; any other weight on
+  its own): a layer's gradients all complete within its backward, so holding them until the
+  last one costs no memory the plan does not count, and the layer costs one norm, one scale
+  and one optimizer call instead of a dozen of each. Per-weight host work was on the step's
+  critical path: on the H100 the 1.5B full fine-tune ran 0.38 s a step with bitsandbytes'
+  update and 0.50 s with torchao's, whose per-weight call costs more host time.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ PREV_NORM = "fused_backward_prev_grad_norm"  # its key in the schedule's state d
 
 
 class FusedBackward:
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip_grad: float):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip_grad: float,
+                 buckets: list[list[torch.nn.Parameter]] | None = None):
         if any(hasattr(p, "to_local") for p in params):
             raise VerliteError("optim.fused_backward=true runs on one GPU without FSDP sharding (no cpu_offload, one "
                                "process); set optim.fused_backward=false")
@@ -42,8 +49,17 @@ class FusedBackward:
         self.params = params
         self.clip = clip_grad
         self.total = max(1, sum(p.numel() for p in params))
-        self.group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
         self.found_inf_ok = bool(optimizer.defaults.get("fused"))  # torch's fused AdamW skips on the device
+        trained = set(params)
+        grouped: list[list[torch.nn.Parameter]] = []
+        seen: set = set()
+        for bucket in buckets or []:
+            mine = [p for p in bucket if p in trained and p not in seen]
+            seen.update(mine)
+            if mine:
+                grouped.append(mine)
+        self.buckets = grouped + [[p] for p in params if p not in seen]
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         self.armed = False
         self.updated = 0  # weights updated in the current backward
         self.prev_norm: torch.Tensor | None = None  # the last step's global norm, on the device
@@ -57,11 +73,18 @@ class FusedBackward:
         prev = self.prev_norm
         self.scale = None if prev is None or self.clip <= 0 else \
             (self.clip / (prev.to(device, torch.float32) + 1e-6)).clamp(max=1.0)
+        self.arrived: list[list[torch.nn.Parameter]] = [[] for _ in self.buckets]
+        # Looked up each step: loading a checkpoint's optimizer state replaces the group dicts
+        # (and the LR schedule writes to the new ones).
+        self.group_of = {p: g for g in self.optimizer.param_groups for p in g["params"]}
         self.updated = 0
         self.armed = True
 
     def finish(self) -> torch.Tensor:
         """This step's global gradient norm (before clipping), kept for the next step's clip."""
+        for bucket in self.arrived:  # weights that got no gradient this step leave their bucket incomplete
+            if bucket:
+                self._apply(bucket)
         self.armed = False
         norm = self.sq.sqrt()
         if self.updated:
@@ -71,34 +94,55 @@ class FusedBackward:
     def _hook(self, p: torch.nn.Parameter) -> None:
         if not self.armed:
             return  # an earlier micro-batch of the step: gradients accumulate as usual
-        g = p.grad
-        sq = g.detach().float().square().sum()
+        i = self.bucket_of[p]
+        arrived = self.arrived[i]
+        arrived.append(p)
+        if len(arrived) == len(self.buckets[i]):
+            self.arrived[i] = []
+            self._apply(arrived)
+
+    def _apply(self, bucket: list[torch.nn.Parameter]) -> None:
+        """Norm, clip, NaN guard and update of a bucket's gradients, then free them."""
+        grads = [p.grad for p in bucket]
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        sq = torch.stack(norms).square().sum()
         self.sq += sq
         finite = torch.isfinite(sq)
         self.bad |= ~finite
-        if self.clip > 0:
-            if self.scale is None:  # first step: each gradient to its share of the limit
+        if self.clip > 0 and self.scale is None:  # first step: each gradient to its share of the limit
+            for p, g, norm in zip(bucket, grads, norms):
                 limit = self.clip * math.sqrt(p.numel() / self.total)
-                g.mul_((limit / (sq.sqrt() + 1e-6)).clamp(max=1.0).to(g.dtype))
-            else:
-                g.mul_(self.scale.to(g.dtype))
+                g.mul_((limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype))
+        elif self.clip > 0:
+            for dtype in {g.dtype for g in grads}:
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], self.scale.to(dtype))
         if self.found_inf_ok:
             self.optimizer.found_inf = (~finite).float()
         else:
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        self._step_one(p)
-        p.grad = None
-        self.updated += 1
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        self._step(bucket)
+        for p in bucket:
+            p.grad = None
+        self.updated += len(bucket)
 
-    def _step_one(self, p: torch.nn.Parameter) -> None:
-        """optimizer.step() for `p` alone: its group, narrowed to it, is the only group."""
-        opt, group = self.optimizer, self.group_of[p]
-        groups, params = opt.param_groups, group["params"]
-        opt.param_groups, group["params"] = [group], [p]
+    def _step(self, bucket: list[torch.nn.Parameter]) -> None:
+        """optimizer.step() for `bucket` alone: each of its groups narrowed to the bucket's weights."""
+        opt = self.optimizer
+        narrowed: dict[int, list[torch.nn.Parameter]] = {}
+        for p in bucket:
+            narrowed.setdefault(id(self.group_of[p]), []).append(p)
+        groups = opt.param_groups
+        saved = [(g, g["params"]) for g in groups if id(g) in narrowed]
+        opt.param_groups = [g for g, _ in saved]
+        for g, _ in saved:
+            g["params"] = narrowed[id(g)]
         try:
             opt.step()
         finally:
-            opt.param_groups, group["params"] = groups, params
+            opt.param_groups = groups
+            for g, params in saved:
+                g["params"] = params
 
     def remove(self) -> None:
         for h in self.handles:
@@ -106,7 +150,8 @@ class FusedBackward:
         self.handles = []
 
 
-def attach(optimizer: torch.optim.Optimizer, params, clip_grad: float) -> FusedBackward:
-    fused = FusedBackward(optimizer, [p for p in params if p.requires_grad], clip_grad)
+def attach(optimizer: torch.optim.Optimizer, params, clip_grad: float,
+           buckets: list[list[torch.nn.Parameter]] | None = None) -> FusedBackward:
+    fused = FusedBackward(optimizer, [p for p in params if p.requires_grad], clip_grad, buckets)
     optimizer.fused_backward = fused  # train_step finds it here
     return fused

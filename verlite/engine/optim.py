@@ -46,7 +46,9 @@ def use_fused(device: torch.device, offloaded: bool) -> bool:
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: bool,
-                    optimizer_offload: bool = False) -> torch.optim.Optimizer:
+                    optimizer_offload: bool = False, buckets=None) -> torch.optim.Optimizer:
+    """`buckets`: lists of weights updated together when the step is fused into backward
+    (a decoder layer's; engine/fused_backward.py)."""
     params = [p for p in params if p.requires_grad]
     optimizer = _build(params, cfg, device, offloaded, optimizer_offload)
     if cfg.fused_backward is True:  # auto is resolved by the plan (engine/memory.py) before this
@@ -55,7 +57,7 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device, offloaded: b
                                "model.fsdp_config.optimizer_offload / cpu_offload or set optim.fused_backward=false")
         from verlite.engine.fused_backward import attach
 
-        attach(optimizer, params, cfg.clip_grad)
+        attach(optimizer, params, cfg.clip_grad, buckets)
         log.info("optimizer step fused into backward (optim.fused_backward): each gradient applied and freed as "
                  "soon as it is complete")
     return optimizer

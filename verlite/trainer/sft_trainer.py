@@ -171,7 +171,8 @@ class Trainer:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device, offloads(cfg.model),
-                                         cfg.model.fsdp_config.optimizer_offload)
+                                         cfg.model.fsdp_config.optimizer_offload,
+                                         buckets=[list(layer.parameters()) for layer in self.model.decoder_layers()])
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
         self.start_step = 0
         if resume_state is not None:
