@@ -157,3 +157,71 @@ def test_a_decoder_layer_is_updated_with_one_optimizer_call(tmp_path, tiny_model
     assert len(sizes) == len(fused.buckets) and sorted(sizes)[-1] == len(list(layers[0].parameters()))
     assert all(not torch.equal(a, p) for a, p in zip(before, trained))  # every weight moved
     assert all(p.grad is None for p in trained)  # and every gradient was freed
+
+
+def _two_layers(fused_adamw: bool):
+    from verlite.engine.fused_backward import FusedBackward
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
+    unused = torch.nn.Parameter(torch.zeros(8))  # in the second layer's bucket, never in the graph
+    params = [*layers[0].parameters(), *layers[1].parameters(), unused]
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=fused_adamw)
+    buckets = [list(layers[0].parameters()), [*layers[1].parameters(), unused]]
+    return layers, params, opt, FusedBackward(opt, params, clip_grad=1.0, buckets=buckets)
+
+
+def _backward(layers, fused, x, poison: bool = False):
+    fused.arm(torch.device("cpu"))
+    h = layers[0](x)
+    if poison:  # a finite loss whose first layer gets a NaN gradient
+        h = h + (h.detach() * float("nan")).sum() * 0 * h
+        h.register_hook(lambda g: torch.full_like(g, float("nan")))
+    layers[1](h).square().mean().backward()
+
+
+@pytest.mark.parametrize("fused_adamw", [True, False], ids=["torch_fused_adamw", "other_optimizers"])
+def test_fused_step_edge_cases(fused_adamw):
+    """An unused weight does not hold its layer's gradients past the first step; a NaN
+    gradient with a finite loss does not poison the next steps' clip; an OOM inside backward
+    before any update leaves every weight and state as it was, and the hooks disarmed."""
+    layers, params, opt, fused = _two_layers(fused_adamw)
+    x = torch.randn(4, 8)
+    _backward(layers, fused, x)
+    fused.finish()
+    assert [len(b) for b in fused.buckets] == [2, 2, 1]  # the unused weight now stands alone
+    assert all(p.grad is None for p in params)
+
+    _backward(layers, fused, x, poison=True)
+    fused.finish()
+    good = fused.prev_norm.clone()
+    assert torch.isfinite(good) and bool(fused.bad)
+    for _ in range(2):
+        _backward(layers, fused, x)
+        fused.finish()
+    assert all(torch.isfinite(p).all() for p in params), "a NaN step poisoned the later ones"
+
+    before = [p.detach().clone() for p in params]
+    steps = {id(p): opt.state[p]["step"].clone() for p in params if p in opt.state}
+    fused.arm(torch.device("cpu"))
+    out = layers[1](layers[0](x)).square().mean()
+
+    def oom(grad):
+        raise torch.OutOfMemoryError("simulated")
+
+    handle = layers[1].weight.register_hook(oom)  # the last layer's weight: before any bucket is complete
+    with pytest.raises(torch.OutOfMemoryError):
+        try:
+            out.backward()
+        except torch.OutOfMemoryError:
+            assert fused.abandon() == 0  # nothing updated: the step may be retried
+            raise
+    assert not fused.armed
+    assert all(torch.equal(a, p) for a, p in zip(before, params))  # a partial bucket was not applied
+    assert all(torch.equal(opt.state[p]["step"], steps[id(p)]) for p in params if id(p) in steps)
+    handle.remove()
+    for p in params:
+        p.grad = None  # what the step's zero_grad does before the retry
+    _backward(layers, fused, x)  # the retry
+    fused.finish()
+    assert not any(torch.equal(a, p) for a, p in zip(before[:4], params[:4]))

@@ -71,8 +71,12 @@ class FusedBackward:
         self.sq = torch.zeros((), device=device, dtype=torch.float32)
         self.bad = torch.zeros((), device=device, dtype=torch.bool)
         prev = self.prev_norm
-        self.scale = None if prev is None or self.clip <= 0 else \
-            (self.clip / (prev.to(device, torch.float32) + 1e-6)).clamp(max=1.0)
+        if prev is None or self.clip <= 0:
+            self.scale = None
+        else:  # a norm that was never finite (only after a bad first step) clips nothing
+            prev = prev.to(device, torch.float32)
+            self.scale = torch.where(torch.isfinite(prev), (self.clip / (prev + 1e-6)).clamp(max=1.0),
+                                     torch.ones_like(prev))
         self.arrived: list[list[torch.nn.Parameter]] = [[] for _ in self.buckets]
         # Looked up each step: loading a checkpoint's optimizer state replaces the group dicts
         # (and the LR schedule writes to the new ones).
@@ -81,15 +85,41 @@ class FusedBackward:
         self.armed = True
 
     def finish(self) -> torch.Tensor:
-        """This step's global gradient norm (before clipping), kept for the next step's clip."""
-        for bucket in self.arrived:  # weights that got no gradient this step leave their bucket incomplete
-            if bucket:
-                self._apply(bucket)
+        """After a backward that completed: what is still waiting is updated, and this step's
+        global gradient norm (before clipping) is returned and kept for the next step's clip
+        (a step with a non-finite gradient keeps the previous one)."""
+        self._learn_buckets()
+        # Weights with a gradient not yet applied: a bucket some of whose weights got no
+        # gradient this step, or a weight that got one only in an earlier micro-batch.
+        waiting = [p for p in self.params if p.grad is not None]
+        if waiting:
+            self._apply(waiting)
         self.armed = False
         norm = self.sq.sqrt()
         if self.updated:
-            self.prev_norm = norm
+            self.prev_norm = norm if self.prev_norm is None else torch.where(self.bad, self.prev_norm, norm)
         return norm
+
+    def abandon(self) -> int:
+        """After a backward that raised (an OOM): nothing more is applied (no memory is asked
+        for) and the hooks are disarmed, so a retry starts clean. Returns how many weights had
+        already been updated in it (a step that moved weights cannot be retried)."""
+        self.armed = False
+        self.arrived = [[] for _ in self.buckets]
+        return self.updated
+
+    def _learn_buckets(self) -> None:
+        """A bucket some of whose weights got no gradient would hold the others' until the end
+        of backward (memory the plan does not count): those weights go to buckets of their own."""
+        partial = [i for i, got in enumerate(self.arrived) if got]
+        if not partial:
+            return
+        for i in partial:
+            got = set(self.arrived[i])
+            self.buckets += [[p] for p in self.buckets[i] if p not in got]
+            self.buckets[i] = [p for p in self.buckets[i] if p in got]
+            self.arrived[i] = []
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
 
     def _hook(self, p: torch.nn.Parameter) -> None:
         if not self.armed:

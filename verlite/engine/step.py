@@ -96,13 +96,16 @@ def _fused_step(fused, model, optimizer, scheduler, micro_batches, device, scale
         try:
             (loss * scale).backward()
         except torch.OutOfMemoryError:
-            if fused.updated:
-                raise VerliteError(f"out of GPU memory in a fused-backward step after {fused.updated} weights were "
+            updated = fused.abandon()
+            if updated:
+                raise VerliteError(f"out of GPU memory in a fused-backward step after {updated} weights were "
                                    "updated, so the step cannot be retried; set optim.fused_backward=false or a "
                                    "lower data.max_token_len_per_gpu, then run again to resume") from None
             raise
-        finally:
-            grad_norm = fused.finish()
+        except BaseException:
+            fused.abandon()
+            raise
+        grad_norm = fused.finish()
         bad = fused.bad.float()
     mean_loss = (loss_sum / count.clamp(min=1.0)).reshape(())
     optimizer.zero_grad(set_to_none=True)
