@@ -92,3 +92,19 @@ def test_plan_command(tmp_path, tiny_model):
     out = result.stdout
     assert "weights (fp32 master)" in out and "AdamW state (fp32)" in out and "total (peak, predicted)" in out
     assert "-> fits" in out and "fastest plan that fits:" in out
+
+
+def test_plan_command_with_the_data(tmp_path, tiny_model):
+    """Named data: the plan tokenizes it (through the token cache, as `verlite sft` does) and
+    says what a run on one GPU would choose for the largest micro-batch the data forms."""
+    rows = [{"question": "q" * (5 + i % 7), "answer": "a" * (3 + i % 5)} for i in range(40)]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    result = run_cli("plan", f"model.partial_pretrain={tiny_model}", "data.micro_batch_size_per_gpu=8",
+                     "data.max_length=64", f"data.train_files={data}", "--gpu_mem_gb", "24",
+                     env={"VERLITE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("with data.train_files (40 samples, longest "), line
+    largest = int(line.split("largest micro-batch holds ")[1].split()[0])
+    assert 8 <= largest < 8 * 64 and "0 of 2 layers recomputed" in line, line
+    assert (tmp_path / "cache" / "tokens").is_dir()  # tokenized once, for the run to reuse

@@ -151,8 +151,26 @@ def _cmd_plan(args) -> int:
     # A plan builds the model on the meta device and needs no optional package: transformers
     # would import torchao (and print its start-up warnings) for nothing.
     with lean_imports.without(list(lean_imports.OPTIONAL) if lean_imports.enabled() else []):
-        print(plan_report(cfg, gpu_capacity_gib(cfg, device), args.nproc))
+        capacity = gpu_capacity_gib(cfg, device)
+        print(plan_report(cfg, capacity, args.nproc, lengths=_plan_lengths(cfg)))
     return 0
+
+
+def _plan_lengths(cfg):
+    """The training samples' token counts when the config names its data (through the token
+    cache, as `verlite sft` reads them): the plan then says what a run of it would recompute."""
+    if not cfg.data.train_files or cfg.data.custom_cls.path:
+        return None
+    from verlite.data.cache import TokenCache
+    from verlite.data.dataset import load_dataset
+    from verlite.data.formatting import apply_chat_template_override
+    from verlite.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+    apply_chat_template_override(tokenizer, cfg.data.chat_template)
+    ds = load_dataset(cfg.data.train_files, cfg.data, tokenizer, "data.train_files",
+                      cache=TokenCache.for_config(cfg.data, tokenizer))
+    return ds.lengths
 
 
 def _load(args):

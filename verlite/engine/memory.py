@@ -655,7 +655,9 @@ def per_gpu(cfg: SFTConfig, budget: int) -> int:
     return -(-budget // cfg.ulysses_sequence_parallel_size)
 
 
-def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
+def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1, lengths=None) -> str:
+    """What `verlite plan` prints. `lengths`: the training samples' token counts, when the
+    config names its data: the last line then says what a run on one GPU would choose."""
     from verlite.engine.ulysses import check_sp_size
     from verlite.models.load import load_hf_config
 
@@ -663,6 +665,7 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
     if sp != 1:
         check_sp_size(sp, world, load_hf_config(cfg.model), cfg.model.strategy)
     shape = model_shape(cfg)
+    as_given = cfg
     if cfg.optim.fused_backward == "auto":  # decided as a run on this card would (a GPU run's rule)
         import copy
 
@@ -719,10 +722,35 @@ def plan_report(cfg: SFTConfig, capacity_gib: float, world: int = 1) -> str:
                      "(or data.micro_batch_size_per_gpu=auto)")
     except VerliteError as e:
         lines.append(str(e))
-    if cfg.model.enable_gradient_checkpointing == "auto":
+    if lengths is not None:
+        lines.append(_data_line(as_given, shape, capacity_gib, world, lengths))
+    elif cfg.model.enable_gradient_checkpointing == "auto":
         lines.append("planned for micro-batches of max_length samples throughout; on one GPU a run sizes "
-                     "recomputation for the largest micro-batch its data forms, which can only recompute fewer layers")
+                     "recomputation for the largest micro-batch its data forms (name data.train_files to see it)")
     return "\n".join(lines)
+
+
+def _data_line(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: int, lengths) -> str:
+    """What a run of this config on these samples would choose (a GPU run's rules: micro-batches
+    laid out padding-free)."""
+    import copy
+
+    trial = copy.deepcopy(cfg)
+    trial.trainer.gpu_mem_gb = capacity_gib
+    head = f"with data.train_files ({len(lengths)} samples, longest {int(max(lengths))} tokens)"
+    try:
+        resolve_auto_memory(trial, torch.device("cuda"), world, lengths, padding_free=True)
+    except VerliteError as e:
+        return f"{head}: {e}"
+    seen = data_micro_batch_tokens(trial, lengths, world, padding_free=True)
+    m = trial.model
+    layers = (m.checkpoint_layers or shape.layers) if m.enable_gradient_checkpointing else 0
+    tokens = seen or micro_batch_tokens(trial)
+    peak = estimate(trial, shape, tokens, world, layers > 0, layers, one_micro_batch=True if seen else None).total
+    where = f"its largest micro-batch holds {seen} tokens" if seen else f"micro-batches of up to {tokens} tokens"
+    fused = ", optimizer step fused into backward" if trial.optim.fused_backward is True else ""
+    return (f"{head}: {where} -> {layers} of {shape.layers} layers recomputed{fused} "
+            f"(predicted peak {peak / GIB:.1f} GiB of {capacity_gib:.1f})")
 
 
 def apply_memory_cap(gpu_mem_gb: float | None, device: torch.device) -> None:
