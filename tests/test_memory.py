@@ -108,3 +108,7 @@ def test_plan_command_with_the_data(tmp_path, tiny_model):
     largest = int(line.split("largest micro-batch holds ")[1].split()[0])
     assert 8 <= largest < 8 * 64 and "0 of 2 layers recomputed" in line, line
     assert (tmp_path / "cache" / "tokens").is_dir()  # tokenized once, for the run to reuse
+    missing = run_cli("plan", f"model.partial_pretrain={tiny_model}", "data.micro_batch_size_per_gpu=8",
+                      f"data.train_files={tmp_path / 'nowhere.jsonl'}", "--gpu_mem_gb", "24")
+    assert missing.returncode == 0 and "planned without the data" in missing.stderr, missing.stderr
+    assert "fastest plan that fits:" in missing.stdout

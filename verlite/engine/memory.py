@@ -284,9 +284,7 @@ def _fastest_fit(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: 
     where matmuls are efficient anyway), recomputing as few layers as possible; shrink the
     micro-batch only when even full recomputation cannot fit it."""
     d = cfg.data
-    dp = max(1, world // cfg.ulysses_sequence_parallel_size)  # an SP group shares its samples
-    per_rank = max(1, (d.train_batch_size or dp) // dp)
-    want = max(d.max_length, min(per_rank * d.max_length, 16384))
+    want = max(d.max_length, min(step_tokens(cfg, world), 16384))  # a rank's (SP group's) whole step
     while want >= d.max_length:
         for layers in range(shape.layers + 1):
             if fits(cfg, shape, want, capacity_gib, world, layers):
