@@ -104,7 +104,7 @@ def test_plan_command_with_the_data(tmp_path, tiny_model):
                      env={"VERLITE_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
-    assert line.startswith("with data.train_files (40 samples, longest "), line
+    assert line.startswith("with data.train_files (40 sample(s), longest "), line
     largest = int(line.split("largest micro-batch holds ")[1].split()[0])
     assert 8 <= largest < 8 * 64 and "0 of 2 layers recomputed" in line, line
     assert (tmp_path / "cache" / "tokens").is_dir()  # tokenized once, for the run to reuse

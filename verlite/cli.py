@@ -151,6 +151,9 @@ def _cmd_plan(args) -> int:
     # A plan builds the model on the meta device and needs no optional package: transformers
     # would import torchao (and print its start-up warnings) for nothing.
     with lean_imports.without(list(lean_imports.OPTIONAL) if lean_imports.enabled() else []):
+        from verlite.models.load import load_hf_config
+
+        load_hf_config(cfg.model)  # a model that cannot be read fails first, in one line
         capacity = gpu_capacity_gib(cfg, device)
         print(plan_report(cfg, capacity, args.nproc, lengths=_plan_lengths(cfg)))
     return 0

@@ -735,7 +735,7 @@ def _data_line(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: in
 
     trial = copy.deepcopy(cfg)
     trial.trainer.gpu_mem_gb = capacity_gib
-    head = f"with data.train_files ({len(lengths)} samples, longest {int(max(lengths))} tokens)"
+    head = f"with data.train_files ({len(lengths)} sample(s), longest {int(max(lengths))} tokens)"
     try:
         resolve_auto_memory(trial, torch.device("cuda"), world, lengths, padding_free=True)
     except VerliteError as e:
@@ -747,8 +747,9 @@ def _data_line(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: in
     peak = estimate(trial, shape, tokens, world, layers > 0, layers, one_micro_batch=True if seen else None).total
     where = f"its largest micro-batch holds {seen} tokens" if seen else f"micro-batches of up to {tokens} tokens"
     fused = ", optimizer step fused into backward" if trial.optim.fused_backward is True else ""
+    verdict = "" if peak <= capacity_gib * GIB * USABLE else " -- does NOT fit"
     return (f"{head}: {where} -> {layers} of {shape.layers} layers recomputed{fused} "
-            f"(predicted peak {peak / GIB:.1f} GiB of {capacity_gib:.1f})")
+            f"(predicted peak {peak / GIB:.1f} GiB of {capacity_gib:.1f}){verdict}")
 
 
 def apply_memory_cap(gpu_mem_gb: float | None, device: torch.device) -> None:
