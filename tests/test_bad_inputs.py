@@ -108,6 +108,20 @@ def test_model_path_that_does_not_exist(tmp_path, capsys):
     assert code == 2 and "model path" in capsys.readouterr().err
 
 
+def test_model_folder_without_a_tokenizer(tmp_path, tiny_model, capsys):
+    """transformers 5 builds an empty tokenizer for a folder with config.json alone: every text
+    would become no tokens. verlite refuses it in one line before reading any data."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_model / "config.json", bare / "config.json")
+    code = cli.main(["sft", f"data.train_files={good_file(tmp_path)}", f"model.partial_pretrain={bare}",
+                     f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{bare} has no tokenizer" in err and "\n" not in err, err
+
+
 @pytest.mark.parametrize("name", ["malformed_line.jsonl", "missing_column.parquet"])
 def test_real_process_exit_code_and_no_traceback(name, tiny_model):
     result = run_cli("sft", f"data.train_files={BAD / name}", f"model.partial_pretrain={tiny_model}",

@@ -75,6 +75,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(name, e, "tokenizer") from None
+    if len(tok) <= 1:
+        # transformers 5 builds an empty tokenizer of the config's model type when a folder holds
+        # no tokenizer files: every text would become no tokens at all.
+        raise VerliteError(f"{name} has no tokenizer (no tokenizer.json, tokenizer.model or vocab files next to "
+                           "config.json); copy them from the base model into that folder")
     if tok.pad_token_id is None:
         # Padding never carries loss or attention; any id works, eos is the usual choice.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
