@@ -47,6 +47,14 @@ def cfg_for(model: Path, *overrides: str):
 QV = "model.target_modules=[q_proj,v_proj]"
 
 
+def gsm8k_like(shapes):
+    """GSM8K-like token counts (7,473 samples of ~207 +- 60 tokens) and a 0.5B shape."""
+    import numpy as np
+
+    lengths = np.random.default_rng(0).normal(207, 60, size=7473).clip(60, 1024).astype(int)
+    return lengths, shape_config(shapes["qwen7b"].parent, "qwen0.5b", 32768)
+
+
 def test_nf4_weights_8bit_state_and_offload_are_counted(shapes):
     lora = cfg_for(shapes["qwen7b"], "model.lora_rank=8", QV)
     shape = model_shape(lora)
@@ -164,8 +172,7 @@ def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shape
     assert data_micro_batch_tokens(fitted, lengths, 2) is None
     assert data_micro_batch_tokens(config("data.max_token_len_per_gpu=2048"), lengths, 1) is None
 
-    gsm8k = np.random.default_rng(0).normal(207, 60, size=7473).clip(60, 1024).astype(int)
-    short = shape_config(shapes["qwen7b"].parent, "qwen0.5b", 32768)
+    gsm8k, short = gsm8k_like(shapes)
     runs = [load_config(None, [f"model.partial_pretrain={short}", "data.micro_batch_size_per_gpu=32",
                                 "data.max_length=1024", "data.packing=true", "trainer.gpu_mem_gb=24"]) for _ in "ab"]
     resolve_auto_memory(runs[0], torch.device("cuda"))
@@ -198,8 +205,7 @@ def test_data_sized_plans_with_the_fused_step_and_fixed_micro_batches(shapes):
         seen = data_micro_batch_tokens(cfg, lengths, 1)
         assert estimate(cfg, model_shape(cfg), seen, 1, True, layers, one_micro_batch=True).total <= 12 * GIB * 0.92
 
-    gsm8k = np.random.default_rng(0).normal(207, 60, size=7473).clip(60, 1024).astype(int)
-    short = shape_config(shapes["qwen7b"].parent, "qwen0.5b", 32768)
+    gsm8k, short = gsm8k_like(shapes)
     by_count = [f"model.partial_pretrain={short}", "data.micro_batch_size_per_gpu=32", "data.max_length=1024",
                 "trainer.gpu_mem_gb=16"]
     planned = {}

@@ -164,18 +164,15 @@ def _plan_lengths(cfg):
     cache, as `verlite sft` reads them): the plan then says what a run of it would recompute."""
     if not cfg.data.train_files or cfg.data.custom_cls.path:
         return None
-    from verlite.data.cache import TokenCache
     from verlite.data.dataset import load_dataset
     from verlite.data.formatting import apply_chat_template_override
-    from verlite.models.load import load_tokenizer
-
     from verlite.errors import VerliteError
+    from verlite.models.load import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         apply_chat_template_override(tokenizer, cfg.data.chat_template)
-        ds = load_dataset(cfg.data.train_files, cfg.data, tokenizer, "data.train_files",
-                          cache=TokenCache.for_config(cfg.data, tokenizer))
+        ds = load_dataset(cfg.data.train_files, cfg.data, tokenizer, "data.train_files")  # the token cache by default
     except VerliteError as e:  # e.g. an example config's data path: the plan stands without the data
         print(f"verlite: note: {e}; planned without the data", file=sys.stderr)
         return None

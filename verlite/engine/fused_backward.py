@@ -58,8 +58,7 @@ class FusedBackward:
             seen.update(mine)
             if mine:
                 grouped.append(mine)
-        self.buckets = grouped + [[p] for p in params if p not in seen]
-        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self._set_buckets(grouped + [[p] for p in params if p not in seen])
         self.armed = False
         self.updated = 0  # weights updated in the current backward
         self.prev_norm: torch.Tensor | None = None  # the last step's global norm, on the device
@@ -114,12 +113,17 @@ class FusedBackward:
         partial = [i for i, got in enumerate(self.arrived) if got]
         if not partial:
             return
+        buckets = list(self.buckets)
         for i in partial:
             got = set(self.arrived[i])
-            self.buckets += [[p] for p in self.buckets[i] if p not in got]
-            self.buckets[i] = [p for p in self.buckets[i] if p in got]
+            buckets += [[p] for p in buckets[i] if p not in got]
+            buckets[i] = [p for p in buckets[i] if p in got]
             self.arrived[i] = []
-        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self._set_buckets(buckets)
+
+    def _set_buckets(self, buckets: list[list[torch.nn.Parameter]]) -> None:
+        self.buckets = buckets
+        self.bucket_of = {p: i for i, b in enumerate(buckets) for p in b}
 
     def _hook(self, p: torch.nn.Parameter) -> None:
         if not self.armed:

@@ -465,6 +465,13 @@ def data_micro_batch_tokens(cfg: SFTConfig, lengths, world: int, padding_free: b
     return largest if largest < budget else None  # a larger step is split into budget-sized micro-batches
 
 
+def planned_tokens(cfg: SFTConfig, lengths, world: int, padding_free: bool) -> tuple[int, bool]:
+    """(tokens of the micro-batches to plan for, whether that is the data's largest step, which
+    is then one whole micro-batch): data_micro_batch_tokens where it applies, else the budget."""
+    seen = data_micro_batch_tokens(cfg, lengths, world, padding_free)
+    return (seen, True) if seen else (micro_batch_tokens(cfg), False)
+
+
 def resolve_auto_batching(cfg: SFTConfig, device: torch.device, world: int, lengths=None) -> None:
     """Replace `auto` micro-batching with a token budget (and checkpointing) that fits."""
     d = cfg.data
@@ -596,8 +603,8 @@ def resolve_fused_backward(cfg: SFTConfig, device: torch.device, world: int = 1,
         what = (f"{fused[0]}-token micro-batches, {fused[1]} layers recomputed" if fused else "")
         was = (f"{plain[0]}-token micro-batches, {plain[1]} layers recomputed" if plain else "not fitting")
     else:
-        seen = data_micro_batch_tokens(cfg, lengths, world, padding_free)
-        tokens, one = (seen, True) if seen else (micro_batch_tokens(cfg), None)
+        tokens, sized = planned_tokens(cfg, lengths, world, padding_free)
+        one = True if sized else None
         plain, fused = fewest_recomputed(cfg, shape, tokens, capacity, world, one_micro_batch=one), \
             fewest_recomputed(on, shape, tokens, capacity, world, one_micro_batch=one)
         better = fused is not None and (plain is None or fused < plain)
@@ -625,10 +632,10 @@ def resolve_checkpointing(cfg: SFTConfig, device: torch.device, world: int = 1, 
         return True
     shape = model_shape(cfg)
     capacity = gpu_capacity_gib(cfg, device)
-    seen = data_micro_batch_tokens(cfg, lengths, world, padding_free)
-    tokens, one = (seen, True) if seen else (micro_batch_tokens(cfg), None)
+    tokens, sized = planned_tokens(cfg, lengths, world, padding_free)
+    one = True if sized else None
     layers = fewest_recomputed(cfg, shape, tokens, capacity, world, one_micro_batch=one)
-    why = (f"{tokens}-token micro-batches" + (" (the largest this data forms)" if seen else "") +
+    why = (f"{tokens}-token micro-batches" + (" (the largest this data forms)" if sized else "") +
            f" in {capacity:.1f} GiB ({USABLE:.0%} usable)")
     if layers is None:
         layers = shape.layers
@@ -740,12 +747,11 @@ def _data_line(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, world: in
         resolve_auto_memory(trial, torch.device("cuda"), world, lengths, padding_free=True)
     except VerliteError as e:
         return f"{head}: {e}"
-    seen = data_micro_batch_tokens(trial, lengths, world, padding_free=True)
+    tokens, sized = planned_tokens(trial, lengths, world, padding_free=True)
     m = trial.model
     layers = (m.checkpoint_layers or shape.layers) if m.enable_gradient_checkpointing else 0
-    tokens = seen or micro_batch_tokens(trial)
-    peak = estimate(trial, shape, tokens, world, layers > 0, layers, one_micro_batch=True if seen else None).total
-    where = f"its largest micro-batch holds {seen} tokens" if seen else f"micro-batches of up to {tokens} tokens"
+    peak = estimate(trial, shape, tokens, world, layers > 0, layers, one_micro_batch=True if sized else None).total
+    where = f"its largest micro-batch holds {tokens} tokens" if sized else f"micro-batches of up to {tokens} tokens"
     fused = ", optimizer step fused into backward" if trial.optim.fused_backward is True else ""
     verdict = "" if peak <= capacity_gib * GIB * USABLE else " -- does NOT fit"
     return (f"{head}: {where} -> {layers} of {shape.layers} layers recomputed{fused} "

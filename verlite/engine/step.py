@@ -45,11 +45,11 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
     # A fill kernel, not a host-to-device copy from pageable memory (which may wait for the GPU).
     count = all_reduce_sum(torch.full((1,), float(local), device=device))
     scale = world_size / count.clamp(min=1.0)
-    loss_sum = torch.zeros(1, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     fused = getattr(optimizer, "fused_backward", None)
     if fused is not None:
         return _fused_step(fused, model, optimizer, scheduler, micro_batches, device, scale, count, amp)
+    loss_sum = torch.zeros(1, device=device)
     for mb in micro_batches:
         with amp:
             loss = model(mb.to(device))
