@@ -176,7 +176,7 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                       mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
                       checkpoint_layers=cfg.model.checkpoint_layers, fused_backward=cfg.optim.fused_backward,
-                      optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=" ".join(extra) or None,
+                      optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=" ".join(extra + ([f"one-sample rows: sdpa {sdpa}"] if (sdpa := os.environ.get("VERLITE_BENCH_SDPA")) else [])) or None,
                       oom_splits=trainer.oom_splits,
                       # The plan's peak for the largest micro-batch that ran (the budget is planned for
                       # max_length samples; the synthetic ones average about half of it).
@@ -296,6 +296,13 @@ def main() -> None:
     if a.run:
         if a.trace:
             os.environ["VERLITE_BENCH_TRACE"] = a.trace
+        if os.environ.get("VERLITE_BENCH_SDPA"):  # e.g. "cudnn,flash": one-sample rows through SDPA
+            from torch.nn.attention import SDPBackend
+
+            from verlite.models import attention
+
+            attention.SINGLE_SEQUENCE_BACKENDS = [getattr(SDPBackend, f"{b.upper()}_ATTENTION")
+                                                  for b in os.environ["VERLITE_BENCH_SDPA"].split(",")]
         model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[a.case][0])
         res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra, a.smoke)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -6,6 +6,7 @@
 #   bash bench/gpu_runbook.sh A "$OUT"    # issue 14: gsm8k_cli defaults with TRL beside, then compiled
 #   bash bench/gpu_runbook.sh B "$OUT"    # issue 10: 12 GiB cases with TRL beside, then 32k
 #   bash bench/gpu_runbook.sh C "$OUT"    # issue 14: token cache on all cores, LoRA save pauses
+#   bash bench/gpu_runbook.sh D "$OUT"    # attention kernels; gsm8k_cli defaults with TRL; 32k via SDPA
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
@@ -40,5 +41,10 @@ case $part in
       tail -6 "$out/plan_check.txt" ;;
   C)  step token_cache 120 python bench/token_cache.py --gsm8k "$gsm8k"
       step gsm8k_lora 300 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --trl --out "$out/gsm8k_lora.jsonl" ;;
-  *)  echo "unknown part $part (A, B or C)" >&2; exit 2 ;;
+  D)  step attention 90 python bench/attention_check.py
+      step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl --trl_dtypes bfloat16 \
+          --out "$out/gsm8k_default.jsonl"
+      VERLITE_BENCH_SDPA=cudnn,flash step long32k_sdpa 150 python bench/bench.py --cases qlora7b_long32k_24g \
+          --warmup 1 --steps 3 --out "$out/long32k_sdpa.jsonl" ;;
+  *)  echo "unknown part $part (A, B, C or D)" >&2; exit 2 ;;
 esac

@@ -67,7 +67,7 @@ def test_compile_cache_goes_under_the_verlite_cache(tmp_path, monkeypatch):
 
 def test_compile_auto_decides_from_the_costs_measured_on_this_machine(tmp_path, monkeypatch):
     """A compiled run records what compiling cost it; the next run of the shape decides from
-    that figure, not from the H100 constants (a file from before costs were kept still reads)."""
+    that figure, not from the H200 constants (a file from before costs were kept still reads)."""
     monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     folder = comp.compile_cache_dir()
@@ -79,20 +79,20 @@ def test_compile_auto_decides_from_the_costs_measured_on_this_machine(tmp_path, 
     steps = math.ceil(comp.WARM_S / per_step)  # repays the assumed warm cost, not 3x it
     assert comp.decide("auto", gpu, steps, 1, 24, True, known=comp._known_shapes(folder)["old/shape"]).enabled
     comp.record_cost("old/shape", 21.0, warm=False)  # the first, cold compile: kept, not used for warm runs
-    comp.record_cost("old/shape", 3 * comp.WARM_S, warm=True)  # this machine compiles slower than the H100
+    comp.record_cost("old/shape", 3 * comp.WARM_S, warm=True)  # this machine compiles slower than the H200
     known = comp._known_shapes(folder)["old/shape"]
     assert known == {"cold_s": 21.0, "warm_s": round(3 * comp.WARM_S, 2)}
     choice = comp.decide("auto", gpu, steps, 1, 24, True, known=known)
     assert not choice.enabled and "measured here" in choice.reason
     assert comp.decide("auto", gpu, 3 * steps + 1, 1, 24, True, known=known).enabled
-    assert "assumed from an H100" in comp.decide("auto", gpu, steps, 1, 24, False).reason
-    # A new shape: the H100's cold cost scaled by how this machine's cold compiles compared.
+    assert "assumed from an H200" in comp.decide("auto", gpu, steps, 1, 24, False).reason
+    # A new shape: the H200's cold cost scaled by how this machine's cold compiles compared.
     shapes = comp._known_shapes(folder)
     cold, source = comp.compile_cost(None, shapes)
     assert cold == pytest.approx(21.0) and "scaled by the cold compiles measured here" in source
     # Nonsense in the file (hand-edited, another version) is ignored; one bad figure is bounded.
     assert comp.compile_cost({"warm_s": "slow"}, {"x": {"cold_s": None}}) == (comp.WARM_S, pytest.approx(
-        "a cached shape, assumed from an H100 0.5B run"))
+        "a cached shape, assumed from an H200 0.5B run"))
     assert comp.compile_cost({"warm_s": 1e6})[0] == 4 * comp.WARM_S
     # What the trainer calls after its run: the first steps' time above a steady step's.
     ran = comp.CompileChoice(True, "", signature="new/shape", warm=False)

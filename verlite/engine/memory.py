@@ -182,7 +182,11 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
 # Measured on the H100 (full1.5b_12g, bf16 master, AdamW8bit, 2026-11-25): a plain step peaked
 # at 11.24 GiB = weights + gradients + state (8.63) + 12 B x the 233 M-element tied embedding
 # (11.23); planned with 13 B so that the plan stays above a figure rounded to 0.01 GiB.
+# AdamW4bit needs more: on the H200 (same case, plain step, 2026-12-01) it held 11.33 GiB and
+# then failed to allocate 1.74 GiB more under the 12 GiB cap, so its update needs at least
+# (11.33 + 1.74 - 7.19 held) GiB = 27 B per element of the embedding; planned with 32 B.
 LOW_BIT_UPDATE_BYTES = 13
+LOW_BIT_UPDATE_BYTES_4BIT = 32
 
 
 def _update_after_backward(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int) -> None:
@@ -198,7 +202,7 @@ def _update_after_backward(est: Estimate, cfg: SFTConfig, shape: ModelShape, sha
         return
     largest = max(shape.vocab * shape.hidden, shape.largest_linear) / shard
     held = sum(v for k, v in est.parts.items() if k.startswith(("weights", "gradients", "AdamW state")))
-    peak = held + largest * LOW_BIT_UPDATE_BYTES
+    peak = held + largest * (LOW_BIT_UPDATE_BYTES_4BIT if state_bytes(cfg.optim) == 1 else LOW_BIT_UPDATE_BYTES)
     if peak > est.total:
         est.parts["optimizer step (largest weight in fp32)"] = peak - est.total
 

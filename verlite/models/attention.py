@@ -6,6 +6,9 @@ One function serves both batch layouts, so the model never needs a dense mask:
 - packed rows (`cu_seq_lens_q` passed through the model's kwargs): attention restricted to
   each sample. On CUDA through PyTorch's varlen flash kernel; elsewhere segment by segment
   with SDPA, which is exact and what the CPU tests compare against.
+- a packed row of ONE sample (long-context runs: batch 1) is plain causal attention, so on
+  CUDA it can go to SDPA's backends in the order SINGLE_SEQUENCE_BACKENDS gives (None: the
+  varlen kernel, as every other row). `bench/attention_check.py` times the candidates.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def _varlen_kernel():
 
 _VARLEN, _VARLEN_ARGS = _varlen_kernel()
 
+# SDPA backends (torch.nn.attention.SDPBackend, in order of preference) for a packed row that
+# holds one sample on CUDA; None keeps the varlen kernel for it.
+SINGLE_SEQUENCE_BACKENDS: list | None = None
+
 
 def supports_varlen(device: torch.device) -> bool:
     """Whether packed rows run on the fused varlen kernel (else segment by segment)."""
@@ -50,9 +57,21 @@ def _segments_sdpa(q, k, v, cu: torch.Tensor, scale):
     return out
 
 
+def _single_sequence(q, k, v, scale):
+    """[T, Hq, D] causal attention over one sample through SDPA's preferred backends."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(SINGLE_SEQUENCE_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
 def _varlen(q, k, v, cu, max_len, scale):
     if _VARLEN is None or q.device.type != "cuda":
         return _segments_sdpa(q, k, v, cu, scale)
+    if SINGLE_SEQUENCE_BACKENDS and cu.shape[0] == 2:  # a shape, not a value: no host sync
+        return _single_sequence(q, k, v, scale)
     kwargs = dict(_VARLEN_ARGS["causal"], scale=scale)
     if q.shape[1] != k.shape[1]:
         if _VARLEN_ARGS["gqa"]:

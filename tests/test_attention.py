@@ -1,0 +1,22 @@
+"""The attention function's one-sample path: SDPA over the whole row equals the per-segment
+reference (the CUDA varlen kernel is checked against the same reference on the GPU by
+bench/attention_check.py)."""
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from verlite.models import attention
+
+
+def test_single_sequence_sdpa_matches_segment_reference(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(37, 4, 16, generator=g)
+    k, v = torch.randn(37, 2, 16, generator=g), torch.randn(37, 2, 16, generator=g)  # grouped-query heads
+    cu = torch.tensor([0, 37], dtype=torch.int32)
+    ref = attention._segments_sdpa(q, k, v, cu, 0.25)
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    out = attention._single_sequence(q, k, v, 0.25)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # causal: the first position sees only itself
+    torch.testing.assert_close(out[0, :2], v[0, :1].expand(2, 16), rtol=1e-5, atol=1e-5)
