@@ -59,11 +59,12 @@ CASES = {
 # More verlite settings run beside a case's own (same case name, so the same TRL figures): their
 # overrides come after the case's. full1.5b_12g: bitsandbytes' 8-bit AdamW (one CUDA kernel per
 # weight; bf16 weights rounded to nearest, no stochastic rounding) against torchao's (SR kept);
-# and the plain step (no fused backward) to show what fusing buys: with 8-bit state it is planned
-# not to fit 12 GiB (11.24 GiB measured at its update), so it runs with the 4-bit state the
-# planner then names.
+# and the plain step (no fused backward) to show what fusing buys. On the GPU the plain step with
+# an 8-bit state does not fit 12 GiB (11.24 GiB measured at its update) nor, as 2026-12-01 showed
+# by running out of memory, with the 4-bit state; it runs with exact fp32 moments in host memory (optimizer_offload).
 VARIANTS = {"full1.5b_12g": [["optim.optimizer_impl=bitsandbytes.optim"],
-                             ["optim.fused_backward=false", "optim.optimizer=AdamW4bit"]]}
+                             ["optim.fused_backward=false", "optim.optimizer=AdamW", "optim.optimizer_impl=torch.optim",
+                              "model.fsdp_config.optimizer_offload=true"]]}
 # A tiny shape and short samples for --smoke (CPU): every case's code path in seconds.
 SMOKE_LENGTH = {False: 128, True: 256}  # max_length of ordinary / long cases
 # TRL's best setting for each case, as benchmark.md measured it (H100, TRL 1.16): tokens/s, peak GiB.
@@ -137,6 +138,8 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
         ds.append(Encoded(s.input_ids, s.loss_mask))
     result = {"impl": "verlite", "case": case, "global_batch": batch, "max_length": length, "world": dist.world_size,
               "master_dtype": precision(cfg)}
+    sdpa = os.environ.get("VERLITE_BENCH_SDPA")
+    setting = " ".join(extra + ([f"one-sample rows: sdpa {sdpa}"] if sdpa else [])) or None
     try:
         trainer = Trainer(cfg, dist, train_ds=ds)
         result.update(predicted_gib=predicted_peak(cfg, dist.world_size), switches=switches(cfg))
@@ -176,13 +179,13 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                       mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
                       checkpoint_layers=cfg.model.checkpoint_layers, fused_backward=cfg.optim.fused_backward,
-                      optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=" ".join(extra + ([f"one-sample rows: sdpa {sdpa}"] if (sdpa := os.environ.get("VERLITE_BENCH_SDPA")) else [])) or None,
+                      optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=setting,
                       oom_splits=trainer.oom_splits,
                       # The plan's peak for the largest micro-batch that ran (the budget is planned for
                       # max_length samples; the synthetic ones average about half of it).
                       predicted_run_gib=predicted_peak(cfg, dist.world_size, largest), largest_micro_batch=largest)
     except torch.OutOfMemoryError as e:
-        result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160],
+        result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160], setting=setting,
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     finally:
         shutdown()

@@ -6,6 +6,9 @@ that run formed, next to the peak the GPU measured. No GPU needed.
     python bench/plan_check.py bench/results/2026-11-25-h100-smallcards.jsonl --warmup 2 --steps 6 \
         --case_steps qlora7b_long32k_24g=1,3 --case_steps qlora7b_longest_24g=1,3
 
+A row that ran out of memory is re-planned at its smallest possible micro-batch (one sample):
+the plan must then exceed the case's cap, i.e. the planner now refuses what failed.
+
 The bench's samples are a pure function of (case, count) and step k trains samples
 k*batch .. (k+1)*batch-1 (bench.py's in_plan_order), so the micro-batch sizes of a past run
 can be rebuilt here; `--warmup` and `--steps` must be the ones that run used. The row's own
@@ -43,6 +46,15 @@ def largest_micro_batch(row: dict, warmup: int, steps: int) -> int:
     sizes = [len(s.prompt) + len(s.response) for s in samples]
     steps_tokens = [sum(sizes[k * batch:(k + 1) * batch]) for k in range(warmup + steps)]
     return min(max(steps_tokens), row.get("token_budget") or max(steps_tokens))
+
+
+def CASES_SAMPLE_TOKENS(row: dict) -> list[int]:  # noqa: N802 - reads like the table it indexes
+    """Token counts of the case's samples (the smallest possible micro-batch is one of them)."""
+    case, length = row["case"], row["max_length"]
+    vocab = SHAPES[CASES[case][0]]["vocab_size"]
+    n = row["global_batch"]
+    samples = long_samples(n, vocab, length) if "long" in case else synthetic_samples(n, vocab, length)
+    return [len(s.prompt) + len(s.response) for s in samples]
 
 
 def plan_for(row: dict, config_dir: Path, tokens: int) -> float:
@@ -85,12 +97,21 @@ def main() -> None:
     worst = []
     for line in Path(a.results).read_text().splitlines():
         row = json.loads(line)
-        if row.get("impl") != "verlite" or not row.get("ok") or row.get("peak_gib") is None:
+        oom = row.get("impl") == "verlite" and not row.get("ok") and "OOM" in str(row.get("error"))
+        if row.get("impl") != "verlite" or not (row.get("ok") or oom) or row.get("peak_gib") is None:
             continue
         shape_name = CASES[row["case"]][0]
         folder = Path(a.models) / shape_name
         if not (folder / "config.json").is_file():  # the plan needs the config only
             qwen2_config(shape_name, max_position_embeddings=262144).save_pretrained(folder)
+        if oom:
+            cap = CASES[row["case"]][5]
+            smallest = min(s for s in CASES_SAMPLE_TOKENS(row))
+            plan = plan_for(dict(row, checkpointing=True), folder, smallest)
+            verdict = "refused now" if plan > cap else "STILL PLANNED TO FIT"
+            print(f"{row['case']:<22}{(row.get('setting') or '-')[:43]:<44}{smallest:>8}{plan:>8.2f}"
+                  f"{'OOM':>8}  ran out of memory under {cap} GiB: {verdict}")
+            continue
         tokens = largest_micro_batch(row, *per_case.get(row["case"], (a.warmup, a.steps)))
         try:
             plan = plan_for(row, folder, tokens)

@@ -42,7 +42,8 @@ def test_trace_and_variants_in_smoke_form(tmp_path):
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["setting"] for r in rows] == [None, "optim.fused_backward=false optim.optimizer=AdamW4bit"], rows
+    assert [r["setting"] for r in rows] == [None, "optim.fused_backward=false optim.optimizer=AdamW optim.optimizer_impl=torch.optim "
+                                                "model.fsdp_config.optimizer_offload=true"], rows
     assert all(r["ok"] for r in rows), rows
     assert rows[1]["fused_backward"] is False
     for r in rows:
@@ -63,16 +64,21 @@ def test_nf4_overhead_script_in_smoke_form():
     assert all(r["host_ms_per_layer"] > 0 for r in rows)
 
 
-def test_the_plan_holds_the_peaks_measured_on_the_h100(tmp_path):
-    """bench/plan_check.py re-plans the second session's H100 rows (the code the planner
-    describes now) at the micro-batch sizes they ran: every plan within +25 % / -0 % of the
-    measured peak (issue 10's bound). A planner change that under-predicts fails here."""
+@pytest.mark.parametrize("results, runs, ooms", [("2026-11-25b-h100-smallcards.jsonl", 3, 0),
+                                                 ("2026-12-01-h200-smallcards.jsonl", 2, 1)])
+def test_the_plan_holds_the_peaks_measured_on_the_gpu(tmp_path, results, runs, ooms):
+    """bench/plan_check.py re-plans GPU rows (the code the planner describes now) at the
+    micro-batch sizes they ran: every plan within +25 % / -0 % of the measured peak (issue
+    10's bound), and a run that ran out of memory is now refused. A planner change that
+    under-predicts fails here."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "plan_check.py"),
-                             str(ROOT / "bench" / "results" / "2026-11-25b-h100-smallcards.jsonl"),
+                             str(ROOT / "bench" / "results" / results),
                              "--warmup", "2", "--steps", "4", "--models", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = [float(line.split()[-1].rstrip("%")) for line in result.stdout.splitlines()
               if line.rstrip().endswith("%") and not line.startswith(("case", "range"))]
-    assert len(errors) >= 3, result.stdout
+    assert len(errors) >= runs, result.stdout  # rows of bitsandbytes runs are skipped where it is not installed
     assert all(0 <= e <= 25 for e in errors), result.stdout
+    assert "STILL PLANNED TO FIT" not in result.stdout, result.stdout
+    assert result.stdout.count("refused now") == ooms, result.stdout
