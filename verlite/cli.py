@@ -353,9 +353,16 @@ def exit_now(code: int) -> None:
     import os
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        # What the interpreter's exit does first: the hooks of threading._register_atexit tell
+        # idle ThreadPoolExecutor workers to stop (a library's pool left open, e.g. inductor's
+        # compile threads, would otherwise be joined for ever), then every non-daemon thread is joined.
+        shutdown()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()  # e.g. wandb's or tensorboard's flush; logging.shutdown
     for stream in (sys.stdout, sys.stderr):
         try:
