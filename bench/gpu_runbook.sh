@@ -7,6 +7,7 @@
 #   bash bench/gpu_runbook.sh B "$OUT"    # issue 10: 12 GiB cases with TRL beside, then 32k
 #   bash bench/gpu_runbook.sh C "$OUT"    # issue 14: token cache on all cores, LoRA save pauses
 #   bash bench/gpu_runbook.sh D "$OUT"    # attention kernels; gsm8k_cli defaults with TRL; 32k via SDPA
+#   bash bench/gpu_runbook.sh E "$OUT"    # why 32k is 2x slower than TRL: traces of both kernels; import costs
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
@@ -46,5 +47,15 @@ case $part in
           --out "$out/gsm8k_default.jsonl"
       VERLITE_BENCH_SDPA=cudnn,flash step long32k_sdpa 150 python bench/bench.py --cases qlora7b_long32k_24g \
           --warmup 1 --steps 3 --out "$out/long32k_sdpa.jsonl" ;;
-  *)  echo "unknown part $part (A, B, C or D)" >&2; exit 2 ;;
+  E)  # Which attention kernel runs inside training, and what else fills a 32k step (chrome traces,
+      # kernel names); then what the compile path imports on this machine (model loading: 4-6 s
+      # compiled against 1 s eager).
+      step long32k_trace 200 python bench/bench.py --cases qlora7b_long32k_24g --warmup 1 --steps 2 \
+          --trace "$out" --out "$out/long32k_trace.jsonl"
+      VERLITE_BENCH_SDPA=cudnn,flash VERLITE_BENCH_LABEL=_sdpa step long32k_sdpa_trace 200 python bench/bench.py \
+          --cases qlora7b_long32k_24g --warmup 1 --steps 2 --trace "$out" --out "$out/long32k_sdpa_trace.jsonl"
+      python3 -X importtime -c "import torch, transformers, torch._dynamo; torch.nn.Linear(2, 2).compile()(torch.ones(2))" \
+          2> "$out/compile_imports.txt"
+      sort -t'|' -k2 -nr "$out/compile_imports.txt" | head -15 ;;
+  *)  echo "unknown part $part (A, B, C, D or E)" >&2; exit 2 ;;
 esac
