@@ -5,7 +5,8 @@ FlashAttention-2 code built for every GPU. A row that holds ONE sample (the long
 batch 1, 8k-131k tokens) needs no varlen kernel: plain causal SDPA computes the same, and on
 Hopper PyTorch's cuDNN backend may be faster. This times, per shape, the varlen kernel against
 each SDPA backend on the same q/k/v (bf16, causal, grouped-query heads as the model has them),
-checks they agree, and prints one JSON line each with the fwd+bwd time and attention TFLOP/s
+checks they agree (and times verlite's own one-sample path, which asks for cuDNN then flash by
+priority, as training does), and prints one JSON line each with the fwd+bwd time and attention TFLOP/s
 (causal: 2*T*T*D*Hq forward, 2.5x that backward).
 
     python bench/attention_check.py            # GPU
@@ -96,6 +97,16 @@ def main() -> None:
 
                     runs[f"sdpa {bname}" + (" (gqa)" if gqa else " (k/v repeated)")] = (
                         lambda f=sdpa: f().backward(grad), sdpa)
+
+            def as_trained():  # what training calls: cuDNN, then flash, by priority (a fallback is silent)
+                attn.SINGLE_SEQUENCE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+                try:
+                    return attn._varlen(q, k, v, cu, max(segs), d ** -0.5)
+                finally:
+                    attn.SINGLE_SEQUENCE_BACKENDS = None
+
+            runs["verlite one-sample path (cudnn, flash by priority)"] = (lambda: as_trained().backward(grad),
+                                                                          as_trained)
         for label, fn in runs.items():
             check = None
             if isinstance(fn, tuple):

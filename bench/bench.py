@@ -59,7 +59,8 @@ CASES = {
 # More verlite settings run beside a case's own (same case name, so the same TRL figures): their
 # overrides come after the case's. full1.5b_12g: bitsandbytes' 8-bit AdamW (one CUDA kernel per
 # weight; bf16 weights rounded to nearest, no stochastic rounding) against torchao's (SR kept);
-# and the plain step (no fused backward) to show what fusing buys. On the GPU the plain step with
+# and the plain step that fits 12 GiB (exact fp32 moments in host memory: not a same-optimizer
+# fused/unfused comparison, which 12 GiB does not hold). On the GPU the plain step with
 # an 8-bit state does not fit 12 GiB (11.24 GiB measured at its update) nor, as 2026-12-01 showed
 # by running out of memory, with the 4-bit state; it runs with exact fp32 moments in host memory (optimizer_offload).
 VARIANTS = {"full1.5b_12g": [["optim.optimizer_impl=bitsandbytes.optim"],
@@ -185,8 +186,12 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                       # max_length samples; the synthetic ones average about half of it).
                       predicted_run_gib=predicted_peak(cfg, dist.world_size, largest), largest_micro_batch=largest)
     except torch.OutOfMemoryError as e:
-        result.update(ok=False, error="OOM: " + str(e).split("\n")[0][:160], setting=setting,
-                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        # The whole message: it ends with what the allocator held when the request failed.
+        result.update(ok=False, error="OOM: " + " ".join(str(e).split())[:600], setting=setting,
+                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      allocated_gib=round(torch.cuda.memory_allocated() / 2**30, 2),
+                      fused_backward=cfg.optim.fused_backward, checkpointing=cfg.model.enable_gradient_checkpointing,
+                      checkpoint_layers=cfg.model.checkpoint_layers)
     finally:
         shutdown()
     return result
@@ -304,8 +309,12 @@ def main() -> None:
 
             from verlite.models import attention
 
-            attention.SINGLE_SEQUENCE_BACKENDS = [getattr(SDPBackend, f"{b.upper()}_ATTENTION")
-                                                  for b in os.environ["VERLITE_BENCH_SDPA"].split(",")]
+            names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+            wanted = [n.strip().lower() for n in os.environ["VERLITE_BENCH_SDPA"].split(",") if n.strip()]
+            if unknown := [n for n in wanted if n not in names]:
+                sys.exit(f"VERLITE_BENCH_SDPA: unknown backend(s) {unknown}; use {', '.join(names)}")
+            attention.SINGLE_SEQUENCE_BACKENDS = [names[n] for n in wanted]
         model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[a.case][0])
         res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra, a.smoke)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -69,7 +69,9 @@ def plan_for(row: dict, config_dir: Path, tokens: int) -> float:
     over += [o for o in overrides if "micro_batch_size_per_gpu" not in o and "max_token_len" not in o]
     over += (row.get("setting") or "").split()
     over += [SWITCH_KEYS[s.strip()] for s in (row.get("switches") or "").split(",") if s.strip()]
-    over.append(f"optim.fused_backward={str(bool(row.get('fused_backward'))).lower()}")
+    if "fused_backward" in row:  # as it ran (rows before 2026-12-01 record no failed run's switches)
+        fused = row["fused_backward"]
+        over.append(f"optim.fused_backward={str(fused).lower() if isinstance(fused, bool) else fused}")
     cfg = load_config(None, over)
     shape = model_shape(cfg)
     layers = row.get("checkpoint_layers") or (shape.layers if row.get("checkpointing") else 0)

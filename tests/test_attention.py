@@ -20,3 +20,13 @@ def test_single_sequence_sdpa_matches_segment_reference(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # causal: the first position sees only itself
     torch.testing.assert_close(out[0, :2], v[0, :1].expand(2, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_row_of_one_sample_goes_to_sdpa_whole(monkeypatch):
+    """Two samples in one row must never attend across each other: only cu = [0, T] qualifies."""
+    one, two = torch.tensor([0, 37], dtype=torch.int32), torch.tensor([0, 20, 37], dtype=torch.int32)
+    assert not attention.one_sample(one)  # no backends set: every row takes the varlen kernel
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", [SDPBackend.FLASH_ATTENTION])
+    assert attention.one_sample(one)
+    assert not attention.one_sample(two)
+    assert not attention.one_sample(torch.tensor([0], dtype=torch.int32))

@@ -23,7 +23,7 @@ def test_exit_now_joins_threads_runs_atexit_and_stops_idle_executor_workers(tmp_
         atexit.register(lambda: Path({str(tmp_path / 'atexit')!r}).write_text('ran'))
         exit_now(3)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert (tmp_path / "thread").read_text() == "joined"
     assert (tmp_path / "atexit").read_text() == "ran"

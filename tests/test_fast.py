@@ -30,17 +30,17 @@ def sft_args(tmp: Path, model: Path, steps: int, *extra: str, rows: list[dict] =
 
 def test_compile_auto_rule():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    # Break-even with a cold cache: COLD_S / (2 passes x layers x SAVED_S_PER_PASS) steps of one micro-batch.
+    # Break-even with a cold cache: (COLD_S + SETUP_S) / (2 passes x layers x SAVED_S_PER_PASS) steps of one micro-batch.
     per_step = 2 * 24 * comp.SAVED_S_PER_PASS
-    even = math.ceil(comp.COLD_S / per_step)
+    even = math.ceil((comp.COLD_S + comp.SETUP_S) / per_step)
     assert comp.decide("auto", gpu, even, 1, 24, warm=False).enabled
     assert not comp.decide("auto", gpu, even - 1, 1, 24, warm=False).enabled
     # Once the caches hold the shape, fewer steps repay the (shorter) compile.
-    assert comp.decide("auto", gpu, math.ceil(comp.WARM_S / per_step), 1, 24, warm=True).enabled
+    assert comp.decide("auto", gpu, math.ceil((comp.WARM_S + comp.SETUP_S) / per_step), 1, 24, warm=True).enabled
     # Two micro-batches a step save twice as much per step.
     assert comp.decide("auto", gpu, math.ceil(even / 2), 2, 24, warm=False).enabled
     # Recomputed layers run forward twice: a third more passes to save on.
-    assert comp.decide("auto", gpu, math.ceil(comp.COLD_S / (3 * 24 * comp.SAVED_S_PER_PASS)), 1, 24, warm=False,
+    assert comp.decide("auto", gpu, math.ceil((comp.COLD_S + comp.SETUP_S) / (3 * 24 * comp.SAVED_S_PER_PASS)), 1, 24, warm=False,
                        recomputed=24).enabled
     assert "72 layer passes (24 layers, 24 recomputed)" in comp.decide("auto", gpu, 10, 1, 24, False, 24).reason
     assert not comp.decide("auto", cpu, 10**6, 8, 24, warm=True).enabled
@@ -76,7 +76,7 @@ def test_compile_auto_decides_from_the_costs_measured_on_this_machine(tmp_path, 
     assert comp._known_shapes(folder) == {"old/shape": {}}
     gpu = torch.device("cuda")
     per_step = 2 * 24 * comp.SAVED_S_PER_PASS
-    steps = math.ceil(comp.WARM_S / per_step)  # repays the assumed warm cost, not 3x it
+    steps = math.ceil((comp.WARM_S + comp.SETUP_S) / per_step)  # repays the assumed warm cost, not 3x it
     assert comp.decide("auto", gpu, steps, 1, 24, True, known=comp._known_shapes(folder)["old/shape"]).enabled
     comp.record_cost("old/shape", 21.0, warm=False)  # the first, cold compile: kept, not used for warm runs
     comp.record_cost("old/shape", 3 * comp.WARM_S, warm=True)  # this machine compiles slower than the H200

@@ -358,7 +358,10 @@ def exit_now(code: int) -> None:
         # What the interpreter's exit does first: the hooks of threading._register_atexit tell
         # idle ThreadPoolExecutor workers to stop (a library's pool left open, e.g. inductor's
         # compile threads, would otherwise be joined for ever), then every non-daemon thread is joined.
-        shutdown()
+        try:
+            shutdown()
+        except Exception as e:  # noqa: BLE001 - as at a normal exit: reported, the exit code kept
+            print(f"verlite: ignored at exit: {type(e).__name__}: {e}", file=sys.stderr)
     else:
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and not thread.daemon:

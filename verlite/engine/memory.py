@@ -182,9 +182,10 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
 # Measured on the H100 (full1.5b_12g, bf16 master, AdamW8bit, 2026-11-25): a plain step peaked
 # at 11.24 GiB = weights + gradients + state (8.63) + 12 B x the 233 M-element tied embedding
 # (11.23); planned with 13 B so that the plan stays above a figure rounded to 0.01 GiB.
-# AdamW4bit needs more: on the H200 (same case, plain step, 2026-12-01) it held 11.33 GiB and
-# then failed to allocate 1.74 GiB more under the 12 GiB cap, so its update needs at least
-# (11.33 + 1.74 - 7.19 held) GiB = 27 B per element of the embedding; planned with 32 B.
+# AdamW4bit needs more: on the H200 (same case, plain step, 2026-12-01) it ran out of memory
+# under the 12 GiB cap in its update (a 1.74 GiB request), so that update needs more than
+# (12 - 7.19 held) GiB / 233 M = 22 B per element of the embedding (the run's peak, 11.33 GiB,
+# plus the request suggests ~27 B); planned with 32 B.
 LOW_BIT_UPDATE_BYTES = 13
 LOW_BIT_UPDATE_BYTES_4BIT = 32
 
@@ -389,7 +390,8 @@ def _candidates(cfg: SFTConfig) -> list[dict]:
     bf16 = {"model.fsdp_config.model_dtype": "bf16"}
     if m.lora_rank > 0:
         return [] if m.quantization else [{"model.quantization": "nf4"}]
-    out = []
+    # Turned off by hand, the fused step is the cheapest change: same numbers, no gradient buffer.
+    out = [{"optim.fused_backward": True}] if o.fused_backward is False else []
     if o.optimizer not in ("AdamW8bit", "PagedAdamW8bit", "AdamW4bit"):
         out.append(eight)
     if master_bytes(cfg) == 4:
@@ -416,7 +418,8 @@ def smallest_change(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
             change = {**change, "optim.fused_backward": "true"} if found else change
         if found:
             (tokens, layers), turned = found
-            settings = " ".join(f"{k}={v}" for k, v in {**change, **{k: "true" for k in turned}}.items())
+            settings = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                for k, v in {**change, **{k: "true" for k in turned}}.items())
             peak = estimate(trial, trial_shape, tokens, world, layers > 0, layers).total / GIB
             return (f"smallest change that fits: {settings} ({tokens}-token micro-batches, predicted peak {peak:.1f} "
                     "GiB; README 'Small cards' says what each costs)")

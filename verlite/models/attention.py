@@ -67,10 +67,16 @@ def _single_sequence(q, k, v, scale):
     return out[0].transpose(0, 1)
 
 
+def one_sample(cu: torch.Tensor) -> bool:
+    """Does this packed row go to SDPA whole: SDPA backends are set and the row holds exactly
+    one sample (cu = [0, T]; read from the shape, not the values: no host sync)."""
+    return bool(SINGLE_SEQUENCE_BACKENDS) and cu.shape[0] == 2
+
+
 def _varlen(q, k, v, cu, max_len, scale):
     if _VARLEN is None or q.device.type != "cuda":
         return _segments_sdpa(q, k, v, cu, scale)
-    if SINGLE_SEQUENCE_BACKENDS and cu.shape[0] == 2:  # a shape, not a value: no host sync
+    if one_sample(cu):
         return _single_sequence(q, k, v, scale)
     kwargs = dict(_VARLEN_ARGS["causal"], scale=scale)
     if q.shape[1] != k.shape[1]:
