@@ -190,6 +190,13 @@ LOW_BIT_UPDATE_BYTES = 13
 LOW_BIT_UPDATE_BYTES_4BIT = 32
 
 
+def low_bit_update_bytes(cfg: SFTConfig) -> int:
+    """Bytes per element of the weight torchao's low-bit AdamW is updating (see above)."""
+    from verlite.engine.optim import state_bytes
+
+    return LOW_BIT_UPDATE_BYTES_4BIT if state_bytes(cfg.optim) == 1 else LOW_BIT_UPDATE_BYTES
+
+
 def _update_after_backward(est: Estimate, cfg: SFTConfig, shape: ModelShape, shard: int) -> None:
     """The peak of the optimizer step when it comes after activations are freed (a plain
     step, or a fused step's tied embedding, whose gradient completes last): weights,
@@ -203,7 +210,7 @@ def _update_after_backward(est: Estimate, cfg: SFTConfig, shape: ModelShape, sha
         return
     largest = max(shape.vocab * shape.hidden, shape.largest_linear) / shard
     held = sum(v for k, v in est.parts.items() if k.startswith(("weights", "gradients", "AdamW state")))
-    peak = held + largest * (LOW_BIT_UPDATE_BYTES_4BIT if state_bytes(cfg.optim) == 1 else LOW_BIT_UPDATE_BYTES)
+    peak = held + largest * low_bit_update_bytes(cfg)
     if peak > est.total:
         est.parts["optimizer step (largest weight in fp32)"] = peak - est.total
 
@@ -254,11 +261,12 @@ def _weights_and_optimizer(est: Estimate, cfg: SFTConfig, shape: ModelShape, sha
         live = min(shape.trainable, shape.root_params + shape.layer_params)
         est.parts[f"gradients ({kind}, applied in backward)"] = live * grad_bytes / shard
         if cfg.optim.optimizer_impl == "torchao.optim" and m.lora_rank == 0:
-            # torchao's compiled update may materialize fp32 copies of a weight's moments while
-            # activations are still held: an untied LM head is updated first in backward.
+            # torchao's update works on one weight with its moments (and, for stochastic rounding,
+            # the weight) in fp32 while activations are still held: an untied LM head is updated
+            # first in backward. The same bytes per element as the plain step's update.
             untied = shape.root_params > 1.5 * shape.vocab * shape.hidden
             biggest = shape.vocab * shape.hidden if untied else shape.largest_linear
-            est.parts["fused update working set"] = biggest * 8
+            est.parts["fused update working set"] = biggest * low_bit_update_bytes(cfg)
     else:
         est.parts[f"gradients ({kind})"] = shape.trainable * grad_bytes / shard
     if m.fsdp_config.optimizer_offload:
