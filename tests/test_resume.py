@@ -54,7 +54,8 @@ def losses(run: Path) -> dict:
             if "train/loss" in r}
 
 
-@pytest.mark.parametrize("lora", [False, True])
+# The full fine-tune's variant is slow-marked: the LoRA one runs the same kill/resume path by default.
+@pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model, lora):
     steps = 60
     extra = ["trainer.save_freq=7"] + (["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]"] if lora else [])

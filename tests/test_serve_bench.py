@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow  # a bench smoke run
 def test_serve_bench_smoke(tmp_path):
     out = tmp_path / "rows.jsonl"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--smoke", "--workdir",

@@ -76,6 +76,7 @@ def test_token_budget_is_per_gpu(tmp_path, tiny_model, capsys):
     assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp" / "run"), 3)
 
 
+@pytest.mark.slow  # four processes; the two-rank SP tests run by default
 def test_four_ranks_dp2_sp2_follow_the_one_process_curve(tmp_path, tiny_model):
     run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")
     run(tmp_path / "dpsp", tiny_model, 4, 3, "model.lora_rank=0", SP2)
@@ -163,6 +164,7 @@ def test_plan_knows_the_per_gpu_activation_share(tiny_model, capsys):
     assert "ulysses_sequence_parallel_size=2 does not divide the 3 process(es)" in err and "\n" not in err
 
 
+@pytest.mark.slow  # a bench smoke run
 def test_bench_check_smoke():
     """bench/ulysses_check.py (the GPU check) in its CPU form: one row split over 2 ranks has
     the whole row's loss and summed gradients."""
