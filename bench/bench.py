@@ -180,6 +180,7 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                       mfu=round((4 if lora else 6) * n_params * tps / PEAK_FLOPS, 3), params=n_params,
                       token_budget=cfg.data.max_token_len_per_gpu, checkpointing=cfg.model.enable_gradient_checkpointing,
                       checkpoint_layers=cfg.model.checkpoint_layers, fused_backward=cfg.optim.fused_backward,
+                      keep_attention_layers=cfg.model.keep_attention_layers,
                       optimizer=f"{cfg.optim.optimizer_impl}.{cfg.optim.optimizer}", setting=setting,
                       oom_splits=trainer.oom_splits,
                       # The plan's peak for the largest micro-batch that ran (the budget is planned for

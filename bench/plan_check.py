@@ -67,7 +67,7 @@ def plan_for(row: dict, config_dir: Path, tokens: int) -> float:
     if lora:
         over += ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"]
     over += [o for o in overrides if "micro_batch_size_per_gpu" not in o and "max_token_len" not in o]
-    over += (row.get("setting") or "").split()
+    over += [o for o in (row.get("setting") or "").split() if "=" in o]  # overrides, not notes like "one-sample rows"
     over += [SWITCH_KEYS[s.strip()] for s in (row.get("switches") or "").split(",") if s.strip()]
     if "fused_backward" in row:  # as it ran (rows before 2026-12-01 record no failed run's switches)
         fused = row["fused_backward"]
