@@ -414,6 +414,9 @@ def smallest_change(cfg: SFTConfig, shape: ModelShape, capacity_gib: float, worl
     import copy
 
     for change in _candidates(cfg):
+        if change.get("optim.fused_backward") is True and \
+                fused_backward_possible(cfg, torch.device("cuda"), world) is not None:
+            continue  # this run cannot fuse its step (several ranks, offload, ...)
         trial = copy.deepcopy(cfg)
         for key, value in change.items():
             _set(trial, key, value)
