@@ -1,7 +1,8 @@
 """The optimizer step fused into backward (engine/fused_backward.py): without clipping it is
 the plain step (same losses and weights up to float noise), with gradient accumulation too;
 with clipping it follows the plain step's loss curve within a stated tolerance; it resumes
-exactly; a NaN step leaves weights and state untouched. Runs go through the CLI entry point."""
+exactly; a NaN loss leaves weights and state untouched; an OOM after updates began is not
+retried. Runs go through the CLI entry point."""
 
 import shutil
 
@@ -226,3 +227,44 @@ def test_fused_step_edge_cases(fused_adamw):
     _backward(layers, fused, x)  # the retry
     fused.finish()
     assert not any(torch.equal(a, p) for a, p in zip(before[:4], params[:4]))
+
+
+@pytest.mark.parametrize("where", ["bucket", "finish"])
+def test_an_oom_after_updates_began_ends_the_run_instead_of_retrying(tmp_path, tiny_model, monkeypatch, where):
+    """The trainer's OOM retry reruns the step with halved micro-batches: after an optimizer
+    call raised part-way (moments, step counts or weights changed in place), or in finish()
+    (which updates the leftover weights), that would update weights twice. Such an OOM ends
+    the run in one line, and the hooks are disarmed."""
+    from test_trainer import config
+    from verlite.engine.distributed import init_distributed
+    from verlite.engine.fused_backward import FusedBackward
+    from verlite.trainer.sft_trainer import Trainer
+
+    trainer = Trainer(config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=2",
+                             FUSED), init_distributed("cpu"))
+    fused = trainer.optimizer.fused_backward
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(FusedBackward, "_step" if where == "bucket" else "finish", oom)
+    with pytest.raises(VerliteError, match="cannot be retried"):
+        trainer._step(trainer._micro_batches(0))
+    assert not fused.armed
+
+
+def test_an_oom_in_the_plain_optimizer_step_is_not_retried(tmp_path, tiny_model, monkeypatch):
+    """AdamW builds its state lazily and foreach kernels update in place: an OOM inside
+    optimizer.step() may leave either half done, and halving micro-batches frees nothing there."""
+    from test_trainer import config
+    from verlite.engine.distributed import init_distributed
+    from verlite.trainer.sft_trainer import Trainer
+
+    trainer = Trainer(config(tmp_path, tiny_model, "trainer.total_training_steps=2"), init_distributed("cpu"))
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(trainer.optimizer, "step", oom)
+    with pytest.raises(VerliteError, match="out of GPU memory in the optimizer step"):
+        trainer._step(trainer._micro_batches(0))

@@ -155,10 +155,12 @@ class FusedBackward:
         else:
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        # Counted before the call: an optimizer that raises part-way (an OOM) may already have
+        # changed moments, step counts or weights in place, so the step must not be retried.
+        self.updated += len(bucket)
         self._step(bucket)
         for p in bucket:
             p.grad = None
-        self.updated += len(bucket)
 
     def _step(self, bucket: list[torch.nn.Parameter]) -> None:
         """optimizer.step() for `bucket` alone: each of its groups narrowed to the bucket's weights."""

@@ -39,6 +39,22 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return norm
 
 
+@contextlib.contextmanager
+def _no_retry_after_oom(where: str):
+    """An OOM here is not the micro-batches' doing (their activations are freed) and may have
+    left weights or optimizer state half-updated (foreach kernels update in place, AdamW builds
+    its state lazily): it ends the run with one line instead of the trainer's halve-and-retry."""
+    from verlite.errors import VerliteError
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise VerliteError(f"out of GPU memory in {where} (halving the micro-batches frees nothing there, and the "
+                           "step may be half-applied, so it is not retried); use a smaller optimizer state "
+                           "(optim.optimizer=AdamW8bit) or optim.fused_backward=true, or a larger card, then run "
+                           "again to resume from the last checkpoint") from None
+
+
 def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], device: torch.device,
                params: list[torch.nn.Parameter], clip_grad: float, autocast: bool, world_size: int) -> StepResult:
     local = sum(mb.num_loss_tokens for mb in micro_batches)
@@ -59,14 +75,15 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
     # `count` is already the global token count; only the loss sums still differ per rank.
     mean_loss = (all_reduce_sum(loss_sum) / count.clamp(min=1.0)).reshape(())
     bad = (~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))).float()
-    if optimizer.defaults.get("fused"):
-        # Fused AdamW skips the update (and un-counts the step) where found_inf is set, on the
-        # device: a NaN never touches weights or moments, and the host never waits here.
-        # found_inf must be 0-dim: the kernel subtracts it in place from the 0-dim step counts.
-        optimizer.found_inf = bad
-        optimizer.step()
-    elif bad.item() == 0:  # host-side optimizers (CPU, offload): this read costs no GPU sync
-        optimizer.step()
+    with _no_retry_after_oom("the optimizer step"):
+        if optimizer.defaults.get("fused"):
+            # Fused AdamW skips the update (and un-counts the step) where found_inf is set, on the
+            # device: a NaN never touches weights or moments, and the host never waits here.
+            # found_inf must be 0-dim: the kernel subtracts it in place from the 0-dim step counts.
+            optimizer.found_inf = bad
+            optimizer.step()
+        elif bad.item() == 0:  # host-side optimizers (CPU, offload): this read costs no GPU sync
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return StepResult(mean_loss.detach(), grad_norm.detach(), bad)
@@ -95,6 +112,7 @@ def _fused_step(fused, model, optimizer, scheduler, micro_batches, device, scale
         fused.arm(device)
         try:
             (loss * scale).backward()
+            grad_norm = fused.finish()  # leftover weights are updated here: inside the guard too
         except torch.OutOfMemoryError:
             updated = fused.abandon()
             if updated:
@@ -105,7 +123,6 @@ def _fused_step(fused, model, optimizer, scheduler, micro_batches, device, scale
         except BaseException:
             fused.abandon()
             raise
-        grad_norm = fused.finish()
         bad = fused.bad.float()
     mean_loss = (loss_sum / count.clamp(min=1.0)).reshape(())
     optimizer.zero_grad(set_to_none=True)

@@ -63,7 +63,12 @@ class StepHealth:
     """NaN/inf bookkeeping kept on the device: skipped steps, the current run of them, and
     the loss of the last good step. `check` reads it (one sync) and stops a run gone bad."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, fused_step: bool = False):
+        # With the update fused into backward, a NaN loss is caught before any weight moves, but
+        # a gradient that turns non-finite in backward is found bucket by bucket: updates of
+        # earlier buckets are already done (engine/fused_backward.py).
+        self.untouched = ("weights untouched" if not fused_step else "weights untouched for a NaN/inf loss; for a "
+                          "NaN/inf gradient the fused step zeroed or skipped the bad weights' update and applied the rest")
         self.streak_t = torch.zeros((), device=device)
         self.skipped_t = torch.zeros((), device=device)
         self.good_loss_t = torch.full((), float("nan"), device=device)
@@ -80,8 +85,8 @@ class StepHealth:
         """`settle` lets a checkpoint still being written land before the error names the last good one."""
         streak, self.skipped = (int(v) for v in torch.stack([self.streak_t, self.skipped_t]).tolist())
         if self.skipped > self._reported:
-            log.warning("by step %d: %d step(s) with a NaN/inf loss or gradient were skipped, weights untouched "
-                        "(%d in a row now)", global_step, self.skipped - self._reported, streak)
+            log.warning("by step %d: %d step(s) with a NaN/inf loss or gradient were skipped, %s (%d in a row now)",
+                        global_step, self.skipped - self._reported, self.untouched, streak)
             self._reported = self.skipped
         if streak >= max_bad:
             if settle is not None:
@@ -257,7 +262,7 @@ class Trainer:
         speed = Throughput()
         last_saved = self.start_step if self.start_step else None
         save_late = False  # a periodic checkpoint put off until the previous write ends
-        health = StepHealth(self.device)
+        health = StepHealth(self.device, fused_step=getattr(self.optimizer, "fused_backward", None) is not None)
         # Reading a step's numbers waits for the GPU, so it happens only at log steps and
         # every few steps for the NaN guard and stop requests; other steps queue up freely.
         check_every = max(1, min(t.log_interval, t.max_bad_steps))
