@@ -59,6 +59,10 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _failed(shape: str, kernel: str, e: RuntimeError) -> None:
+    print(json.dumps({"shape": shape, "kernel": kernel, "ok": False, "error": str(e).split("\n")[0][:160]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
@@ -115,12 +119,12 @@ def main() -> None:
                     with torch.no_grad():
                         check = (fwd().float() - ref.float()).abs().max().item()
                 except RuntimeError as e:
-                    print(json.dumps({"shape": name, "kernel": label, "ok": False, "error": str(e).split("\n")[0][:160]}))
+                    _failed(name, label, e)
                     continue
             try:
                 s = _time(fn, args.repeats if not args.smoke else 1)
             except RuntimeError as e:
-                print(json.dumps({"shape": name, "kernel": label, "ok": False, "error": str(e).split("\n")[0][:160]}))
+                _failed(name, label, e)
                 continue
             q.grad = k.grad = v.grad = None
             print(json.dumps({"shape": name, "kernel": label, "ok": True, "fwd_bwd_ms": round(s * 1000, 3),

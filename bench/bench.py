@@ -59,10 +59,9 @@ CASES = {
 # More verlite settings run beside a case's own (same case name, so the same TRL figures): their
 # overrides come after the case's. full1.5b_12g: bitsandbytes' 8-bit AdamW (one CUDA kernel per
 # weight; bf16 weights rounded to nearest, no stochastic rounding) against torchao's (SR kept);
-# and the plain step that fits 12 GiB (exact fp32 moments in host memory: not a same-optimizer
-# fused/unfused comparison, which 12 GiB does not hold). On the GPU the plain step with
-# an 8-bit state does not fit 12 GiB (11.24 GiB measured at its update) nor, as 2026-12-01 showed
-# by running out of memory, with the 4-bit state; it runs with exact fp32 moments in host memory (optimizer_offload).
+# and the plain step (no fused backward) that fits 12 GiB: exact fp32 AdamW with its moments in
+# host memory. With the moments on the GPU it fits neither in 8 bits (11.24 GiB measured at its
+# update) nor in 4 (out of memory on 2026-12-01), so this is not a same-optimizer comparison.
 VARIANTS = {"full1.5b_12g": [["optim.optimizer_impl=bitsandbytes.optim"],
                              ["optim.fused_backward=false", "optim.optimizer=AdamW", "optim.optimizer_impl=torch.optim",
                               "model.fsdp_config.optimizer_offload=true"]]}

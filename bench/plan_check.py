@@ -36,25 +36,21 @@ SWITCH_KEYS = {"act offload": "model.enable_activation_offload=true", "tiled MLP
                "opt offload": "model.fsdp_config.optimizer_offload=true"}
 
 
+def sample_tokens(row: dict, n: int) -> list[int]:
+    """Token counts of the first `n` samples the row's case trains (bench.py's workload)."""
+    case, length = row["case"], row["max_length"]
+    vocab = SHAPES[CASES[case][0]]["vocab_size"]
+    samples = long_samples(n, vocab, length) if "long" in case else synthetic_samples(n, vocab, length)
+    return [len(s.prompt) + len(s.response) for s in samples]
+
+
 def largest_micro_batch(row: dict, warmup: int, steps: int) -> int:
     """Tokens of the largest micro-batch the row's run formed (a step is one micro-batch when
     it fits the budget, else the budget bounds it)."""
-    case, batch, length = row["case"], row["global_batch"], row["max_length"]
-    vocab = SHAPES[CASES[case][0]]["vocab_size"]
-    n = batch * (warmup + steps)
-    samples = long_samples(n, vocab, length) if "long" in case else synthetic_samples(n, vocab, length)
-    sizes = [len(s.prompt) + len(s.response) for s in samples]
+    batch = row["global_batch"]
+    sizes = sample_tokens(row, batch * (warmup + steps))
     steps_tokens = [sum(sizes[k * batch:(k + 1) * batch]) for k in range(warmup + steps)]
     return min(max(steps_tokens), row.get("token_budget") or max(steps_tokens))
-
-
-def CASES_SAMPLE_TOKENS(row: dict) -> list[int]:  # noqa: N802 - reads like the table it indexes
-    """Token counts of the case's samples (the smallest possible micro-batch is one of them)."""
-    case, length = row["case"], row["max_length"]
-    vocab = SHAPES[CASES[case][0]]["vocab_size"]
-    n = row["global_batch"]
-    samples = long_samples(n, vocab, length) if "long" in case else synthetic_samples(n, vocab, length)
-    return [len(s.prompt) + len(s.response) for s in samples]
 
 
 def plan_for(row: dict, config_dir: Path, tokens: int) -> float:
@@ -108,7 +104,7 @@ def main() -> None:
             qwen2_config(shape_name, max_position_embeddings=262144).save_pretrained(folder)
         if oom:
             cap = CASES[row["case"]][5]
-            smallest = min(s for s in CASES_SAMPLE_TOKENS(row))
+            smallest = min(sample_tokens(row, row["global_batch"]))  # one sample: the smallest micro-batch
             plan = plan_for(dict(row, checkpointing=True), folder, smallest)
             verdict = "refused now" if plan > cap else "STILL PLANNED TO FIT"
             print(f"{row['case']:<22}{(row.get('setting') or '-')[:43]:<44}{smallest:>8}{plan:>8.2f}"
