@@ -103,11 +103,13 @@ def main() -> None:
                         lambda f=sdpa: f().backward(grad), sdpa)
 
             def as_trained():  # what training calls: cuDNN, then flash, by priority (a fallback is silent)
+                saved = attn.SINGLE_SEQUENCE_BACKENDS, attn.SINGLE_SEQUENCE_MIN_TOKENS
                 attn.SINGLE_SEQUENCE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+                attn.SINGLE_SEQUENCE_MIN_TOKENS = 0  # timed at every length, the threshold aside
                 try:
                     return attn._varlen(q, k, v, cu, max(segs), d ** -0.5)
                 finally:
-                    attn.SINGLE_SEQUENCE_BACKENDS = None
+                    attn.SINGLE_SEQUENCE_BACKENDS, attn.SINGLE_SEQUENCE_MIN_TOKENS = saved
 
             runs["verlite one-sample path (cudnn, flash by priority)"] = (lambda: as_trained().backward(grad),
                                                                           as_trained)

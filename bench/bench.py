@@ -176,6 +176,12 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
                 profiler = None
         tps = sum(tokens) / sum(times)
+        from torch._dynamo.utils import counters
+
+        # Graphs dynamo compiled in all (one per layer shape when nothing recompiles) and every
+        # timed step's seconds: a recompile inside a timed step shows in both.
+        result.update(graphs_compiled=counters["stats"].get("unique_graphs", 0),
+                      step_times=[round(t, 3) for t in times])
         result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(times) / len(times), 4),
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                       last_loss=round(r.loss.item(), 4),
@@ -315,9 +321,10 @@ def main() -> None:
             names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
             wanted = [n.strip().lower() for n in os.environ["VERLITE_BENCH_SDPA"].split(",") if n.strip()]
-            if unknown := [n for n in wanted if n not in names]:
-                sys.exit(f"VERLITE_BENCH_SDPA: unknown backend(s) {unknown}; use {', '.join(names)}")
-            attention.SINGLE_SEQUENCE_BACKENDS = [names[n] for n in wanted]
+            if unknown := [n for n in wanted if n not in names and n != "none"]:
+                sys.exit(f"VERLITE_BENCH_SDPA: unknown backend(s) {unknown}; use {', '.join(names)} or none")
+            # "none": the varlen kernel for every row (an empty list is kept by the trainer's pick)
+            attention.SINGLE_SEQUENCE_BACKENDS = [names[n] for n in wanted if n != "none"]
         model = model_dir(Path(a.models), "tiny" if a.smoke else CASES[a.case][0])
         res = run_verlite(a.case, model, a.warmup, a.steps, a.max_length, a.extra, a.smoke)
         if int(os.environ.get("RANK", "0")) == 0:

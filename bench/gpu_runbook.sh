@@ -7,7 +7,9 @@
 #   bash bench/gpu_runbook.sh B "$OUT"    # issue 10: 12 GiB cases with TRL beside, then 32k
 #   bash bench/gpu_runbook.sh C "$OUT"    # issue 14: token cache on all cores, LoRA save pauses
 #   bash bench/gpu_runbook.sh D "$OUT"    # attention kernels; gsm8k_cli defaults with TRL; 32k via SDPA
-#   bash bench/gpu_runbook.sh E "$OUT"    # why 32k is 2x slower than TRL: traces of both kernels; import costs
+#   bash bench/gpu_runbook.sh E "$OUT"    # why 32k is 2x slower than TRL: traces of both attention paths, summarised
+#   bash bench/gpu_runbook.sh F "$OUT"    # issue 10: 7B QLoRA at 12 GiB beside both TRL QLoRA settings
+#   bash bench/gpu_runbook.sh G "$OUT"    # issue 10: 32k after the one-compile and cuDNN fixes, TRL beside
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
@@ -47,15 +49,26 @@ case $part in
           --out "$out/gsm8k_default.jsonl"
       VERLITE_BENCH_SDPA=cudnn,flash step long32k_sdpa 150 python bench/bench.py --cases qlora7b_long32k_24g \
           --warmup 1 --steps 3 --out "$out/long32k_sdpa.jsonl" ;;
-  E)  # Which attention kernel runs inside training, and what else fills a 32k step (chrome traces,
-      # kernel names); then what the compile path imports on this machine (model loading: 4-6 s
-      # compiled against 1 s eager).
+  E)  # Which attention kernel runs inside training, and what else fills a 32k step: chrome traces
+      # of both attention paths, summarised here (a 7B 32k trace is too big to bring back).
       step long32k_trace 200 python bench/bench.py --cases qlora7b_long32k_24g --warmup 1 --steps 2 \
-          --trace "$out" --out "$out/long32k_trace.jsonl"
+          --trace /tmp/traces --out "$out/long32k_trace.jsonl"
       VERLITE_BENCH_SDPA=cudnn,flash VERLITE_BENCH_LABEL=_sdpa step long32k_sdpa_trace 200 python bench/bench.py \
-          --cases qlora7b_long32k_24g --warmup 1 --steps 2 --trace "$out" --out "$out/long32k_sdpa_trace.jsonl"
-      python3 -X importtime -c "import torch, transformers, torch._dynamo; torch.nn.Linear(2, 2).compile()(torch.ones(2))" \
-          2> "$out/compile_imports.txt"
-      sort -t'|' -k2 -nr "$out/compile_imports.txt" | head -15 ;;
-  *)  echo "unknown part $part (A, B, C, D or E)" >&2; exit 2 ;;
+          --cases qlora7b_long32k_24g --warmup 1 --steps 2 --trace /tmp/traces --out "$out/long32k_sdpa_trace.jsonl"
+      for t in /tmp/traces/*.json; do
+        python bench/trace_summary.py "$t" > "$out/$(basename "$t" .json)_summary.txt" 2>&1
+        head -1 "$out/$(basename "$t" .json)_summary.txt"
+      done ;;
+  F)  # issue 10's 7B QLoRA at 12 GiB beside both TRL QLoRA settings (padded, and Liger + padding-free)
+      step qlora_12g 400 python bench/bench.py --cases qlora7b_12g --warmup 2 --steps 4 --trl \
+          --out "$out/qlora_12g.jsonl" ;;
+  G)  # issue 10's 32k case after the fixes (one compile: fixed max_seqlen for one-sample rows;
+      # cuDNN attention by default for one-sample rows of >= 16k tokens on Hopper), TRL beside,
+      # then the varlen kernel for every row; recompiles logged
+      TORCH_LOGS=recompiles step long32k 330 python bench/bench.py --cases qlora7b_long32k_24g --warmup 1 --steps 3 \
+          --trl --out "$out/long32k.jsonl"
+      VERLITE_BENCH_SDPA=none TORCH_LOGS=recompiles step long32k_varlen 160 python bench/bench.py \
+          --cases qlora7b_long32k_24g --warmup 1 --steps 3 --out "$out/long32k_varlen.jsonl"
+      grep -i -A3 "recompil" "$out"/long32k*.txt | head -20 ;;
+  *)  echo "unknown part $part (A to G)" >&2; exit 2 ;;
 esac

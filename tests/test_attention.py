@@ -25,8 +25,24 @@ def test_single_sequence_sdpa_matches_segment_reference(monkeypatch):
 def test_only_a_row_of_one_sample_goes_to_sdpa_whole(monkeypatch):
     """Two samples in one row must never attend across each other: only cu = [0, T] qualifies."""
     one, two = torch.tensor([0, 37], dtype=torch.int32), torch.tensor([0, 20, 37], dtype=torch.int32)
-    assert not attention.one_sample(one)  # no backends set: every row takes the varlen kernel
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", None)
+    assert not attention.one_sample(one, 40000)  # no backends set: every row takes the varlen kernel
     monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", [SDPBackend.FLASH_ATTENTION])
-    assert attention.one_sample(one)
-    assert not attention.one_sample(two)
-    assert not attention.one_sample(torch.tensor([0], dtype=torch.int32))
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_MIN_TOKENS", 32)
+    assert attention.one_sample(one, 37)
+    assert not attention.one_sample(one, 31)  # short rows stay on varlen (cuDNN builds a graph per length)
+    assert not attention.one_sample(two, 37)
+    assert not attention.one_sample(torch.tensor([0], dtype=torch.int32), 37)
+
+
+def test_backends_are_picked_only_for_hopper_gpus(monkeypatch):
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", None)
+    assert attention.pick_single_sequence_backends(torch.device("cpu")) is None
+    monkeypatch.setattr(attention, "supports_varlen", lambda device: True)
+    for major, expected in ((8, None), (9, [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])):
+        monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, major=major: (major, 0))
+        assert attention.pick_single_sequence_backends(torch.device("cuda", 0)) == expected
+    chosen = [SDPBackend.FLASH_ATTENTION]  # a choice made by hand stays
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", chosen)
+    assert attention.pick_single_sequence_backends(torch.device("cuda", 0)) is chosen

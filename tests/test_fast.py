@@ -121,7 +121,8 @@ def test_one_compile_serves_every_length(tiny_model):
         frames.append(counters["frames"]["ok"])
     torch._dynamo.reset()
     assert frames[0] >= 1 and frames == [frames[0]] * 4, frames
-    assert comp.steady_max_seqlen(300, 1024) == 1024 and comp.steady_max_seqlen(9000, 16384) == 9000
+    assert comp.steady_max_seqlen(300, 1024, 5) == 1024 and comp.steady_max_seqlen(9000, 16384, 3) == 9000
+    assert comp.steady_max_seqlen(9000, 32768, 1) == 32768  # one sample a row (long context): fixed at any length
 
 
 def test_short_cpu_run_logs_compile_off_and_the_time_breakdown(tmp_path, tiny_model):

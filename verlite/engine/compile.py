@@ -229,9 +229,15 @@ def compile_layers(model, backend: str = "inductor") -> None:
         layer.compile(backend=backend)
 
 
-def steady_max_seqlen(max_seqlen: int, max_length: int) -> int:
-    """The max_seqlen handed to the compiled varlen kernel: fixed for short samples (one compile)."""
-    return max(max_seqlen, max_length) if max_length <= FIXED_MAX_SEQLEN_UP_TO else max_seqlen
+def steady_max_seqlen(max_seqlen: int, max_length: int, num_samples: int) -> int:
+    """The max_seqlen handed to the compiled varlen kernel: fixed (one compile) for short
+    samples, and for a row of one sample at any length. A changing int recompiles the layer
+    once (the 7B 32k trace showed a 1-4 s recompile inside the second step); passing the
+    bound costs the kernel only the blocks past the row's end, which exit at once: few when the
+    row is one sample, but one set per sample in a row of many short ones, hence
+    FIXED_MAX_SEQLEN_UP_TO for those."""
+    fixed = max_length <= FIXED_MAX_SEQLEN_UP_TO or num_samples == 1
+    return max(max_seqlen, max_length) if fixed else max_seqlen
 
 
 def measured_cost(choice: CompileChoice, first_steps_s: list[float], record: bool = True) -> float:

@@ -6,9 +6,15 @@ One function serves both batch layouts, so the model never needs a dense mask:
 - packed rows (`cu_seq_lens_q` passed through the model's kwargs): attention restricted to
   each sample. On CUDA through PyTorch's varlen flash kernel; elsewhere segment by segment
   with SDPA, which is exact and what the CPU tests compare against.
-- a packed row of ONE sample (long-context runs: batch 1) is plain causal attention, so on
-  CUDA it can go to SDPA's backends in the order SINGLE_SEQUENCE_BACKENDS gives (None: the
-  varlen kernel, as every other row). `bench/attention_check.py` times the candidates.
+- a long packed row of ONE sample (long-context runs: batch 1) is plain causal attention, so
+  on CUDA it goes to SDPA's backends in the order SINGLE_SEQUENCE_BACKENDS gives (None: the
+  varlen kernel, as every other row). On Hopper that is cuDNN first: `bench/attention_check.py`
+  measured cuDNN's attention 1.7x the varlen flash kernel at 8k-32k tokens on the H200, and a
+  trace of the 7B QLoRA step at ~26k tokens 38 % less time in attention (bench/RESULTS.md).
+  cuDNN builds a graph for every new length (~40 ms forward + backward, seen in that trace),
+  so only rows of at least SINGLE_SEQUENCE_MIN_TOKENS go there: at 16k tokens one 7B layer's
+  attention already saves more per step than the build costs; shorter rows stay on varlen
+  flash. Other GPUs keep the varlen kernel (cuDNN's speed there is not measured).
 """
 
 from __future__ import annotations
@@ -35,8 +41,23 @@ def _varlen_kernel():
 _VARLEN, _VARLEN_ARGS = _varlen_kernel()
 
 # SDPA backends (torch.nn.attention.SDPBackend, in order of preference) for a packed row that
-# holds one sample on CUDA; None keeps the varlen kernel for it.
+# holds one sample of at least SINGLE_SEQUENCE_MIN_TOKENS on CUDA; None keeps the varlen kernel
+# for it. Set by pick_single_sequence_backends for the training device (a module global, so the
+# compiled layers read a constant).
 SINGLE_SEQUENCE_BACKENDS: list | None = None
+SINGLE_SEQUENCE_MIN_TOKENS = 16384
+
+
+def pick_single_sequence_backends(device: torch.device) -> list | None:
+    """cuDNN then flash on Hopper (measured there), None (the varlen kernel) elsewhere. Leaves a
+    choice already made by hand (bench.py's VERLITE_BENCH_SDPA) as it is."""
+    global SINGLE_SEQUENCE_BACKENDS
+    if SINGLE_SEQUENCE_BACKENDS is None and device.type == "cuda" and supports_varlen(device) \
+            and torch.cuda.get_device_capability(device)[0] == 9:
+        from torch.nn.attention import SDPBackend
+
+        SINGLE_SEQUENCE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    return SINGLE_SEQUENCE_BACKENDS
 
 
 def supports_varlen(device: torch.device) -> bool:
@@ -67,16 +88,17 @@ def _single_sequence(q, k, v, scale):
     return out[0].transpose(0, 1)
 
 
-def one_sample(cu: torch.Tensor) -> bool:
+def one_sample(cu: torch.Tensor, tokens: int) -> bool:
     """Does this packed row go to SDPA whole: SDPA backends are set and the row holds exactly
-    one sample (cu = [0, T]; read from the shape, not the values: no host sync)."""
-    return bool(SINGLE_SEQUENCE_BACKENDS) and cu.shape[0] == 2
+    one sample (cu = [0, T]; read from the shape, not the values: no host sync) of at least
+    SINGLE_SEQUENCE_MIN_TOKENS tokens."""
+    return bool(SINGLE_SEQUENCE_BACKENDS) and cu.shape[0] == 2 and tokens >= SINGLE_SEQUENCE_MIN_TOKENS
 
 
 def _varlen(q, k, v, cu, max_len, scale):
     if _VARLEN is None or q.device.type != "cuda":
         return _segments_sdpa(q, k, v, cu, scale)
-    if one_sample(cu):
+    if one_sample(cu, q.shape[0]):
         return _single_sequence(q, k, v, scale)
     kwargs = dict(_VARLEN_ARGS["causal"], scale=scale)
     if q.shape[1] != k.shape[1]:

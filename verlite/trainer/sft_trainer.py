@@ -33,7 +33,7 @@ from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsd
 from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
 from verlite.models import lean_imports
-from verlite.models.attention import supports_varlen
+from verlite.models.attention import pick_single_sequence_backends, supports_varlen
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
@@ -125,6 +125,7 @@ class Trainer:
         # only how samples are grouped (by token budget rather than by count).
         # Sequence parallelism splits packed rows, so it always packs.
         self.packed_layout = cfg.data.packing or sp > 1 or (self.device.type == "cuda" and supports_varlen(self.device))
+        pick_single_sequence_backends(self.device)
 
         # Data first: a bad file fails here, before any model or GPU memory is touched
         # (the kernel may already read the weights from disk meanwhile).
@@ -345,7 +346,8 @@ class Trainer:
             for part in split_evenly(indices, 2 ** splits):
                 mb = collate(self.train_ds, part, self.packed_layout, self.tokenizer.pad_token_id, placeholder)
                 if self.compiled and mb.cu_seqlens is not None:  # no recompile for a new longest sample
-                    mb = dataclasses.replace(mb, max_seqlen=steady_max_seqlen(mb.max_seqlen, self.cfg.data.max_length))
+                    fixed = steady_max_seqlen(mb.max_seqlen, self.cfg.data.max_length, mb.num_samples)
+                    mb = dataclasses.replace(mb, max_seqlen=fixed)
                 mb = ulysses.shard_micro_batch(mb, self.dist)
                 out.append(mb.pin_memory() if pin else mb)
         return StepBatches(step, splits, out)
