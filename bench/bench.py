@@ -157,10 +157,21 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
                 profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                                   ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
                 profiler.__enter__()
+            snap_dir = os.environ.get("VERLITE_BENCH_MEMSNAP") if step == warmup and cuda else None
+            if snap_dir:  # what is live at the first timed step's peak (bench/memory_peak.py)
+                import memory_peak
+
+                torch.cuda.reset_peak_memory_stats()
+                memory_peak.start()
+                baseline = torch.cuda.memory_allocated()
             sync()
             t0 = time.perf_counter()
             r = trainer._step(b)
             sync()
+            if snap_dir:
+                Path(snap_dir).mkdir(parents=True, exist_ok=True)
+                name = f"{case}{os.environ.get('VERLITE_BENCH_LABEL', '')}_memory.txt"
+                (Path(snap_dir) / name).write_text("\n".join(memory_peak.summarize(baseline)) + "\n")
             largest = max([largest, *(mb.input_ids.numel() for mb in b.micro_batches)])
             if step >= warmup:
                 times.append(time.perf_counter() - t0)

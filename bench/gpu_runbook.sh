@@ -10,6 +10,7 @@
 #   bash bench/gpu_runbook.sh E "$OUT"    # why 32k is 2x slower than TRL: traces of both attention paths, summarised
 #   bash bench/gpu_runbook.sh F "$OUT"    # issue 10: 7B QLoRA at 12 GiB beside both TRL QLoRA settings
 #   bash bench/gpu_runbook.sh G "$OUT"    # issue 10: 32k after the one-compile and cuDNN fixes, TRL beside
+#   bash bench/gpu_runbook.sh H "$OUT"    # issue 10: what is live at the 7B QLoRA steps' memory peaks
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
@@ -70,5 +71,12 @@ case $part in
       VERLITE_BENCH_SDPA=none TORCH_LOGS=recompiles step long32k_varlen 160 python bench/bench.py \
           --cases qlora7b_long32k_24g --warmup 1 --steps 3 --out "$out/long32k_varlen.jsonl"
       grep -i -A3 "recompil" "$out"/long32k*.txt | head -20 ;;
-  *)  echo "unknown part $part (A to G)" >&2; exit 2 ;;
+  H)  # what is live at the step's peak (allocator history) for the two 7B QLoRA cases the plan
+      # misses most: 32k (+31 %) and 12 GiB
+      VERLITE_BENCH_MEMSNAP="$out" step mem_32k 200 python bench/bench.py --cases qlora7b_long32k_24g --warmup 1 \
+          --steps 1 --out "$out/mem_32k.jsonl"
+      VERLITE_BENCH_MEMSNAP="$out" step mem_12g 200 python bench/bench.py --cases qlora7b_12g --warmup 2 \
+          --steps 1 --no_variants --out "$out/mem_12g.jsonl"
+      head -12 "$out"/*_memory.txt ;;
+  *)  echo "unknown part $part (A to H)" >&2; exit 2 ;;
 esac
