@@ -2,8 +2,8 @@
 
 bench.py (`VERLITE_BENCH_MEMSNAP=DIR`) records the allocator's history over one timed step and
 calls `summarize`: it replays the alloc/free events to the moment the step's allocated bytes
-peaked, then groups the blocks live at that moment by the first verlite / transformers / peft
-frame that allocated them. The memory plan (verlite/engine/memory.py) models a peak as a sum
+peaked, then groups the blocks live at that moment by size (the size names the tensor: tokens x
+hidden x 2 bytes is a bf16 hidden state; allocation stacks are not recorded, see start()). The memory plan (verlite/engine/memory.py) models a peak as a sum
 of parts; this says which parts coexist at the real one. A snapshot of a 7B step is too big
 to bring back from the GPU machine, so only this page of text comes back.
 """
@@ -18,7 +18,9 @@ OWN = ("verlite/", "transformers/", "peft/", "torchao/", "bitsandbytes/")
 
 
 def start() -> None:
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    # Sizes only (context=None): with Python stacks recorded, a 7B QLoRA step on torch 2.11 failed
+    # inside an autograd Function ("returned NULL without setting an exception").
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
 
 
 def _where(frames: list[dict], size: int) -> str:
@@ -68,7 +70,7 @@ def summarize(baseline: int, top: int = 25) -> list[str]:
         groups[_where(frames, size)].append(size)
     gib = 2 ** 30
     lines = [f"allocated when recording began {baseline / gib:.2f} GiB; peak {peak / gib:.2f} GiB "
-             f"(max_memory_allocated {torch.cuda.max_memory_allocated() / gib:.2f}) at event {peak_at} of {len(events)}; "
+             f"(max_memory_allocated {torch.cuda.max_memory_allocated() / gib:.2f}) at event {peak_at} of {len(events)} ({100 * peak_at / max(1, len(events)):.0f} % into the step); "
              f"allocated during the step and live then: {sum(v[0] for v in live.values()) / gib:.2f} GiB"]
     for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
         lines.append(f"  {sum(sizes) / gib:7.3f} GiB  n={len(sizes):5d}  {where}")
