@@ -11,6 +11,7 @@
 #   bash bench/gpu_runbook.sh F "$OUT"    # issue 10: 7B QLoRA at 12 GiB beside both TRL QLoRA settings
 #   bash bench/gpu_runbook.sh G "$OUT"    # issue 10: 32k after the one-compile and cuDNN fixes, TRL beside
 #   bash bench/gpu_runbook.sh H "$OUT"    # issue 10: what is live at the 7B QLoRA steps' memory peaks
+#   bash bench/gpu_runbook.sh I "$OUT"    # issue 14: traces of a GSM8K-sized step, compiled and eager
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
@@ -78,5 +79,15 @@ case $part in
       VERLITE_BENCH_MEMSNAP="$out" step mem_12g 200 python bench/bench.py --cases qlora7b_12g --warmup 2 \
           --steps 1 --no_variants --out "$out/mem_12g.jsonl"
       head -12 "$out"/*_memory.txt ;;
-  *)  echo "unknown part $part (A to H)" >&2; exit 2 ;;
+  I)  # issue 14: where a GSM8K-sized step's time goes (0.5B full FT, batch 32 of <= 256-token
+      # samples, ~7k tokens a step), compiled and eager, traced and summarised
+      step short_trace 200 python bench/bench.py --cases full --max_length 256 --warmup 3 --steps 2 \
+          --trace /tmp/traces --out "$out/short_trace.jsonl"
+      VERLITE_BENCH_LABEL=_eager step short_trace_eager 150 python bench/bench.py --cases full --max_length 256 \
+          --warmup 3 --steps 2 --trace /tmp/traces --out "$out/short_trace_eager.jsonl" model.compile=false
+      for t in /tmp/traces/*.json; do
+        python bench/trace_summary.py "$t" --top 15 > "$out/$(basename "$t" .json)_summary.txt" 2>&1
+        head -1 "$out/$(basename "$t" .json)_summary.txt"
+      done ;;
+  *)  echo "unknown part $part (A to I)" >&2; exit 2 ;;
 esac
