@@ -13,7 +13,9 @@ What it changes, decided here once:
   (so the global norm is <= clip, as promised); every later step scales all gradients by
   min(1, clip / previous step's global norm). The reported grad_norm is this step's exact
   global norm before clipping, as in the plain step. The previous norm is saved with the
-  LR schedule's state (engine/optim.py), so a resumed run clips exactly as the uninterrupted one.
+  LR schedule's state (engine/optim.py), so a resumed run clips exactly as the uninterrupted one
+  (a load without that state clips its first step by shares again). A step whose gradient is
+  not finite keeps the previous norm; after a bad first step the next one clips by shares.
 - NaN/inf: a non-finite loss (one host read after the forward passes) skips the whole step
   before any weight is touched. A non-finite gradient with a finite loss skips that weight's
   update with torch's AdamW (found_inf, on the device) and zeroes its non-finite entries with
@@ -61,21 +63,35 @@ class FusedBackward:
         self._set_buckets(grouped + [[p] for p in params if p not in seen])
         self.armed = False
         self.updated = 0  # weights updated in the current backward
-        self.prev_norm: torch.Tensor | None = None  # the last step's global norm, on the device
+        self._prev_norm: torch.Tensor | None = None  # the last step's global norm, on the device
+        self._finite_seen = False  # whether prev_norm is known finite (read once on the host)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    @property
+    def prev_norm(self) -> torch.Tensor | None:
+        return self._prev_norm
+
+    @prev_norm.setter
+    def prev_norm(self, norm: torch.Tensor | None) -> None:  # a resumed run's, from the schedule state
+        self._prev_norm = norm
+        self._finite_seen = False
 
     # ---- one step ------------------------------------------------------------------------
     def arm(self, device: torch.device) -> None:
         """The next backward updates the weights."""
         self.sq = torch.zeros((), device=device, dtype=torch.float32)
         self.bad = torch.zeros((), device=device, dtype=torch.bool)
-        prev = self.prev_norm
-        if prev is None or self.clip <= 0:
-            self.scale = None
-        else:  # a norm that was never finite (only after a bad first step) clips nothing
-            prev = prev.to(device, torch.float32)
-            self.scale = torch.where(torch.isfinite(prev), (self.clip / (prev + 1e-6)).clamp(max=1.0),
-                                     torch.ones_like(prev))
+        prev = self._prev_norm
+        if prev is not None and self.clip > 0 and not self._finite_seen:
+            # Only a bad first step leaves a non-finite norm here (later bad steps keep the last
+            # finite one), and that must not turn clipping off for the next step. One host read
+            # until a finite norm is seen: free, as the step's loss check has already waited
+            # for the previous backward.
+            self._finite_seen = bool(torch.isfinite(prev))
+        if prev is None or self.clip <= 0 or not self._finite_seen:
+            self.scale = None  # clipped by shares, as a first step
+        else:
+            self.scale = (self.clip / (prev.to(device, torch.float32) + 1e-6)).clamp(max=1.0)
         self.arrived: list[list[torch.nn.Parameter]] = [[] for _ in self.buckets]
         # Looked up each step: loading a checkpoint's optimizer state replaces the group dicts
         # (and the LR schedule writes to the new ones).
@@ -96,7 +112,8 @@ class FusedBackward:
         self.armed = False
         norm = self.sq.sqrt()
         if self.updated:
-            self.prev_norm = norm if self.prev_norm is None else torch.where(self.bad, self.prev_norm, norm)
+            prev = self._prev_norm
+            self._prev_norm = norm if prev is None else torch.where(self.bad & torch.isfinite(prev), prev, norm)
         return norm
 
     def abandon(self) -> int:
@@ -144,12 +161,12 @@ class FusedBackward:
         finite = torch.isfinite(sq)
         self.bad |= ~finite
         if self.clip > 0 and self.scale is None:  # first step: each gradient to its share of the limit
+            # Factors stay fp32 (not rounded to a bf16 gradient's precision), as torch's clip.
             for p, g, norm in zip(bucket, grads, norms):
                 limit = self.clip * math.sqrt(p.numel() / self.total)
-                g.mul_((limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype))
+                g.mul_((limit / (norm + 1e-6)).clamp(max=1.0))
         elif self.clip > 0:
-            for dtype in {g.dtype for g in grads}:
-                torch._foreach_mul_([g for g in grads if g.dtype == dtype], self.scale.to(dtype))
+            torch._foreach_mul_(grads, self.scale)
         if self.found_inf_ok:
             self.optimizer.found_inf = (~finite).float()
         else:
