@@ -162,16 +162,17 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
         # (the matmuls save them for the input gradient): seen at the H200's 7B QLoRA peaks
         # (bench/memory_peak.py, 2026-12-02) as 3 x 129.5 MiB MLP + 4 attention matrices a layer.
         est.parts["dequantized weights (kept layers)"] = kept * shape.linear_params / shape.layers * 2
-    # Backward of a recomputed layer holds its activations again plus their gradients; a tiled
-    # MLP adds one tile's MLP activations and their gradients. The layers that are not
-    # recomputed are the top ones: their backward runs first and frees their activations before
-    # any recomputed layer's backward starts, so the two never coexist. The step's peak is then
-    # at the loss with every kept layer live (the H200's 7B QLoRA 32k step: 16.86 GiB measured,
-    # 21.99 planned when the working set was added on top of a kept layer).
-    # With every layer recomputed, the working set comes on top of the recomputed inputs.
-    if kept == 0:
+    # Backward of a layer holds its activations (recomputed or kept) plus their gradients; a
+    # tiled MLP adds one tile's MLP activations and their gradients. With LoRA, the layers that
+    # are not recomputed (the top ones) need little beyond what they keep: their backward runs
+    # first and frees them before any recomputed layer's backward starts, so the step peaks at
+    # the loss with every kept layer live (the H200's 7B QLoRA 32k step: 16.86 GiB measured,
+    # 21.99 planned when a recomputed layer's working set was added on top). Full fine-tuning
+    # keeps the working set on top: an eager 0.5B step without recomputation (fp32 master
+    # weights under autocast) peaked 2.4 % above the plan without it (2026-12-02 H200 rows).
+    if kept == 0 or not lora:
         est.parts["backward working set"] = tokens * per_layer
-    else:
+    if kept:
         # At that peak the 32k step also held six fp32 [tokens x hidden] tensors where the layer
         # and the loss below count three (the final norm's input and the hidden states' fp32
         # gradient beside the top layer's own).
