@@ -16,7 +16,7 @@
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A, B or C}
+part=${1:?part A to I}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -54,10 +54,10 @@ case $part in
   E)  # Which attention kernel runs inside training, and what else fills a 32k step: chrome traces
       # of both attention paths, summarised here (a 7B 32k trace is too big to bring back).
       step long32k_trace 200 python bench/bench.py --cases qlora7b_long32k_24g --warmup 1 --steps 2 \
-          --trace /tmp/traces --out "$out/long32k_trace.jsonl"
+          --trace /tmp/traces_E --out "$out/long32k_trace.jsonl"
       VERLITE_BENCH_SDPA=cudnn,flash VERLITE_BENCH_LABEL=_sdpa step long32k_sdpa_trace 200 python bench/bench.py \
-          --cases qlora7b_long32k_24g --warmup 1 --steps 2 --trace /tmp/traces --out "$out/long32k_sdpa_trace.jsonl"
-      for t in /tmp/traces/*.json; do
+          --cases qlora7b_long32k_24g --warmup 1 --steps 2 --trace /tmp/traces_E --out "$out/long32k_sdpa_trace.jsonl"
+      for t in /tmp/traces_E/*.json; do
         python bench/trace_summary.py "$t" > "$out/$(basename "$t" .json)_summary.txt" 2>&1
         head -1 "$out/$(basename "$t" .json)_summary.txt"
       done ;;
@@ -82,10 +82,10 @@ case $part in
   I)  # issue 14: where a GSM8K-sized step's time goes (0.5B full FT, batch 32 of <= 256-token
       # samples, ~7k tokens a step), compiled and eager, traced and summarised
       step short_trace 200 python bench/bench.py --cases full --max_length 256 --warmup 3 --steps 2 \
-          --trace /tmp/traces --out "$out/short_trace.jsonl"
+          --trace /tmp/traces_I --out "$out/short_trace.jsonl"
       VERLITE_BENCH_LABEL=_eager step short_trace_eager 150 python bench/bench.py --cases full --max_length 256 \
-          --warmup 3 --steps 2 --trace /tmp/traces --out "$out/short_trace_eager.jsonl" model.compile=false
-      for t in /tmp/traces/*.json; do
+          --warmup 3 --steps 2 --trace /tmp/traces_I --out "$out/short_trace_eager.jsonl" model.compile=false
+      for t in /tmp/traces_I/*.json; do
         python bench/trace_summary.py "$t" --top 15 > "$out/$(basename "$t" .json)_summary.txt" 2>&1
         head -1 "$out/$(basename "$t" .json)_summary.txt"
       done ;;

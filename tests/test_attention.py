@@ -43,6 +43,19 @@ def test_backends_are_picked_only_for_hopper_gpus(monkeypatch):
         monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", None)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, major=major: (major, 0))
         assert attention.pick_single_sequence_backends(torch.device("cuda", 0)) == expected
+    # The row length from which cuDNN pays grows as the model's attention shrinks
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", None)
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_MIN_TOKENS", attention.SINGLE_SEQUENCE_MIN_TOKENS)
+    big = SimpleNamespace(num_hidden_layers=28, num_attention_heads=28, hidden_size=3584, head_dim=128)
+    attention.pick_single_sequence_backends(torch.device("cuda", 0), big)
+    assert 12000 < attention.SINGLE_SEQUENCE_MIN_TOKENS < 16000
+    small = SimpleNamespace(num_hidden_layers=24, num_attention_heads=14, hidden_size=896)
+    assert attention.min_tokens_for_cudnn(24, 896) > 2 * attention.SINGLE_SEQUENCE_MIN_TOKENS
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", None)
+    attention.pick_single_sequence_backends(torch.device("cuda", 0), small)
+    assert attention.SINGLE_SEQUENCE_MIN_TOKENS == attention.min_tokens_for_cudnn(24, 896)
     chosen = [SDPBackend.FLASH_ATTENTION]  # a choice made by hand stays
     monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", chosen)
     assert attention.pick_single_sequence_backends(torch.device("cuda", 0)) is chosen

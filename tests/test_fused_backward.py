@@ -288,21 +288,3 @@ def test_a_bad_first_step_does_not_turn_clipping_off_for_the_next():
     assert sum(clipped) ** 0.5 <= 1.0 + 1e-4, sum(clipped) ** 0.5  # the old code: not clipped at all
     assert float(fused.prev_norm) > 10  # the reported norm is the one before clipping
 
-
-def test_the_clip_factor_is_not_rounded_to_a_bf16_gradient():
-    """Gradients are scaled by the fp32 factor (as torch.nn.utils.clip_grad does), not by
-    the factor rounded to the gradient's bf16 precision."""
-    from verlite.engine.fused_backward import FusedBackward
-
-    weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.bfloat16))
-    fused = FusedBackward(torch.optim.AdamW([weight]), [weight], clip_grad=1.0)
-    fused.arm(torch.device("cpu"))
-    fused.scale = torch.tensor(0.3337)  # bf16 holds it as 0.333984
-    g = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    weight.grad = g.reshape(8, 8).clone()
-    seen = []
-    fused._step = lambda bucket: seen.append(bucket[0].grad.clone())
-    fused._apply([weight])
-    expected = (g.float() * 0.3337).to(torch.bfloat16).reshape(8, 8)
-    assert torch.equal(seen[0], expected)
-    assert not torch.equal(expected, (g * torch.tensor(0.3337).to(torch.bfloat16)).reshape(8, 8))  # the old rounding differs

@@ -137,7 +137,7 @@ def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shape
     27 of 28 layers are recomputed; samples of 200-900 tokens never form more than ~5,000, and
     the plan then recomputes fewer layers, sized for the largest step of the run (all epochs).
     The GSM8K default run (0.5B, batch 32 of ~207 tokens, max_length 1024) on a 24 GiB card:
-    planned for 32,768 tokens it recomputes 18 layers; for the ~7,800 its steps hold, none."""
+    planned for 32,768 tokens it recomputes 19 layers; for the ~7,800 its steps hold, none."""
     import logging
 
     import numpy as np
@@ -150,9 +150,11 @@ def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shape
         return load_config(None, [f"model.partial_pretrain={shapes['qwen7b']}", "model.lora_rank=8", QV,
                                   "model.quantization=nf4", "data.train_batch_size=8", "data.max_length=1024",
                                   "data.micro_batch_size_per_gpu=auto", "trainer.gpu_mem_gb=12",
-                                  "trainer.total_epochs=3", *extra])
+                                  "trainer.total_epochs=3", "model.compile=true", *extra])
 
     lengths = np.random.default_rng(0).integers(200, 900, size=64)
+    eager = config("model.compile=auto")  # planned as eager layers (compile decides later): more recomputed
+    resolve_auto_memory(eager, torch.device("cuda"), lengths=lengths)
     worst, fitted = config(), config()
     resolve_auto_memory(worst, torch.device("cuda"))
     with caplog.at_level(logging.INFO, logger="verlite.plan"):
@@ -160,6 +162,7 @@ def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shape
     assert worst.data.max_token_len_per_gpu == fitted.data.max_token_len_per_gpu == 8192  # same batching
     assert worst.model.checkpoint_layers == 27
     assert fitted.model.checkpoint_layers == 26  # a 7B layer keeps ~1 GiB at 5,700 tokens: one more fits
+    assert eager.model.checkpoint_layers == 27
     seen = data_micro_batch_tokens(fitted, lengths, 1)
     plan = StepPlan(lengths, 8, 1, fitted.trainer.seed, None, 8192, packed=True)
     steps = 3 * plan.steps_per_epoch
@@ -177,7 +180,7 @@ def test_recomputation_is_sized_for_the_largest_micro_batch_the_data_forms(shape
                                 "data.max_length=1024", "data.packing=true", "trainer.gpu_mem_gb=24"]) for _ in "ab"]
     resolve_auto_memory(runs[0], torch.device("cuda"))
     resolve_auto_memory(runs[1], torch.device("cuda"), lengths=gsm8k)
-    assert runs[0].model.enable_gradient_checkpointing is True and runs[0].model.checkpoint_layers == 18
+    assert runs[0].model.enable_gradient_checkpointing is True and runs[0].model.checkpoint_layers == 19
     assert runs[1].model.enable_gradient_checkpointing is False
     assert runs[1].optim.fused_backward is False  # nothing to win from fusing where nothing is recomputed
 

@@ -161,12 +161,16 @@ class FusedBackward:
         finite = torch.isfinite(sq)
         self.bad |= ~finite
         if self.clip > 0 and self.scale is None:  # first step: each gradient to its share of the limit
-            # Factors stay fp32 (not rounded to a bf16 gradient's precision), as torch's clip.
             for p, g, norm in zip(bucket, grads, norms):
                 limit = self.clip * math.sqrt(p.numel() / self.total)
-                g.mul_((limit / (norm + 1e-6)).clamp(max=1.0))
+                g.mul_((limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype))
         elif self.clip > 0:
-            torch._foreach_mul_(grads, self.scale)
+            # One foreach call per dtype, the factor in the gradients' dtype: what torch's own
+            # clip_grads_with_norm_ computes on CUDA (a 0-dim CUDA factor is cast to the common
+            # dtype), and the fast foreach path (a factor of another dtype takes one kernel per
+            # tensor).
+            for dtype in {g.dtype for g in grads}:
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], self.scale.to(dtype))
         if self.found_inf_ok:
             self.optimizer.found_inf = (~finite).float()
         else:

@@ -121,6 +121,7 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     whether a step is one micro-batch (None: when `tokens` holds a step of max_length samples)."""
     m = cfg.model
     lora = m.lora_rank > 0
+    compiled = str(m.compile).lower() == "true"
     ckpt = m.enable_gradient_checkpointing if checkpointing is None else checkpointing
     ckpt = ckpt is True or ckpt == "auto"  # unresolved auto: planned as the worst case (all layers)
     offload = m.fsdp_config.cpu_offload or m.fsdp_config.offload_params
@@ -163,14 +164,17 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
         # (bench/memory_peak.py, 2026-12-02) as 3 x 129.5 MiB MLP + 4 attention matrices a layer.
         est.parts["dequantized weights (kept layers)"] = kept * shape.linear_params / shape.layers * 2
     # Backward of a layer holds its activations (recomputed or kept) plus their gradients; a
-    # tiled MLP adds one tile's MLP activations and their gradients. With LoRA, the layers that
-    # are not recomputed (the top ones) need little beyond what they keep: their backward runs
-    # first and frees them before any recomputed layer's backward starts, so the step peaks at
-    # the loss with every kept layer live (the H200's 7B QLoRA 32k step: 16.86 GiB measured,
-    # 21.99 planned when a recomputed layer's working set was added on top). Full fine-tuning
-    # keeps the working set on top: an eager 0.5B step without recomputation (fp32 master
-    # weights under autocast) peaked 2.4 % above the plan without it (2026-12-02 H200 rows).
-    if kept == 0 or not lora:
+    # tiled MLP adds one tile's MLP activations and their gradients. In a compiled LoRA run
+    # that recomputes some layers, the layers that are not recomputed (the top ones) need
+    # little beyond what they keep: their backward runs first and frees them before any
+    # recomputed layer's backward starts, so the step peaks at the loss with every kept layer
+    # live (the H200's compiled 7B QLoRA 32k step: 16.86 GiB measured, 21.99 planned with a
+    # recomputed layer's working set on top). Everywhere else the working set stays on top: it
+    # also covers what eager layers keep beyond the per-layer count (eager activations measured
+    # 1.14x that count on a CPU probe of LoRA layers; an eager 0.5B full fine-tune without
+    # recomputation peaked 2.4 % above a plan without it, 2026-12-02 H200 rows). The plan
+    # assumes eager unless model.compile is true: `auto` decides after the plan.
+    if kept == 0 or not lora or not compiled:
         est.parts["backward working set"] = tokens * per_layer
     if kept:
         # At that peak the 32k step also held six fp32 [tokens x hidden] tensors where the layer

@@ -10,16 +10,18 @@ One function serves both batch layouts, so the model never needs a dense mask:
   on CUDA it goes to SDPA's backends in the order SINGLE_SEQUENCE_BACKENDS gives (None: the
   varlen kernel, as every other row). On Hopper that is cuDNN first: `bench/attention_check.py`
   measured cuDNN's attention 1.7x the varlen flash kernel at 8k-32k tokens on the H200, and a
-  trace of the 7B QLoRA step at ~26k tokens 38 % less time in attention (bench/RESULTS.md).
-  cuDNN builds a graph for every new length (~40 ms forward + backward, seen in that trace),
-  so only rows of at least SINGLE_SEQUENCE_MIN_TOKENS go there: at 16k tokens one 7B layer's
-  attention already saves more per step than the build costs; shorter rows stay on varlen
-  flash. Other GPUs keep the varlen kernel (cuDNN's speed there is not measured).
+  trace of the 7B QLoRA step at ~26k tokens 43 % less time in attention (bench/RESULTS.md).
+  cuDNN builds a graph for every new length: ~110 ms a step in that trace (forward, the
+  recomputed forward, backward). So a row goes there only from SINGLE_SEQUENCE_MIN_TOKENS on,
+  set per model where the attention it saves is at least twice that (the saving grows with
+  layers x query width x tokens^2): ~14k tokens for a 7B shape, ~31k for a 0.5B one. Other
+  GPUs keep the varlen kernel (cuDNN's speed there is not measured).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,21 +44,35 @@ _VARLEN, _VARLEN_ARGS = _varlen_kernel()
 
 # SDPA backends (torch.nn.attention.SDPBackend, in order of preference) for a packed row that
 # holds one sample of at least SINGLE_SEQUENCE_MIN_TOKENS on CUDA; None keeps the varlen kernel
-# for it. Set by pick_single_sequence_backends for the training device (a module global, so the
-# compiled layers read a constant).
+# for it. Set by pick_single_sequence_backends for the training device and model (module
+# globals, so the compiled layers read constants).
 SINGLE_SEQUENCE_BACKENDS: list | None = None
 SINGLE_SEQUENCE_MIN_TOKENS = 16384
+# The H200 trace behind the threshold: a 7B shape (28 layers x 3584 query width) at 25.7k
+# tokens saved 0.72 s of attention a step with cuDNN; new-length graph builds cost ~0.11 s.
+_MEASURED_SAVING_S, _MEASURED_WIDTH, _MEASURED_TOKENS, _BUILD_S = 0.72, 28 * 3584, 25_700, 0.11
 
 
-def pick_single_sequence_backends(device: torch.device) -> list | None:
-    """cuDNN then flash on Hopper (measured there), None (the varlen kernel) elsewhere. Leaves a
-    choice already made by hand (bench.py's VERLITE_BENCH_SDPA) as it is."""
-    global SINGLE_SEQUENCE_BACKENDS
+def min_tokens_for_cudnn(layers: int, query_width: int) -> int:
+    """Shortest one-sample row whose cuDNN saving is at least twice the graph builds."""
+    scale = 2 * _BUILD_S / _MEASURED_SAVING_S * _MEASURED_WIDTH / max(1, layers * query_width)
+    return int(_MEASURED_TOKENS * math.sqrt(scale))
+
+
+def pick_single_sequence_backends(device: torch.device, hf_config=None) -> list | None:
+    """cuDNN then flash on Hopper (measured there), None (the varlen kernel) elsewhere, with
+    the row length from which it pays for this model (`hf_config`). Leaves a choice already
+    made by hand (bench.py's VERLITE_BENCH_SDPA) as it is."""
+    global SINGLE_SEQUENCE_BACKENDS, SINGLE_SEQUENCE_MIN_TOKENS
     if SINGLE_SEQUENCE_BACKENDS is None and device.type == "cuda" and supports_varlen(device) \
             and torch.cuda.get_device_capability(device)[0] == 9:
         from torch.nn.attention import SDPBackend
 
         SINGLE_SEQUENCE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+        if hf_config is not None:
+            heads = hf_config.num_attention_heads
+            head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+            SINGLE_SEQUENCE_MIN_TOKENS = min_tokens_for_cudnn(hf_config.num_hidden_layers, heads * head_dim)
     return SINGLE_SEQUENCE_BACKENDS
 
 
@@ -92,7 +108,9 @@ def one_sample(cu: torch.Tensor, tokens: int) -> bool:
     """Does this packed row go to SDPA whole: SDPA backends are set and the row holds exactly
     one sample (cu = [0, T]; read from the shape, not the values: no host sync) of at least
     SINGLE_SEQUENCE_MIN_TOKENS tokens."""
-    return bool(SINGLE_SEQUENCE_BACKENDS) and cu.shape[0] == 2 and tokens >= SINGLE_SEQUENCE_MIN_TOKENS
+    # The length first: with the row's sample count dynamic under torch.compile, testing it
+    # first would add a guard that recompiles for the first short row of one sample.
+    return bool(SINGLE_SEQUENCE_BACKENDS) and tokens >= SINGLE_SEQUENCE_MIN_TOKENS and cu.shape[0] == 2
 
 
 def _varlen(q, k, v, cu, max_len, scale):

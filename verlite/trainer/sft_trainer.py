@@ -125,7 +125,6 @@ class Trainer:
         # only how samples are grouped (by token budget rather than by count).
         # Sequence parallelism splits packed rows, so it always packs.
         self.packed_layout = cfg.data.packing or sp > 1 or (self.device.type == "cuda" and supports_varlen(self.device))
-        pick_single_sequence_backends(self.device)
 
         # Data first: a bad file fails here, before any model or GPU memory is touched
         # (the kernel may already read the weights from disk meanwhile).
@@ -167,6 +166,7 @@ class Trainer:
         if resume_state is not None:
             check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
         hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
+        pick_single_sequence_backends(self.device, hf_model.config)  # before anything compiles
         if sp > 1:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
