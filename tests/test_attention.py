@@ -59,3 +59,28 @@ def test_backends_are_picked_only_for_hopper_gpus(monkeypatch):
     chosen = [SDPBackend.FLASH_ATTENTION]  # a choice made by hand stays
     monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", chosen)
     assert attention.pick_single_sequence_backends(torch.device("cuda", 0)) is chosen
+
+
+def test_a_short_row_of_one_sample_does_not_recompile_the_layers(monkeypatch):
+    """Under torch.compile the row length is tested before the sample count: the other order
+    guards on the (dynamic) sample count and recompiles for the first short one-sample row
+    (a placeholder micro-batch, an OOM split, a sample that fills the budget)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_BACKENDS", [SDPBackend.FLASH_ATTENTION])
+    monkeypatch.setattr(attention, "SINGLE_SEQUENCE_MIN_TOKENS", 16384)
+
+    def layer(x, cu):
+        return x * 2 if attention.one_sample(cu, x.shape[0]) else x + cu.sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="eager")
+    graphs = []
+    for samples, tokens in [(5, 900), (7, 1000), (3, 1100), (1, 700), (4, 800), (1, 650)]:
+        x = torch.randn(tokens, 4)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        compiled(x, torch.zeros(samples + 1, dtype=torch.int32))
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[3:] == [graphs[2]] * 3, graphs  # the short one-sample rows reuse the graph
