@@ -288,3 +288,17 @@ def test_a_bad_first_step_does_not_turn_clipping_off_for_the_next():
     assert sum(clipped) ** 0.5 <= 1.0 + 1e-4, sum(clipped) ** 0.5  # the old code: not clipped at all
     assert float(fused.prev_norm) > 10  # the reported norm is the one before clipping
 
+
+
+def test_an_overflowing_norm_does_not_zero_the_next_steps_gradients():
+    """Every bucket's norm finite but their sum overflowing: the previous finite norm stays
+    (clip / inf would scale the next step's gradients to zero)."""
+    layers, params, opt, fused = _two_layers(fused_adamw=True)
+    x = torch.randn(4, 8)
+    _backward(layers, fused, x)
+    fused.finish()
+    good = fused.prev_norm.clone()
+    _backward(layers, fused, x)
+    fused.sq.fill_(float("inf"))  # what an fp32 overflow of the summed squares leaves
+    fused.finish()
+    assert torch.equal(fused.prev_norm, good)

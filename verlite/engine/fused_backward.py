@@ -113,7 +113,10 @@ class FusedBackward:
         norm = self.sq.sqrt()
         if self.updated:
             prev = self._prev_norm
-            self._prev_norm = norm if prev is None else torch.where(self.bad & torch.isfinite(prev), prev, norm)
+            # A norm that overflowed (every bucket finite, their sum not) is kept out like a bad
+            # step's: the next step would otherwise scale every gradient by clip / inf = 0.
+            bad = self.bad | ~torch.isfinite(norm)
+            self._prev_norm = norm if prev is None else torch.where(bad & torch.isfinite(prev), prev, norm)
         return norm
 
     def abandon(self) -> int:
