@@ -66,7 +66,6 @@ def test_nf4_overhead_script_in_smoke_form():
 
 @pytest.mark.parametrize("results, steps, runs, ooms", [("2026-11-25b-h100-smallcards.jsonl", "2,4", 3, 0),
                                                         ("2026-12-01-h200-smallcards.jsonl", "2,4", 2, 1),
-                                                        ("2026-12-02-h200-qlora12g.jsonl", "2,4", 1, 0),
                                                         ("2026-12-02b-h200-qlora12g.jsonl", "2,4", 1, 0),
                                                         ("2026-12-02-h200-long32k.jsonl", "1,3", 2, 0)])
 def test_the_plan_holds_the_peaks_measured_on_the_gpu(tmp_path, results, steps, runs, ooms):
