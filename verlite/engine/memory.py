@@ -16,6 +16,7 @@ import torch
 
 from verlite.config.load import get_key
 from verlite.config.schema import SFTConfig
+from verlite.engine.compile import parse_setting
 from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.plan")
@@ -121,7 +122,7 @@ def estimate(cfg: SFTConfig, shape: ModelShape, tokens: int, world: int = 1,
     whether a step is one micro-batch (None: when `tokens` holds a step of max_length samples)."""
     m = cfg.model
     lora = m.lora_rank > 0
-    compiled = str(m.compile).lower() == "true"
+    compiled = parse_setting(m.compile) is True  # `auto` is decided after the plan: planned as eager
     ckpt = m.enable_gradient_checkpointing if checkpointing is None else checkpointing
     ckpt = ckpt is True or ckpt == "auto"  # unresolved auto: planned as the worst case (all layers)
     offload = m.fsdp_config.cpu_offload or m.fsdp_config.offload_params
