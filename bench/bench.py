@@ -192,7 +192,9 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
         # Graphs dynamo compiled in all (one per layer shape when nothing recompiles) and every
         # timed step's seconds: a recompile inside a timed step shows in both.
         result.update(graphs_compiled=counters["stats"].get("unique_graphs", 0),
-                      step_times=[round(t, 3) for t in times])
+                      step_times=[round(t, 3) for t in times],
+                      cuda_graphs=(trainer.graph_stats.summary() + ("" if trainer.graphs else " (then off)"))
+                      if trainer.graph_stats is not None else None)
         result.update(ok=True, tokens_per_s=round(tps), step_s=round(sum(times) / len(times), 4),
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                       last_loss=round(r.loss.item(), 4),

@@ -12,11 +12,12 @@
 #   bash bench/gpu_runbook.sh G "$OUT"    # issue 10: 32k after the one-compile and cuDNN fixes, TRL beside
 #   bash bench/gpu_runbook.sh H "$OUT"    # issue 10: what is live at the 7B QLoRA steps' memory peaks
 #   bash bench/gpu_runbook.sh I "$OUT"    # issue 14: traces of a GSM8K-sized step, compiled and eager
+#   bash bench/gpu_runbook.sh J "$OUT"    # issue 14: CUDA-graph steps: GPU tests, GSM8K-sized steps with and without
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to I}
+part=${1:?part A to J}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -89,5 +90,22 @@ case $part in
         python bench/trace_summary.py "$t" --top 15 > "$out/$(basename "$t" .json)_summary.txt" 2>&1
         head -1 "$out/$(basename "$t" .json)_summary.txt"
       done ;;
-  *)  echo "unknown part $part (A to I)" >&2; exit 2 ;;
+  J)  # issue 14: CUDA-graph steps. The GPU tests (graphed runs against eager ones), then the
+      # GSM8K-sized step (0.5B full FT, batch 32 of <= 256-token samples) with graphs on and off,
+      # compiled and eager; 24 warm-up steps so every step shape is captured before the timed ones.
+      step graph_tests 280 python -m pytest -q -x -p no:cacheprovider tests/test_graph_step.py tests/test_loss_kernel.py
+      for c in true false; do
+        for g in auto false; do
+          step "short_c${c}_g${g}" 150 python bench/bench.py --cases full --max_length 256 --warmup 24 --steps 20 \
+              --no_variants --out "$out/short.jsonl" "model.compile=$c" "model.cuda_graphs=$g"
+        done
+      done
+      python - "$out/short.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r.get("setting"), r.get("tokens_per_s"), r.get("step_s"), r.get("peak_gib"), r.get("cuda_graphs"), r.get("error", "")[:200])
+PY
+      ;;
+  *)  echo "unknown part $part (A to J)" >&2; exit 2 ;;
 esac

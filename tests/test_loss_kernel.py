@@ -21,9 +21,17 @@ for vocab in (512, 600, 4096, 5000, 9000):  # below, at and off the kernel's 409
     grad = torch.softmax(logits, -1)
     grad[torch.arange(3), targets] -= 1
     work, loss = logits.clone(), torch.empty(3, device=device)
-    _ce_rows_kernel[(3,)](work, work.stride(0), targets, loss, vocab, WRITE_GRAD=True, BLOCK=4096, num_warps=8)
+    _ce_rows_kernel[(3,)](work, work.stride(0), targets, loss, loss, vocab, WRITE_GRAD=True, WEIGHTED=False,
+                          BLOCK=4096, num_warps=8)
     assert torch.allclose(loss, ref, atol=1e-5), (vocab, loss, ref)
     assert torch.allclose(work, grad, atol=1e-6), vocab
+    # Rows weighted 0 (padding for a fixed shape) add no loss and no gradient.
+    weight = torch.tensor([1.0, 0.0, 1.0], device=device)
+    work, loss = logits.clone(), torch.empty(3, device=device)
+    _ce_rows_kernel[(3,)](work, work.stride(0), targets, weight, loss, vocab, WRITE_GRAD=True, WEIGHTED=True,
+                          BLOCK=4096, num_warps=8)
+    assert torch.allclose(loss, ref * weight, atol=1e-5), (vocab, loss, ref)
+    assert torch.allclose(work, grad * weight[:, None], atol=1e-6), vocab
 print("ok")
 """
 

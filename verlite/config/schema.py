@@ -109,6 +109,9 @@ class ModelConfig:
     # torch.compile each decoder layer (GPU only): true | false | auto (when the planned steps
     # repay the compile time; engine/compile.py holds the rule and its measured constants).
     compile: Union[bool, str] = "auto"
+    # Replay each training step as CUDA graphs (engine/graph_step.py): true | false | auto (on
+    # wherever they can run: one GPU, packed micro-batches, torch's fused AdamW).
+    cuda_graphs: Union[bool, str] = "auto"
     # Frozen base weights stored quantized for QLoRA: None (off) or "nf4". Owned by issue 10.
     quantization: Optional[str] = None
     # verl's model.tiled_mlp: the MLP runs over the sequence in tiles so its intermediate

@@ -31,6 +31,9 @@ class MicroBatch:
     max_seqlen: int
     num_tokens: int  # real (non-padding) tokens
     num_loss_tokens: int
+    # 1.0 per loss position that counts, 0.0 for rows added only to reach a fixed shape
+    # (pad_packed); None: every position in loss_index counts.
+    loss_weight: Optional[torch.Tensor] = None
 
     @property
     def num_samples(self) -> int:
@@ -105,6 +108,37 @@ def collate(ds: SFTDataset, indices: list[int], packed: bool, pad_id: int, zero_
     positions = torch.arange(width).expand(len(ids), width).contiguous()
     loss_index = (label_t.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     return MicroBatch(input_ids, label_t, positions, attn, None, loss_index, width, sum(lengths), num_loss)
+
+
+def bucket(n: int, per_octave: int) -> int:
+    """The smallest size above `n` (strictly: room for at least one padding token) on a grid
+    of `per_octave` sizes per power of two: a varying count rounds to a few fixed sizes, at
+    most 1/per_octave of padding."""
+    step = 1 << max(0, n.bit_length() - 1 - (per_octave.bit_length() - 1))
+    return (n // step + 1) * step
+
+
+def pad_packed(mb: MicroBatch, tokens: int, loss_rows: int, pad_id: int, max_seqlen: int) -> MicroBatch:
+    """A packed micro-batch grown to exactly `tokens` tokens and `loss_rows` loss positions,
+    so that steps of different lengths share one shape (a CUDA graph replays a fixed shape).
+
+    The padding is one extra sample at the end (its own segment in cu_seqlens, so no real
+    token attends to it; positions restart at 0), and the extra loss rows point at it with
+    weight 0: they add nothing to the loss or to any gradient. num_tokens / num_loss_tokens
+    stay the real counts."""
+    real, rows = mb.input_ids.shape[1], len(mb.loss_index)
+    pad, extra = tokens - real, loss_rows - rows
+    if mb.cu_seqlens is None or pad < 1 or extra < 0 or pad > max_seqlen:
+        raise ValueError(f"cannot pad a micro-batch of {real} tokens / {rows} loss rows to {tokens} / {loss_rows}")
+    cat = lambda t, fill: torch.cat([t, torch.full((1, pad), fill, dtype=t.dtype)], dim=1)  # noqa: E731
+    cu = torch.cat([mb.cu_seqlens, torch.tensor([tokens], dtype=mb.cu_seqlens.dtype)])
+    weight = torch.zeros(loss_rows, dtype=torch.float32)
+    weight[:rows] = 1.0 if mb.loss_weight is None else mb.loss_weight
+    return replace(mb, input_ids=cat(mb.input_ids, pad_id), labels=cat(mb.labels, IGNORE_INDEX),
+                   position_ids=torch.cat([mb.position_ids, torch.arange(pad, dtype=mb.position_ids.dtype)[None]], 1),
+                   cu_seqlens=cu, max_seqlen=max_seqlen,
+                   loss_index=torch.cat([mb.loss_index, torch.full((extra,), real, dtype=mb.loss_index.dtype)]),
+                   loss_weight=weight)
 
 
 class StepPlan:

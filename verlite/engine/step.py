@@ -40,7 +40,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 
 
 @contextlib.contextmanager
-def _no_retry_after_oom(where: str):
+def no_retry_after_oom(where: str):
     """An OOM here is not the micro-batches' doing (their activations are freed) and may have
     left weights or optimizer state half-updated (foreach kernels update in place, AdamW builds
     its state lazily): it ends the run with one line instead of the trainer's halve-and-retry."""
@@ -75,7 +75,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], dev
     # `count` is already the global token count; only the loss sums still differ per rank.
     mean_loss = (all_reduce_sum(loss_sum) / count.clamp(min=1.0)).reshape(())
     bad = (~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))).float()
-    with _no_retry_after_oom("the optimizer step"):
+    with no_retry_after_oom("the optimizer step"):
         if optimizer.defaults.get("fused"):
             # Fused AdamW skips the update (and un-counts the step) where found_inf is set, on the
             # device: a NaN never touches weights or moments, and the host never waits here.

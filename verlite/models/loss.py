@@ -8,6 +8,10 @@ logits instead of all of them (a Qwen vocabulary makes that 600 MB per 1k tokens
 On CUDA one Triton kernel per chunk reads the bf16 logits twice (an online logsumexp, then
 softmax minus one-hot written in place): three passes over bf16 instead of the ten or so
 over fp32 that eager PyTorch needs. Elsewhere (CPU, fp32 tests) the same maths in torch.
+
+Rows may carry a weight (0 or 1): a micro-batch padded to a fixed shape for a CUDA graph
+(data/batching.py pad_packed) has loss rows that must add nothing, to the loss or to any
+gradient. The kernel multiplies both by the row's weight, so the padding costs no extra pass.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ except ImportError:  # CPU-only installs
 if triton is not None:
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, WRITE_GRAD: tl.constexpr,
-                        BLOCK: tl.constexpr):
+    def _ce_rows_kernel(logits_ptr, stride, targets_ptr, weight_ptr, loss_ptr, V, WRITE_GRAD: tl.constexpr,
+                        WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         target = tl.load(targets_ptr + row)
+        if WEIGHTED:
+            w = tl.load(weight_ptr + row).to(tl.float32)
+        else:
+            w = 1.0
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         for off in range(0, V, BLOCK):  # online logsumexp, lane-wise, merged after the loop
@@ -47,12 +55,12 @@ if triton is not None:
         m_all = tl.max(m, 0)
         lse = m_all + tl.log(tl.sum(s * tl.exp(m - m_all), 0))
         x_t = tl.load(base + target).to(tl.float32)
-        tl.store(loss_ptr + row, lse - x_t)
+        tl.store(loss_ptr + row, (lse - x_t) * w)
         if WRITE_GRAD:  # d(loss)/d(logits) = softmax - onehot, over the logits in place
             for off in range(0, V, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
                 x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * w
                 tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -60,12 +68,15 @@ def chunk_size_for(vocab: int) -> int:
     return max(64, min(8192, CHUNK_ELEMENTS // vocab))
 
 
-def _rows_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> torch.Tensor:
-    """Per-row loss of `logits` [n, V]; with need_grad the logits become d(loss)/d(logits)."""
+def _rows_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool,
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row loss of `logits` [n, V] (times the row's `weight`); with need_grad the logits
+    become d(loss)/d(logits)."""
     if triton is not None and logits.is_cuda:
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        _ce_rows_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, loss, logits.shape[1],
-                                            WRITE_GRAD=need_grad, BLOCK=4096, num_warps=8)
+        _ce_rows_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, loss if weight is None else weight,
+                                            loss, logits.shape[1], WRITE_GRAD=need_grad, WEIGHTED=weight is not None,
+                                            BLOCK=4096, num_warps=8)
         return loss
     work = logits.float()  # the same tensor when already fp32
     lse = torch.logsumexp(work, dim=-1)
@@ -73,14 +84,16 @@ def _rows_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad:
     if need_grad:
         work.sub_(lse[:, None]).exp_()
         work[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+        if weight is not None:
+            work.mul_(weight[:, None].to(work.dtype))
         if work.data_ptr() != logits.data_ptr():
             logits.copy_(work)
-    return loss
+    return loss if weight is None else loss * weight
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, row_weight=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -89,7 +102,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             logits = h @ weight.t()
-            total += _rows_cross_entropy_(logits, targets[start:start + chunk], need_h or need_w).sum()
+            w = None if row_weight is None else row_weight[start:start + chunk]
+            total += _rows_cross_entropy_(logits, targets[start:start + chunk], need_h or need_w, w).sum()
             if need_h:
                 grad_h[start:start + chunk] = logits @ weight
             if need_w:
@@ -103,15 +117,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             fused: bool = True) -> torch.Tensor:
-    """Sum over rows of CE(hidden @ weight.T, targets), in fp32. hidden: [N, H], targets: [N]."""
+                             fused: bool = True, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rows of CE(hidden @ weight.T, targets) (each times row_weight[row] when
+    given), in fp32. hidden: [N, H], targets: [N], row_weight: [N] fp32."""
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps both in the graph: every rank must backward
     if not fused:
         logits = (hidden @ weight.t()).float()
-        return F.cross_entropy(logits, targets, reduction="sum")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size_for(weight.shape[0]))
+        if row_weight is None:
+            return F.cross_entropy(logits, targets, reduction="sum")
+        return (F.cross_entropy(logits, targets, reduction="none") * row_weight).sum()
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size_for(weight.shape[0]), row_weight)

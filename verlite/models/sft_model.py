@@ -50,6 +50,11 @@ class SFTModel(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
         targets = labels.index_select(0, where)
         weight = lm.get_output_embeddings().weight
+        if mb.loss_weight is not None:  # rows padded to a fixed shape: weight 0, any valid target
+            if self.liger is not None:
+                raise ValueError("model.use_liger takes no weighted loss rows (CUDA graphs pad them; they are off with Liger)")
+            return linear_cross_entropy_sum(h, weight, targets.clamp(min=0), fused=self.fused_loss,
+                                            row_weight=mb.loss_weight)
         if self.liger is not None:
             return self.liger(h, weight, targets)
         return linear_cross_entropy_sum(h, weight, targets, fused=self.fused_loss)

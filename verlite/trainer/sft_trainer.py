@@ -23,7 +23,7 @@ from verlite.data.batching import StepBatches, StepPlan, collate, split_evenly
 from verlite.data.cache import TokenCache
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
-from verlite.engine import gpu_warmup, ulysses
+from verlite.engine import gpu_warmup, graph_step, ulysses
 from verlite.engine.memory import apply_memory_cap, oom_recompute
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
@@ -117,6 +117,9 @@ class Trainer:
         self.is_lora = cfg.model.lora_rank > 0
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
         parse_setting(cfg.model.compile)  # a bad value fails before any loading
+        if graph_step.parse_setting(cfg.model.cuda_graphs) is True and self.device.type != "cuda":
+            raise VerliteError(f"model.cuda_graphs=true cannot run here: they need a GPU (this run: "
+                               f"{self.device.type}); set model.cuda_graphs=auto or false")
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
         apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
@@ -195,7 +198,14 @@ class Trainer:
             self._on_saved)  # host buffers only when a periodic (background) save will come
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
         # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
-        self.autocast = not uses_fsdp(cfg.model, dist_info.world_size) and self.device.type == "cuda"
+        fsdp = uses_fsdp(cfg.model, dist_info.world_size)
+        self.autocast = not fsdp and self.device.type == "cuda"
+        # Steps replayed as CUDA graphs where they can run (None: eager steps). `graph_stats`
+        # keeps the runner for the closing summary after graphs are turned off mid-run.
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.graphs = graph_step.build(cfg, self.model, self.optimizer, self.params, self.device, self.autocast,
+                                       pad_id, fsdp, sp, self.packed_layout)
+        self.graph_stats = self.graphs
 
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
@@ -279,10 +289,10 @@ class Trainer:
             try:
                 for step, micro_batches in zip(range(self.start_step, self.total_steps), batches):
                     global_step = step + 1
-                    step_start = time.perf_counter()
+                    step_start, captured = time.perf_counter(), self._capture_s()
                     result = self._step(micro_batches)
-                    if len(self.first_steps_s) < 10:
-                        self.first_steps_s.append(time.perf_counter() - step_start)
+                    if len(self.first_steps_s) < 10:  # capturing graphs is not compiling
+                        self.first_steps_s.append(time.perf_counter() - step_start - (self._capture_s() - captured))
                     health.add(result)
                     speed.add(int(self.train_ds.lengths[self.plan.step_indices(step)].sum()))
                     metrics.advance()
@@ -334,7 +344,11 @@ class Trainer:
                 metrics.close()
         compile_s = measured_cost(self.compile_choice, self.first_steps_s, record=self.dist.is_main)
         tl.add("compiling", compile_s)
-        tl.add("training", loop_s - compile_s - tl.parts.get("checkpoint pauses", 0.0) - tl.parts.get("validation", 0.0))
+        tl.add("capturing graphs", self._capture_s())
+        if self.graph_stats is not None:
+            log.info("cuda graphs: %s%s", self.graph_stats.summary(), "" if self.graphs is not None else " (then off)")
+        tl.add("training", loop_s - compile_s - self._capture_s() - tl.parts.get("checkpoint pauses", 0.0)
+               - tl.parts.get("validation", 0.0))
         health.check(self.total_steps, t.max_bad_steps, self.run_dir)
         return self._summary(speed, health.last_good_loss(), final, health.skipped)
 
@@ -349,6 +363,9 @@ class Trainer:
                     fixed = steady_max_seqlen(mb.max_seqlen, self.cfg.data.max_length, mb.num_samples)
                     mb = dataclasses.replace(mb, max_seqlen=fixed)
                 mb = ulysses.shard_micro_batch(mb, self.dist)
+                graphs = self.graphs  # read once: the training thread may turn graphs off meanwhile
+                if graphs is not None and mb.cu_seqlens is not None:
+                    mb = graphs.pad(mb)  # one of a few fixed shapes
                 out.append(mb.pin_memory() if pin else mb)
         return StepBatches(step, splits, out)
 
@@ -356,6 +373,14 @@ class Trainer:
         """One optimizer step. On one GPU, running out of memory halves the micro-batches and
         retries the step (gradient accumulation keeps the effective batch) instead of dying."""
         while True:
+            if self.graphs is not None:
+                try:
+                    return self.graphs.step(batches.micro_batches, self.scheduler)
+                except graph_step.GraphsOff as e:
+                    self._graphs_off(str(e))
+                except torch.OutOfMemoryError:
+                    self._graphs_off("out of GPU memory with graphs on (they keep the gradients between steps)")
+                continue
             try:
                 return train_step(self.model, self.optimizer, self.scheduler, batches.micro_batches, self.device,
                                   self.params, self.cfg.optim.clip_grad, self.autocast, self.dist.world_size)
@@ -374,6 +399,18 @@ class Trainer:
                                 "retried; set a lower data.micro_batch_size_per_gpu or max_token_len_per_gpu "
                                 "to avoid the retry", 2 ** self.oom_splits)
                 batches = self._micro_batches(batches.step)
+
+    def _graphs_off(self, reason: str) -> None:
+        """CUDA graphs off for the rest of the run; the step runs again eagerly (no weight has
+        moved: graph_step.py says why)."""
+        log.warning("cuda graphs: off from here on (%s); the step runs again without them", reason)
+        self.graphs.release()
+        self.graphs = None
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+    def _capture_s(self) -> float:
+        return self.graph_stats.capture_s if self.graph_stats is not None else 0.0
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         if self.dist.world_size == 1:
@@ -446,8 +483,8 @@ class Trainer:
                 f"model.fsdp_config.cpu_offload=true, or `verlite plan` to size it")
 
     # The closing line's parts, in this order (timeline.py says what each holds).
-    PARTS = ("start-up", "data", "model loading", "compiling", "training", "checkpoint pauses", "validation",
-             "final checkpoint", "other")
+    PARTS = ("start-up", "data", "model loading", "compiling", "capturing graphs", "training", "checkpoint pauses",
+             "validation", "final checkpoint", "other")
 
     def _summary(self, speed: Throughput, last_loss: float, final: Path, skipped: int) -> dict:
         """The closing line: the whole time since launch, split into parts that add up to it."""
@@ -459,7 +496,7 @@ class Trainer:
                    "wall_time_s": round(speed.elapsed, 2), "tokens_per_s": round(speed.tokens / max(speed.elapsed, 1e-9), 1),
                    "peak_gpu_mem_gb": gpu_mem_gb(), "final_loss": last_loss, "skipped_steps": skipped,
                    "checkpoint": str(final), "train_s": parts["training"],
-                   "train_tokens_per_s": round(speed.tokens / train_s, 1), "compile_s": parts["compiling"],
+                   "train_tokens_per_s": round(speed.tokens / train_s, 1), "compile_s": parts["compiling"], "graph_capture_s": parts["capturing graphs"],
                    "data_s": parts["data"], "data_cache": self.train_ds.cache, "model_load_s": parts["model loading"],
                    "saves": saves.saves, "save_stall_s": parts["checkpoint pauses"],
                    "final_save_s": parts["final checkpoint"], "save_write_s": round(saves.write_s, 2),

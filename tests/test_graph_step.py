@@ -1,0 +1,172 @@
+"""CUDA-graph training steps (engine/graph_step.py).
+
+On CPU: the fixed-shape padding the graphs rely on is exact (same loss and gradients as the
+unpadded micro-batch), the size grid, and the setting's checks. On a GPU (the device run of
+bench/gpu_runbook.sh): whole runs with graphs on against the same runs without them.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from test_trainer import config, rows
+from verlite.config import load_config
+from verlite.data.batching import IGNORE_INDEX, bucket, collate, pad_packed
+from verlite.engine.distributed import init_distributed, shutdown
+from verlite.errors import VerliteError
+from verlite.trainer.sft_trainer import Trainer, run_sft
+
+
+def test_bucket_grid_is_above_n_and_at_most_one_step_of_padding():
+    for per in (4, 8):
+        sizes = set()
+        for n in range(1, 20000, 7):
+            b = bucket(n, per)
+            assert n < b <= n + max(1, 2 ** (n.bit_length() - 1) // per)
+            if 4096 <= n < 8192:
+                sizes.add(b)
+        assert len(sizes) <= per + 1  # a few fixed sizes per power of two
+
+
+def _grads(model, mb):
+    model.zero_grad(set_to_none=True)
+    loss = model(mb)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padded_micro_batch_has_the_same_loss_and_gradients(tmp_path, tiny_model):
+    """The padding sample attends only to itself and its loss rows weigh 0: loss and every
+    gradient equal the unpadded micro-batch's (fp32, CPU: the segment-by-segment attention)."""
+    cfg = config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=4", "data.packing=true",
+                 "trainer.total_training_steps=1")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        mb = trainer._micro_batches(0).micro_batches[0]
+        assert mb.cu_seqlens is not None and mb.loss_weight is None
+        tokens, rows_ = mb.input_ids.shape[1], len(mb.loss_index)
+        padded = pad_packed(mb, bucket(tokens, 8) + 5, bucket(rows_, 4), pad_id=0, max_seqlen=mb.max_seqlen + 32)
+        assert padded.input_ids.shape[1] == bucket(tokens, 8) + 5 and len(padded.loss_index) == bucket(rows_, 4)
+        assert padded.num_tokens == mb.num_tokens and padded.num_loss_tokens == mb.num_loss_tokens
+        assert int(padded.cu_seqlens[-1]) == padded.input_ids.shape[1] and len(padded.cu_seqlens) == len(mb.cu_seqlens) + 1
+        assert (padded.labels[0, tokens:] == IGNORE_INDEX).all() and padded.loss_weight[rows_:].sum() == 0
+        model = trainer.model
+        loss_a, grads_a = _grads(model, mb)
+        loss_b, grads_b = _grads(model, padded)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        shutdown()
+
+
+def test_pad_refuses_what_it_cannot_pad(tmp_path, tiny_model):
+    cfg = config(tmp_path, tiny_model, "data.micro_batch_size_per_gpu=2", "data.packing=true",
+                 "trainer.total_training_steps=1")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        mb = trainer._micro_batches(0).micro_batches[0]
+        tokens = mb.input_ids.shape[1]
+        with pytest.raises(ValueError):  # no room for the padding sample
+            pad_packed(mb, tokens, len(mb.loss_index), 0, mb.max_seqlen)
+        with pytest.raises(ValueError):  # fewer loss rows than the micro-batch has
+            pad_packed(mb, tokens + 4, len(mb.loss_index) - 1, 0, mb.max_seqlen)
+        padded_rows = collate(trainer.train_ds, [0, 1], packed=False, pad_id=0)
+        with pytest.raises(ValueError):  # padded rows have no segments to add to
+            pad_packed(padded_rows, 999, 999, 0, 999)
+    finally:
+        shutdown()
+
+
+def test_cuda_graphs_setting_is_checked_before_loading(tmp_path, tiny_model, caplog):
+    with pytest.raises(VerliteError, match="model.cuda_graphs is 'sometimes'"):
+        run_sft(config(tmp_path / "a", tiny_model, "model.cuda_graphs=sometimes", "trainer.total_training_steps=1"))
+    with pytest.raises(VerliteError, match="model.cuda_graphs=true cannot run here: they need a GPU"):
+        run_sft(config(tmp_path / "b", tiny_model, "model.cuda_graphs=true", "trainer.total_training_steps=1"))
+    with caplog.at_level("INFO", logger="verlite"):
+        run_sft(config(tmp_path / "c", tiny_model, "trainer.total_training_steps=1"))
+    assert "cuda graphs: off (they need a GPU (this run: cpu))" in caplog.text
+
+
+# ---- on a GPU -----------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs run on a GPU")
+
+
+def _gpu_run(tmp_path, model, graphs: str, *extra, steps: int = 24):
+    data = write_jsonl(tmp_path / "train.jsonl", rows(64))
+    cfg = load_config(None, [f"data.train_files={data}", f"model.partial_pretrain={model}",
+                             f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.save_freq=-1",
+                             "trainer.logger=console", "optim.lr=1e-3", "optim.warmup_steps_ratio=0",
+                             "data.micro_batch_size_per_gpu=4", f"trainer.total_training_steps={steps}",
+                             "trainer.log_interval=1", f"model.cuda_graphs={graphs}", "model.compile=false",
+                             "model.enable_gradient_checkpointing=false", *extra])
+    trainer = Trainer(cfg, init_distributed("cuda"))
+    losses = []
+    original = trainer._step
+
+    def step(batches):
+        result = original(batches)
+        losses.append(result.loss.item())
+        return result
+
+    trainer._step = step
+    try:
+        trainer.fit()
+        stats = trainer.graph_stats
+        weights = {n: p.detach().float().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return losses, weights, stats, trainer.graphs is not None
+    finally:
+        shutdown()
+
+
+@gpu
+@pytest.mark.parametrize("extra", [(), ("model.lora_rank=8", "model.target_modules=all-linear"),
+                                   ("model.enable_gradient_checkpointing=true",), ("model.compile=true",),
+                                   ("data.train_batch_size=8",)],
+                         ids=["full", "lora", "recompute", "compiled", "accumulation"])
+def test_graphed_run_follows_the_eager_run(tmp_path, tiny_model, extra):
+    eager, w_eager, none, _ = _gpu_run(tmp_path / "eager", tiny_model, "false", *extra)
+    graphed, w_graphed, stats, still_on = _gpu_run(tmp_path / "graphs", tiny_model, "true", *extra)
+    assert none is None
+    assert still_on, "graphs were turned off during the run"
+    assert stats.replays > 0 and stats.captures >= 2, stats.summary()
+    # bf16 compute at another token count (padding) rounds differently: close, not equal.
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=2e-2)
+    for name in w_eager:
+        torch.testing.assert_close(w_graphed[name], w_eager[name], rtol=0, atol=5e-3, msg=name)
+
+
+@gpu
+def test_nan_step_is_skipped_inside_the_graph(tmp_path, tiny_model):
+    """A step whose loss is NaN leaves the weights untouched, replayed as when eager."""
+    from verlite.data.batching import MicroBatch
+
+    data = write_jsonl(tmp_path / "train.jsonl", rows(64))
+    cfg = load_config(None, [f"data.train_files={data}", f"model.partial_pretrain={tiny_model}",
+                             f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.save_freq=-1",
+                             "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=8",
+                             "model.cuda_graphs=true", "model.compile=false"])
+    trainer = Trainer(cfg, init_distributed("cuda"))
+    try:
+        batches = [trainer._micro_batches(0) for _ in range(4)]  # one shape, run 4 times
+        for b in batches[:3]:
+            trainer._step(b)
+        assert trainer.graphs.step_graph is not None and trainer.graphs.replays > 0
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        # A NaN loss: one loss row weighs NaN, so the loss and its gradients are NaN.
+        bad = batches[3]
+        mb: MicroBatch = bad.micro_batches[0]
+        weight = mb.loss_weight.clone()
+        weight[0] = float("nan")
+        bad.micro_batches[0] = dataclasses.replace(mb, loss_weight=weight)
+        result = trainer._step(bad)
+        assert result.skipped.item() == 1.0 and not torch.isfinite(result.loss).item()
+        for n, p in trainer.model.named_parameters():
+            assert torch.equal(p.detach(), before[n]), n
+        good = trainer._step(batches[0])
+        assert good.skipped.item() == 0.0 and torch.isfinite(good.loss).item()
+    finally:
+        shutdown()

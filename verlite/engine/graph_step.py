@@ -1,0 +1,262 @@
+"""Training steps replayed as CUDA graphs (model.cuda_graphs).
+
+Why: a step of short samples leaves the GPU waiting on the host. On the H200 a GSM8K-sized
+step (0.5B model, 32 samples of ~205 tokens, ~7k tokens) launched ~1,800 kernels and took
+127 ms compiled with the GPU busy for 52 ms, 269 ms eager with 84 ms busy (bench/RESULTS.md,
+"Where a GSM8K-sized step goes"): launches cost 7-10 us each there. A captured graph replays
+all of them with one launch.
+
+How, decided here once:
+- Shapes. A graph replays fixed shapes, and every step has another token count. Each packed
+  micro-batch is padded (data/batching.py pad_packed) to a token count on a grid of
+  TOKENS_PER_OCTAVE sizes per power of two and its loss rows to LOSS_ROWS_PER_OCTAVE. The
+  padding is a sample of its own whose loss rows weigh 0, so loss and gradients are those of
+  the unpadded micro-batch. Eight sizes per octave keep the padding at 1/8 at most (~5 % on
+  GSM8K, where the 233 steps of one epoch fall on about 8 shapes); loss rows only feed the
+  vocabulary projection, so four per octave cost little more and halve the shapes.
+- Graphs. One per micro-batch shape (forward and backward, accumulating into gradient
+  buffers that live as long as the run) and one for the rest of the step (clip, NaN guard,
+  AdamW, zeroing): a step of any number of micro-batches replays the same graphs.
+- Warm-up. A shape runs eagerly the first time it comes (the warm-up CUDA asks for before a
+  capture: lazy initialisation, Triton and compiled kernels, the optimizer's state) and is
+  captured the second time, so a shape seen once costs nothing extra. All of it runs on one
+  side stream, as captures must.
+- Host values. What changes per step enters through device tensors filled before the
+  replays: the loss tokens behind the mean, and the learning rate (torch's fused AdamW reads a
+  tensor lr when captured; the param groups keep floats for the schedule and checkpoints).
+- Memory. All graphs share one pool: nothing a graph allocates is read after another graph
+  replays (the step's results are copied into tensors made outside the pool). The gradients
+  stay allocated between steps (the eager step frees them): a step's forward holds them too.
+- Exactness. The update is the eager step's: same clip, same skip of a NaN/inf step (fused
+  AdamW's found_inf on the device), same mean over loss tokens. Numbers differ only by the
+  kernels' own rounding at another length.
+
+What it needs: one GPU without FSDP, packed micro-batches (the GPU default), torch's fused
+AdamW on the GPU, the plain optimizer step (not optim.fused_backward), no offload, no Liger
+loss, no NF4 base (`why_not` says which is missing). A capture that fails, or anything the
+graphs' run raises, turns them off for the rest of the run (logged once) and the step runs
+again eagerly: a capture runs no kernel, and no weight moves before the step's last graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import fields
+
+import torch
+
+from verlite.data.batching import MicroBatch, bucket, pad_packed
+from verlite.engine.step import StepResult, no_retry_after_oom, clip_grad_norm
+from verlite.errors import VerliteError
+
+log = logging.getLogger("verlite.engine")
+
+TOKENS_PER_OCTAVE = 8
+LOSS_ROWS_PER_OCTAVE = 4
+# A packed row of many short samples gets this max_seqlen when data.max_length is at most
+# it (the varlen kernel only needs an upper bound; the blocks past a sample's end exit at
+# once); longer bounds round the row's own longest sample up instead.
+FIXED_MAX_SEQLEN_UP_TO = 4096
+
+
+class GraphsOff(Exception):
+    """The graphs cannot run this step (a capture failed): the caller reruns it eagerly."""
+
+
+def parse_setting(setting) -> bool | str:
+    """model.cuda_graphs as True, False or "auto"; anything else is the user's error."""
+    if isinstance(setting, bool):
+        return setting
+    if isinstance(setting, str) and setting.lower() in ("true", "false", "auto"):
+        return {"true": True, "false": False}.get(setting.lower(), "auto")
+    raise VerliteError(f"model.cuda_graphs is {setting!r}; use true, false or auto")
+
+
+def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, optimizer) -> str | None:
+    """What keeps this run from CUDA graphs, or None when they can run."""
+    m = cfg.model
+    checks = [
+        (device.type != "cuda", f"they need a GPU (this run: {device.type})"),
+        (fsdp, "the model is sharded with FSDP (several processes or offload)"),
+        (sp_size > 1, "sequence parallelism splits the rows"),
+        (not packed, "micro-batches are padded rows, not packed ones"),
+        (getattr(optimizer, "fused_backward", None) is not None, "optim.fused_backward updates inside backward"),
+        (not optimizer.defaults.get("fused"), f"optimizer {cfg.optim.optimizer_impl}.{cfg.optim.optimizer} is not "
+                                              "torch's fused AdamW on the GPU"),
+        (m.enable_activation_offload, "model.enable_activation_offload copies to host memory"),
+        (m.use_liger, "model.use_liger's loss takes no padded rows"),
+        (m.quantization is not None, "an NF4 base is not measured with graphs yet"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, pad_id: int, fsdp: bool,
+          sp_size: int, packed: bool) -> "GraphedSteps | None":
+    """GraphedSteps when model.cuda_graphs allows it here, else None; the choice is logged.
+    model.cuda_graphs=true on a run that cannot use them is an error (it names what is missing)."""
+    setting = parse_setting(cfg.model.cuda_graphs)
+    if setting is False:
+        log.info("cuda graphs: off (model.cuda_graphs=false)")
+        return None
+    reason = why_not(cfg, device, fsdp, sp_size, packed, optimizer)
+    if reason is not None:
+        if setting is True:
+            raise VerliteError(f"model.cuda_graphs=true cannot run here: {reason}; set model.cuda_graphs=auto or false")
+        log.info("cuda graphs: off (%s)", reason)
+        return None
+    log.info("cuda graphs: on (model.cuda_graphs=%s): steps padded to %d token sizes per octave, each shape "
+             "captured the second time it comes", cfg.model.cuda_graphs, TOKENS_PER_OCTAVE)
+    return GraphedSteps(model, optimizer, params, cfg.optim.clip_grad, device, autocast, pad_id, cfg.data.max_length)
+
+
+class _Shape:
+    """One micro-batch shape: its input buffers on the GPU and, from its second run, its graph."""
+
+    def __init__(self, inputs: MicroBatch):
+        self.inputs = inputs
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class GraphedSteps:
+    def __init__(self, model, optimizer, params, clip_grad: float, device: torch.device, autocast: bool,
+                 pad_id: int, max_length: int):
+        self.model, self.optimizer, self.params, self.clip = model, optimizer, params, clip_grad
+        self.device, self.pad_id, self.max_length = device, pad_id, max_length
+        self.autocast = autocast
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.shapes: dict[tuple, _Shape] = {}
+        self.step_graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+        self.grads: list[torch.Tensor] | None = None  # the gradient buffers the graphs accumulate into
+        self.captures, self.capture_s, self.replays = 0, 0.0, 0
+        with torch.cuda.stream(self.stream):  # made outside any graph's pool
+            self.scale = torch.zeros((), device=device)  # 1 / the step's loss tokens
+            self.count = torch.zeros((), device=device)
+            self.loss_sum = torch.zeros((), device=device)
+            self.out = torch.zeros(3, device=device)  # mean loss, grad norm, skipped
+            self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in optimizer.param_groups]
+
+    # ---- on the prefetch thread ------------------------------------------------------------
+    def pad(self, mb: MicroBatch) -> MicroBatch:
+        """`mb` grown to its shape's fixed size (a packed micro-batch, on the host)."""
+        tokens = bucket(mb.input_ids.shape[1], TOKENS_PER_OCTAVE)
+        rows = bucket(len(mb.loss_index), LOSS_ROWS_PER_OCTAVE)
+        longest = self.max_length if self.max_length <= FIXED_MAX_SEQLEN_UP_TO else bucket(mb.max_seqlen, 4)
+        return pad_packed(mb, tokens, rows, self.pad_id, max(longest, mb.max_seqlen, tokens - mb.input_ids.shape[1]))
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self, micro_batches: list[MicroBatch], scheduler) -> StepResult:
+        """The optimizer step over `micro_batches` (each from `pad`), then the schedule's."""
+        local = sum(mb.num_loss_tokens for mb in micro_batches)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            # Kernel arguments, not copies: nothing here waits for the GPU.
+            self.count.fill_(float(local))
+            self.scale.fill_(1.0 / max(local, 1))
+            for lr, group in zip(self.lrs, self.optimizer.param_groups):
+                lr.fill_(float(group["lr"]))
+            for mb in micro_batches:
+                self._forward_backward(mb)
+            if self.grads is None:
+                self._keep_gradients()
+            if self.step_graph is not None:
+                self.step_graph.replay()
+                self.replays += 1
+            elif self.steps >= 1:
+                self.step_graph = self._capture(self._update, as_captured=True)
+                self.step_graph.replay()
+            else:
+                with no_retry_after_oom("the optimizer step"):
+                    self._update()
+            self.steps += 1
+            out = self.out.clone()
+        caller.wait_stream(self.stream)
+        scheduler.step()
+        return StepResult(out[0], out[1], out[2])
+
+    def _forward_backward(self, mb: MicroBatch) -> None:
+        key = (mb.input_ids.shape[1], len(mb.loss_index), len(mb.cu_seqlens), mb.max_seqlen)
+        shape = self.shapes.get(key)
+        if shape is None:  # first time: eager, into new input buffers
+            shape = self.shapes[key] = _Shape(mb.to(self.device))
+            self._accumulate(shape.inputs)
+            return
+        for f in fields(mb):
+            value = getattr(mb, f.name)
+            if isinstance(value, torch.Tensor):
+                getattr(shape.inputs, f.name).copy_(value, non_blocking=True)
+        if shape.graph is None:
+            shape.graph = self._capture(lambda: self._accumulate(shape.inputs))
+        shape.graph.replay()
+        self.replays += 1
+
+    def _accumulate(self, inputs: MicroBatch) -> None:
+        """Forward and backward of one micro-batch: gradients add up, as does the loss sum."""
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with amp:
+            loss = self.model(inputs)
+        (loss * self.scale).backward()
+        self.loss_sum += loss.detach().reshape(())
+
+    def _keep_gradients(self) -> None:
+        """After the first backward: its gradients are the buffers every later step adds into."""
+        missing = [p for p in self.params if p.grad is None]
+        if missing:
+            raise GraphsOff(f"{len(missing)} trained weight(s) got no gradient in the first step (a graph would "
+                            "update them with a zero gradient where the eager step leaves them alone)")
+        self.grads = [p.grad for p in self.params]
+
+    def _update(self) -> None:
+        """Clip, NaN guard, AdamW, zeroing: the end of train_step, without host reads."""
+        grad_norm = clip_grad_norm(self.params, self.clip).reshape(())
+        mean_loss = (self.loss_sum / self.count.clamp(min=1.0)).reshape(())
+        bad = (~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))).float()
+        self.optimizer.found_inf = bad  # fused AdamW skips the update on the device where it is set
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)  # the buffers stay: the graphs add into them
+        self.out.copy_(torch.stack([mean_loss, grad_norm.to(mean_loss.dtype), bad]))
+        self.loss_sum.zero_()
+
+    def _capture(self, fn, as_captured: bool = False) -> torch.cuda.CUDAGraph:
+        """`fn`'s kernels as a graph (run nothing). `as_captured`: the optimizer step, whose lr
+        must be a device tensor and whose groups must say capturable while it is recorded."""
+        if self.grads is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise GraphsOff("the gradient buffers were replaced outside the graphs")
+        groups = self.optimizer.param_groups
+        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            if as_captured:
+                for g, lr in zip(groups, self.lrs):
+                    g["lr"], g["capturable"] = lr, True
+            # thread_local: the prefetch thread pins host memory meanwhile, which a global
+            # capture would forbid; this thread and autograd's record into the capture stream.
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                fn()
+        except torch.OutOfMemoryError as e:
+            raise GraphsOff(f"out of GPU memory while capturing ({str(e).splitlines()[0][:120]})") from e
+        except RuntimeError as e:
+            raise GraphsOff(f"capture failed: {str(e).splitlines()[0][:200]}") from e
+        finally:
+            for g, (lr, capturable) in zip(groups, saved):
+                g["lr"], g["capturable"] = lr, capturable
+        self.captures += 1
+        self.capture_s += time.perf_counter() - start
+        return graph
+
+    def release(self) -> None:
+        """Drop every graph and buffer (graphs off for the rest of the run)."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.shapes.clear()
+        self.step_graph = None
+        self.grads = None
+        self.loss_sum.zero_()
+
+    def summary(self) -> str:
+        return (f"{len(self.shapes)} micro-batch shape(s), {self.captures} capture(s) in {self.capture_s:.1f} s, "
+                f"{self.replays} replay(s)")
