@@ -43,6 +43,12 @@ def test_compile_auto_rule():
     assert comp.decide("auto", gpu, math.ceil((comp.COLD_S + comp.SETUP_S) / (3 * 24 * comp.SAVED_S_PER_PASS)), 1, 24, warm=False,
                        recomputed=24).enabled
     assert "72 layer passes (24 layers, 24 recomputed)" in comp.decide("auto", gpu, 10, 1, 24, False, 24).reason
+    # Replayed as CUDA graphs, a step saves only GPU time: the break-even moves out.
+    graphed = math.ceil((comp.COLD_S + comp.SETUP_S) / (2 * 24 * comp.SAVED_S_PER_PASS_GRAPHED))
+    assert graphed > even
+    assert not comp.decide("auto", gpu, graphed - 1, 1, 24, warm=False, graphs=True).enabled
+    assert comp.decide("auto", gpu, graphed, 1, 24, warm=False, graphs=True).enabled
+    assert "(CUDA graphs)" in comp.decide("auto", gpu, graphed, 1, 24, warm=False, graphs=True).reason
     assert not comp.decide("auto", cpu, 10**6, 8, 24, warm=True).enabled
     assert not comp.decide(True, cpu, 10, 1, 24, warm=False).enabled  # compiling is GPU-only
     assert comp.decide("true", gpu, 1, 1, 24, warm=False).enabled

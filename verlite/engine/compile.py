@@ -58,6 +58,10 @@ from verlite.errors import VerliteError
 log = logging.getLogger("verlite.engine")
 
 SAVED_S_PER_PASS = 0.0013  # host time compiling saves per layer pass (fwd, bwd or recompute) per micro-batch
+# With the step replayed as CUDA graphs (engine/graph_step.py) launches cost nothing and
+# compiling saves only GPU time (fused element-wise kernels): H200, 2026-12-02, the 0.5B
+# shape at ~7.9k tokens a step, replayed steps 92 ms eager and 60 ms compiled, 48 layer passes.
+SAVED_S_PER_PASS_GRAPHED = 0.00067
 # Measured on the H200 (bench/gsm8k_cli.py, 2026-12-01): one compile of the 0.5B shape's
 # layer, the token dimension dynamic from the start, cold and with the caches filled.
 COLD_S = 15.4  # first compile of a layer shape on this machine (0.5B shape, H200)
@@ -187,11 +191,13 @@ def parse_setting(setting) -> bool | str:
 
 
 def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool,
-           recomputed: int = 0, known: dict | None = None, shapes: dict[str, dict] | None = None) -> CompileChoice:
+           recomputed: int = 0, known: dict | None = None, shapes: dict[str, dict] | None = None,
+           graphs: bool = False) -> CompileChoice:
     """model.compile (true | false | auto) to a yes/no and the reason, for the log.
     `recomputed`: layers that gradient checkpointing runs forward twice. `known`: this
     machine's cache entry for the shape (its measured compile costs), when it has one;
-    `shapes`: all of this cache's entries (see compile_cost)."""
+    `shapes`: all of this cache's entries (see compile_cost). `graphs`: the steps replay as
+    CUDA graphs, so compiling saves GPU time only."""
     setting = parse_setting(setting)
     if setting is True:
         if device.type != "cuda":
@@ -202,13 +208,14 @@ def decide(setting, device: torch.device, steps: int, micro_batches: int, layers
     if device.type != "cuda":
         return CompileChoice(False, "model.compile=auto: off on CPU (compiling pays only on a GPU)")
     passes = 2 * layers + recomputed
-    saving = steps * micro_batches * passes * SAVED_S_PER_PASS
+    per_pass = SAVED_S_PER_PASS_GRAPHED if graphs else SAVED_S_PER_PASS
+    saving = steps * micro_batches * passes * per_pass
     cost, source = compile_cost((known if known is not None else {}) if warm else None, shapes)
     cost += SETUP_S
     verdict = "on" if saving >= cost else "off"
     return CompileChoice(saving >= cost, f"model.compile=auto: {verdict} ({steps} steps x {micro_batches} micro-batch(es) "
                                          f"x {passes} layer passes ({layers} layers, {recomputed} recomputed) x "
-                                         f"~{SAVED_S_PER_PASS * 1000:g} ms would save ~{saving:.0f} s against ~{cost:.0f} s "
+                                         f"~{per_pass * 1000:g} ms{' (CUDA graphs)' if graphs else ''} would save ~{saving:.0f} s against ~{cost:.0f} s "
                                          f"to compile {source})")
 
 
@@ -251,7 +258,8 @@ def measured_cost(choice: CompileChoice, first_steps_s: list[float], record: boo
     return seconds
 
 
-def maybe_compile(model, setting, device: torch.device, steps: int, micro_batches: int) -> CompileChoice:
+def maybe_compile(model, setting, device: torch.device, steps: int, micro_batches: int,
+                  graphs: bool = False) -> CompileChoice:
     """Decide, log the decision in one line, and compile with the persistent caches. The
     choice carries the shape's signature and whether the caches held it, for `record_cost`."""
     folder = compile_cache_dir()
@@ -260,7 +268,8 @@ def maybe_compile(model, setting, device: torch.device, steps: int, micro_batche
     known = shapes.get(signature)
     layers = model.decoder_layers()
     recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
-    choice = decide(setting, device, steps, micro_batches, len(layers), known is not None, recomputed, known, shapes)
+    choice = decide(setting, device, steps, micro_batches, len(layers), known is not None, recomputed, known, shapes,
+                    graphs)
     choice.signature, choice.warm = signature, known is not None
     log.info("compile: %s", choice.reason)
     if choice.enabled:

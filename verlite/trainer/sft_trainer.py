@@ -186,17 +186,6 @@ class Trainer:
         self.start_step = 0
         if resume_state is not None:
             self._restore(resume_from, resume_state)
-        micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
-        self.compile_choice = maybe_compile(self.model, cfg.model.compile, self.device,
-                                            max(0, self.total_steps - self.start_step), micro_batches)
-        self.compiled = self.compile_choice.enabled
-        self.timeline.add("model loading", time.perf_counter() - started)
-        self.saver = async_checkpoint.Checkpointer(
-            cfg.trainer.async_save, dist_info.is_main,
-            async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
-            if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
-            self._on_saved)  # host buffers only when a periodic (background) save will come
-        self.oom_splits = 0  # each OOM halves every micro-batch from then on
         # Without FSDP on a GPU, bf16 compute comes from autocast instead of FSDP's policy.
         fsdp = uses_fsdp(cfg.model, dist_info.world_size)
         self.autocast = not fsdp and self.device.type == "cuda"
@@ -206,6 +195,18 @@ class Trainer:
         self.graphs = graph_step.build(cfg, self.model, self.optimizer, self.params, self.device, self.autocast,
                                        pad_id, fsdp, sp, self.packed_layout)
         self.graph_stats = self.graphs
+        micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
+        self.compile_choice = maybe_compile(self.model, cfg.model.compile, self.device,
+                                            max(0, self.total_steps - self.start_step), micro_batches,
+                                            graphs=self.graphs is not None)
+        self.compiled = self.compile_choice.enabled
+        self.timeline.add("model loading", time.perf_counter() - started)
+        self.saver = async_checkpoint.Checkpointer(
+            cfg.trainer.async_save, dist_info.is_main,
+            async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
+            if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
+            self._on_saved)  # host buffers only when a periodic (background) save will come
+        self.oom_splits = 0  # each OOM halves every micro-batch from then on
 
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
