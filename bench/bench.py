@@ -142,7 +142,13 @@ def run_verlite(case: str, model: Path, warmup: int, steps: int, max_length: int
     result = {"impl": "verlite", "case": case, "global_batch": batch, "max_length": length, "world": dist.world_size,
               "master_dtype": precision(cfg)}
     sdpa = os.environ.get("VERLITE_BENCH_SDPA")
-    setting = " ".join(extra + ([f"one-sample rows: sdpa {sdpa}"] if sdpa else [])) or None
+    unfused = bool(os.environ.get("VERLITE_BENCH_NO_FUSED_NORM"))
+    if unfused:  # transformers' own RMSNorm, to measure models/fused_norm.py against it
+        import verlite.trainer.sft_trainer as sft_trainer
+
+        sft_trainer.use_fused_rms_norm = lambda model: 0
+    setting = " ".join(extra + ([f"one-sample rows: sdpa {sdpa}"] if sdpa else []) +
+                       (["transformers' RMSNorm"] if unfused else [])) or None
     try:
         trainer = Trainer(cfg, dist, train_ds=ds)
         result.update(predicted_gib=predicted_peak(cfg, dist.world_size), switches=switches(cfg))

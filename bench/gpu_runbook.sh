@@ -13,11 +13,12 @@
 #   bash bench/gpu_runbook.sh H "$OUT"    # issue 10: what is live at the 7B QLoRA steps' memory peaks
 #   bash bench/gpu_runbook.sh I "$OUT"    # issue 14: traces of a GSM8K-sized step, compiled and eager
 #   bash bench/gpu_runbook.sh J "$OUT"    # issue 14: CUDA-graph steps: GPU tests, GSM8K-sized steps with and without
+#   bash bench/gpu_runbook.sh K "$OUT"    # issue 14: eager graphed step: fused RMSNorm or not, and a trace of its kernels
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to J}
+part=${1:?part A to K}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -107,5 +108,23 @@ for line in open(sys.argv[1]):
     print(r.get("setting"), r.get("tokens_per_s"), r.get("step_s"), r.get("peak_gib"), r.get("cuda_graphs"), r.get("error", "")[:200])
 PY
       ;;
-  *)  echo "unknown part $part (A to J)" >&2; exit 2 ;;
+  K)  # issue 14: what bounds the eager graphed step (compile auto keeps GSM8K's first launch eager):
+      # torch.rms_norm against transformers' RMSNorm, then a trace of the replayed step's kernels
+      step norm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_fused_norm.py tests/test_graph_step.py
+      step eager_fused 150 python bench/bench.py --cases full --max_length 256 --warmup 24 --steps 20 --no_variants \
+          --out "$out/eager_fused.jsonl" model.compile=false
+      VERLITE_BENCH_NO_FUSED_NORM=1 step eager_unfused 150 python bench/bench.py --cases full --max_length 256 \
+          --warmup 24 --steps 20 --no_variants --out "$out/eager_unfused.jsonl" model.compile=false
+      step eager_trace 150 python bench/bench.py --cases full --max_length 256 --warmup 24 --steps 2 --no_variants \
+          --trace /tmp/traces_K --out "$out/eager_trace.jsonl" model.compile=false
+      for t in /tmp/traces_K/*.json; do
+        python bench/trace_summary.py "$t" --top 25 > "$out/$(basename "$t" .json)_summary.txt" 2>&1
+        head -40 "$out/$(basename "$t" .json)_summary.txt"
+      done
+      cat "$out"/eager_fused.jsonl "$out"/eager_unfused.jsonl | python -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l)
+    print(r.get('setting'), r.get('tokens_per_s'), r.get('cuda_graphs'), r.get('step_times'))" ;;
+  *)  echo "unknown part $part (A to K)" >&2; exit 2 ;;
 esac

@@ -34,6 +34,7 @@ from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
 from verlite.models import lean_imports
 from verlite.models.attention import pick_single_sequence_backends, supports_varlen
+from verlite.models.fused_norm import use_fused_rms_norm
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
@@ -170,6 +171,8 @@ class Trainer:
             check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
         hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
         pick_single_sequence_backends(self.device, hf_model.config)  # before anything compiles
+        if self.device.type == "cuda":
+            use_fused_rms_norm(hf_model)  # one kernel instead of five a norm (models/fused_norm.py)
         if sp > 1:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
