@@ -47,7 +47,7 @@ from dataclasses import fields
 
 import torch
 
-from verlite.data.batching import MicroBatch, bucket, pad_packed
+from verlite.data.batching import MicroBatch, bucket, bucket_step, pad_packed
 from verlite.engine.step import StepResult, no_retry_after_oom, clip_grad_norm
 from verlite.errors import VerliteError
 
@@ -142,10 +142,13 @@ class GraphedSteps:
     # ---- on the prefetch thread ------------------------------------------------------------
     def pad(self, mb: MicroBatch) -> MicroBatch:
         """`mb` grown to its shape's fixed size (a packed micro-batch, on the host)."""
-        tokens = bucket(mb.input_ids.shape[1], TOKENS_PER_OCTAVE)
+        real = mb.input_ids.shape[1]
+        tokens = bucket(real, TOKENS_PER_OCTAVE)
         rows = bucket(len(mb.loss_index), LOSS_ROWS_PER_OCTAVE)
         longest = self.max_length if self.max_length <= FIXED_MAX_SEQLEN_UP_TO else bucket(mb.max_seqlen, 4)
-        return pad_packed(mb, tokens, rows, self.pad_id, max(longest, mb.max_seqlen, tokens - mb.input_ids.shape[1]))
+        # The padding sample can be longer than any real one; bounded by the grid's spacing (not
+        # its own length), max_seqlen stays one value per shape.
+        return pad_packed(mb, tokens, rows, self.pad_id, max(longest, mb.max_seqlen, bucket_step(real, TOKENS_PER_OCTAVE)))
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self, micro_batches: list[MicroBatch], scheduler) -> StepResult:
