@@ -114,8 +114,13 @@ def bucket(n: int, per_octave: int) -> int:
     """The smallest size above `n` (strictly: room for at least one padding token) on a grid
     of `per_octave` sizes per power of two: a varying count rounds to a few fixed sizes, at
     most 1/per_octave of padding."""
-    step = 1 << max(0, n.bit_length() - 1 - (per_octave.bit_length() - 1))
+    step = bucket_step(n, per_octave)
     return (n // step + 1) * step
+
+
+def bucket_step(n: int, per_octave: int) -> int:
+    """The spacing of bucket()'s grid around `n` (so also the most padding it adds)."""
+    return 1 << max(0, n.bit_length() - 1 - (per_octave.bit_length() - 1))
 
 
 def pad_packed(mb: MicroBatch, tokens: int, loss_rows: int, pad_id: int, max_seqlen: int) -> MicroBatch:
