@@ -60,8 +60,9 @@ log = logging.getLogger("verlite.engine")
 SAVED_S_PER_PASS = 0.0013  # host time compiling saves per layer pass (fwd, bwd or recompute) per micro-batch
 # With the step replayed as CUDA graphs (engine/graph_step.py) launches cost nothing and
 # compiling saves only GPU time (fused element-wise kernels): H200, 2026-12-02, the 0.5B
-# shape at ~7.9k tokens a step, replayed steps 92 ms eager and 60 ms compiled, 48 layer passes.
-SAVED_S_PER_PASS_GRAPHED = 0.00067
+# shape at ~7.9k tokens a step (bench.py full --max_length 256), replayed steps 82 ms eager
+# (with models/fused_norm.py; 92 ms without) and 60 ms compiled, 48 layer passes.
+SAVED_S_PER_PASS_GRAPHED = 0.00046
 # Measured on the H200 (bench/gsm8k_cli.py, 2026-12-01): one compile of the 0.5B shape's
 # layer, the token dimension dynamic from the start, cold and with the caches filled.
 COLD_S = 15.4  # first compile of a layer shape on this machine (0.5B shape, H200)
