@@ -170,3 +170,67 @@ def test_nan_step_is_skipped_inside_the_graph(tmp_path, tiny_model):
         assert good.skipped.item() == 0.0 and torch.isfinite(good.loss).item()
     finally:
         shutdown()
+
+
+def test_a_failed_capture_turns_graphs_off_and_reruns_the_step_eagerly(tmp_path, tiny_model, caplog):
+    """The trainer's side of the fallback (CPU: a stand-in runner whose capture fails after
+    it has added into the gradients): the step runs again eagerly from clean gradients and
+    gives the plain step's result; graphs stay off."""
+    from verlite.engine import graph_step
+
+    def run(with_stub: bool):
+        cfg = config(tmp_path / ("stub" if with_stub else "plain"), tiny_model, "data.micro_batch_size_per_gpu=4",
+                     "data.packing=true", "trainer.total_training_steps=1")
+        trainer = Trainer(cfg, init_distributed("cpu"))
+        try:
+            batches = trainer._micro_batches(0)
+
+            class FailingRunner:
+                released = False
+                capture_s = 0.0
+
+                def step(self, micro_batches, scheduler):
+                    trainer.model(micro_batches[0]).backward()  # gradients half-accumulated, then:
+                    raise graph_step.GraphsOff("capture failed: test")
+
+                def release(self):
+                    FailingRunner.released = True
+
+            if with_stub:
+                trainer.graphs = trainer.graph_stats = FailingRunner()
+            with caplog.at_level("WARNING", logger="verlite"):
+                result = trainer._step(batches)
+            weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+            return result, weights, trainer, FailingRunner.released
+        finally:
+            shutdown()
+
+    plain, w_plain, _, _ = run(False)
+    fell_back, w_fell_back, trainer, released = run(True)
+    assert released and trainer.graphs is None
+    assert "cuda graphs: off from here on (capture failed: test)" in caplog.text
+    assert fell_back.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert fell_back.grad_norm.item() == pytest.approx(plain.grad_norm.item(), rel=1e-5)
+    for name in w_plain:
+        torch.testing.assert_close(w_fell_back[name], w_plain[name], msg=name)
+
+
+def test_why_not_names_what_keeps_graphs_off():
+    from verlite.engine.graph_step import why_not
+
+    cfg = load_config(None, ["model.partial_pretrain=/nowhere"])
+
+    class FusedAdamW:
+        defaults = {"fused": True}
+
+    class Foreach:
+        defaults = {"fused": False}
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert why_not(cfg, cuda, False, 1, True, FusedAdamW()) is None
+    assert "2 processes" in why_not(cfg, cuda, False, 1, True, FusedAdamW(), world_size=2)
+    assert "FSDP" in why_not(cfg, cuda, True, 1, True, FusedAdamW())
+    assert "padded rows" in why_not(cfg, cuda, False, 1, False, FusedAdamW())
+    assert "fused AdamW" in why_not(cfg, cuda, False, 1, True, Foreach())
+    liger = load_config(None, ["model.partial_pretrain=/nowhere", "model.use_liger=true"])
+    assert "use_liger" in why_not(liger, cuda, False, 1, True, FusedAdamW())

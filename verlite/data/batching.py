@@ -140,7 +140,10 @@ def pad_packed(mb: MicroBatch, tokens: int, loss_rows: int, pad_id: int, max_seq
     weight = torch.zeros(loss_rows, dtype=torch.float32)
     weight[:rows] = 1.0 if mb.loss_weight is None else mb.loss_weight
     return replace(mb, input_ids=cat(mb.input_ids, pad_id), labels=cat(mb.labels, IGNORE_INDEX),
-                   position_ids=torch.cat([mb.position_ids, torch.arange(pad, dtype=mb.position_ids.dtype)[None]], 1),
+                   # Positions the real samples also reach (a model with learned absolute
+                   # positions has no row past its own limit): 0 .. longest real sample - 1, repeated.
+                   position_ids=torch.cat([mb.position_ids,
+                                           (torch.arange(pad) % max(1, mb.max_seqlen)).to(mb.position_ids.dtype)[None]], 1),
                    cu_seqlens=cu, max_seqlen=max_seqlen,
                    loss_index=torch.cat([mb.loss_index, torch.full((extra,), real, dtype=mb.loss_index.dtype)]),
                    loss_weight=weight)

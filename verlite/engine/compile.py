@@ -36,8 +36,9 @@ enter layer 0; later layers reuse the same graph), and passes the varlen kernel 
 max_seqlen (data.max_length, an upper bound the kernel accepts) so that no Python int
 changes either: one compile per layer shape. Only that dimension is symbolic, as in
 automatic dynamic's steady state; `dynamic=True` (every dimension) measured 1-5 % slower
-once warm (bench/RESULTS.md). Padding rows to length buckets was not chosen: it computes
-on padding and still compiles once per bucket.
+once warm (bench/RESULTS.md). Compiling pads nothing; CUDA graphs
+(engine/graph_step.py) pad to a few sizes because a graph replays fixed shapes, and the one
+dynamic compile serves them all.
 """
 
 from __future__ import annotations

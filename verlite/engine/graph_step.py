@@ -74,11 +74,15 @@ def parse_setting(setting) -> bool | str:
     raise VerliteError(f"model.cuda_graphs is {setting!r}; use true, false or auto")
 
 
-def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, optimizer) -> str | None:
+def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, optimizer,
+            world_size: int = 1) -> str | None:
     """What keeps this run from CUDA graphs, or None when they can run."""
     m = cfg.model
     checks = [
         (device.type != "cuda", f"they need a GPU (this run: {device.type})"),
+        # The graphed step has none of the eager step's all-reduces (loss, token count), and a
+        # rank that fell back alone would wait in a collective the others never join.
+        (world_size > 1, f"the run has {world_size} processes (graphs run on one)"),
         (fsdp, "the model is sharded with FSDP (several processes or offload)"),
         (sp_size > 1, "sequence parallelism splits the rows"),
         (not packed, "micro-batches are padded rows, not packed ones"),
@@ -93,14 +97,14 @@ def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, o
 
 
 def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, pad_id: int, fsdp: bool,
-          sp_size: int, packed: bool) -> "GraphedSteps | None":
+          sp_size: int, packed: bool, world_size: int = 1) -> "GraphedSteps | None":
     """GraphedSteps when model.cuda_graphs allows it here, else None; the choice is logged.
     model.cuda_graphs=true on a run that cannot use them is an error (it names what is missing)."""
     setting = parse_setting(cfg.model.cuda_graphs)
     if setting is False:
         log.info("cuda graphs: off (model.cuda_graphs=false)")
         return None
-    reason = why_not(cfg, device, fsdp, sp_size, packed, optimizer)
+    reason = why_not(cfg, device, fsdp, sp_size, packed, optimizer, world_size)
     if reason is not None:
         if setting is True:
             raise VerliteError(f"model.cuda_graphs=true cannot run here: {reason}; set model.cuda_graphs=auto or false")
@@ -176,7 +180,8 @@ class GraphedSteps:
                 with no_retry_after_oom("the optimizer step"):
                     self._update()
             self.steps += 1
-            out = self.out.clone()
+            with no_retry_after_oom("copying the step's results"):  # the weights have moved: no rerun
+                out = self.out.clone()
         caller.wait_stream(self.stream)
         scheduler.step()
         return StepResult(out[0], out[1], out[2])
@@ -192,6 +197,11 @@ class GraphedSteps:
             value = getattr(mb, f.name)
             if isinstance(value, torch.Tensor):
                 getattr(shape.inputs, f.name).copy_(value, non_blocking=True)
+        if shape.graph is None and self.grads is None:
+            # Still the first step: which weights get a gradient is not checked yet, and a
+            # weight whose gradient first appears inside a capture would own pool memory.
+            self._accumulate(shape.inputs)
+            return
         if shape.graph is None:
             shape.graph = self._capture(lambda: self._accumulate(shape.inputs))
         shape.graph.replay()
@@ -231,6 +241,7 @@ class GraphedSteps:
             raise GraphsOff("the gradient buffers were replaced outside the graphs")
         groups = self.optimizer.param_groups
         saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        torch.cuda.synchronize(self.device)  # the GPU work queued before is training, not capturing
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:

@@ -196,7 +196,7 @@ class Trainer:
         # keeps the runner for the closing summary after graphs are turned off mid-run.
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.graphs = graph_step.build(cfg, self.model, self.optimizer, self.params, self.device, self.autocast,
-                                       pad_id, fsdp, sp, self.packed_layout)
+                                       pad_id, fsdp, sp, self.packed_layout, dist_info.world_size)
         self.graph_stats = self.graphs
         micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
         self.compile_choice = maybe_compile(self.model, cfg.model.compile, self.device,
@@ -314,7 +314,7 @@ class Trainer:
                         metrics.write(global_step, m)
                     if self.val_ds is not None and t.test_freq > 0 and global_step % t.test_freq == 0:
                         with tl.phase("validation"):
-                            self._validate(global_step, metrics)
+                            self._validate_or_free_graphs(global_step, metrics)
                     due = t.save_freq > 0 and global_step % t.save_freq == 0 and global_step < self.total_steps
                     if (due or save_late) and global_step < self.total_steps:
                         # On a GPU, a checkpoint due while the previous one is still being
@@ -336,7 +336,7 @@ class Trainer:
                 validated = t.test_freq > 0 and final_step % t.test_freq == 0
                 if self.val_ds is not None and self.total_steps > self.start_step and not validated:
                     with tl.phase("validation"):
-                        self._validate(final_step, metrics)
+                        self._validate_or_free_graphs(final_step, metrics)
                 with tl.phase("final checkpoint"):  # its copy, then the wait for every write still going
                     final = self._save(final_step, final=True) if last_saved != final_step else \
                         self.run_dir / f"global_step_{final_step}"
@@ -404,10 +404,10 @@ class Trainer:
                                 "to avoid the retry", 2 ** self.oom_splits)
                 batches = self._micro_batches(batches.step)
 
-    def _graphs_off(self, reason: str) -> None:
-        """CUDA graphs off for the rest of the run; the step runs again eagerly (no weight has
-        moved: graph_step.py says why)."""
-        log.warning("cuda graphs: off from here on (%s); the step runs again without them", reason)
+    def _graphs_off(self, reason: str, rerun: str = "the step runs again without them") -> None:
+        """CUDA graphs off for the rest of the run, their memory freed; a step that failed
+        runs again eagerly (no weight has moved: graph_step.py says why)."""
+        log.warning("cuda graphs: off from here on (%s); %s", reason, rerun)
         self.graphs.release()
         self.graphs = None
         self.optimizer.zero_grad(set_to_none=True)
@@ -424,6 +424,17 @@ class Trainer:
         if flag.item() > 0 and stop.signum is None:
             stop.signum = 15  # another rank was told to stop (torchrun forwards SIGTERM)
         return flag.item() > 0
+
+    def _validate_or_free_graphs(self, global_step: int, metrics: MetricsLogger) -> float:
+        """Validation; out of memory with CUDA graphs on (their pool and the gradients they
+        keep), it frees them and validates again instead of ending a run that fits without."""
+        try:
+            return self._validate(global_step, metrics)
+        except torch.OutOfMemoryError:
+            if self.graphs is None:
+                raise
+            self._graphs_off("out of GPU memory in validation", "validating again without them")
+            return self._validate(global_step, metrics)
 
     @torch.no_grad()
     def _validate(self, global_step: int, metrics: MetricsLogger) -> float:
