@@ -19,6 +19,37 @@ from verlite.errors import VerliteError
 from verlite.trainer.sft_trainer import Trainer, run_sft
 
 
+def test_graph_shapes_of_varying_sample_counts_are_few(tmp_path, tiny_model):
+    """Token-budget micro-batches hold varying sample counts; padded for the graphs
+    (engine/graph_step.py GraphedSteps.pad) the counts fall on a few sizes too, and the
+    padding keeps loss and gradients."""
+    from verlite.engine.graph_step import GraphedSteps
+
+    cfg = config(tmp_path, tiny_model, "data.packing=true", "trainer.total_training_steps=1")
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        runner = GraphedSteps.__new__(GraphedSteps)  # pad() only: no GPU state
+        runner.max_length, runner.pad_id, runner.varying_counts = cfg.data.max_length, 0, True
+        counts = range(9, 16)
+        segments = set()
+        for n in counts:
+            mb = collate(trainer.train_ds, list(range(n)), packed=True, pad_id=0)
+            p = runner.pad(mb)
+            assert p.num_tokens == mb.num_tokens and p.input_ids.shape[1] > mb.input_ids.shape[1]
+            assert int(p.cu_seqlens.diff().max()) <= p.max_seqlen and (p.cu_seqlens.diff() > 0).all()
+            segments.add(p.num_samples)
+        assert len(segments) <= 4 < len(counts)
+        runner.varying_counts = False  # a fixed micro batch size: one padding sample, as measured on the GPU
+        assert runner.pad(mb).num_samples == mb.num_samples + 1
+        loss_a, grads_a = _grads(trainer.model, mb)
+        loss_b, grads_b = _grads(trainer.model, p)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        shutdown()
+
+
 def test_bucket_grid_is_above_n_and_at_most_one_step_of_padding():
     for per in (4, 8):
         sizes = set()
@@ -47,18 +78,23 @@ def test_padded_micro_batch_has_the_same_loss_and_gradients(tmp_path, tiny_model
         mb = trainer._micro_batches(0).micro_batches[0]
         assert mb.cu_seqlens is not None and mb.loss_weight is None
         tokens, rows_ = mb.input_ids.shape[1], len(mb.loss_index)
-        padded = pad_packed(mb, bucket(tokens, 8) + 5, bucket(rows_, 4), pad_id=0, max_seqlen=mb.max_seqlen + 32)
-        assert padded.input_ids.shape[1] == bucket(tokens, 8) + 5 and len(padded.loss_index) == bucket(rows_, 4)
-        assert padded.num_tokens == mb.num_tokens and padded.num_loss_tokens == mb.num_loss_tokens
-        assert int(padded.cu_seqlens[-1]) == padded.input_ids.shape[1] and len(padded.cu_seqlens) == len(mb.cu_seqlens) + 1
-        assert (padded.labels[0, tokens:] == IGNORE_INDEX).all() and padded.loss_weight[rows_:].sum() == 0
         model = trainer.model
         loss_a, grads_a = _grads(model, mb)
-        loss_b, grads_b = _grads(model, padded)
-        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
-        assert grads_a.keys() == grads_b.keys()
-        for name in grads_a:
-            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+        for segments in (None, mb.num_samples + 3):  # one padding sample, or several
+            padded = pad_packed(mb, bucket(tokens, 8) + 5, bucket(rows_, 4), pad_id=0, max_seqlen=mb.max_seqlen + 32,
+                                segments=segments)
+            assert padded.input_ids.shape[1] == bucket(tokens, 8) + 5 and len(padded.loss_index) == bucket(rows_, 4)
+            assert padded.num_tokens == mb.num_tokens and padded.num_loss_tokens == mb.num_loss_tokens
+            assert int(padded.cu_seqlens[-1]) == padded.input_ids.shape[1]
+            assert padded.num_samples == (segments or mb.num_samples + 1)
+            assert (padded.cu_seqlens.diff() > 0).all() and padded.cu_seqlens.dtype == mb.cu_seqlens.dtype
+            assert (padded.labels[0, tokens:] == IGNORE_INDEX).all() and padded.loss_weight[rows_:].sum() == 0
+            assert int(padded.position_ids.max()) < mb.max_seqlen
+            loss_b, grads_b = _grads(model, padded)
+            torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+            assert grads_a.keys() == grads_b.keys()
+            for name in grads_a:
+                torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
     finally:
         shutdown()
 
@@ -74,6 +110,8 @@ def test_pad_refuses_what_it_cannot_pad(tmp_path, tiny_model):
             pad_packed(mb, tokens, len(mb.loss_index), 0, mb.max_seqlen)
         with pytest.raises(ValueError):  # fewer loss rows than the micro-batch has
             pad_packed(mb, tokens + 4, len(mb.loss_index) - 1, 0, mb.max_seqlen)
+        with pytest.raises(ValueError):  # more padding samples than padding tokens
+            pad_packed(mb, tokens + 2, len(mb.loss_index), 0, mb.max_seqlen, segments=mb.num_samples + 3)
         padded_rows = collate(trainer.train_ds, [0, 1], packed=False, pad_id=0)
         with pytest.raises(ValueError):  # padded rows have no segments to add to
             pad_packed(padded_rows, 999, 999, 0, 999)

@@ -123,27 +123,33 @@ def bucket_step(n: int, per_octave: int) -> int:
     return 1 << max(0, n.bit_length() - 1 - (per_octave.bit_length() - 1))
 
 
-def pad_packed(mb: MicroBatch, tokens: int, loss_rows: int, pad_id: int, max_seqlen: int) -> MicroBatch:
-    """A packed micro-batch grown to exactly `tokens` tokens and `loss_rows` loss positions,
-    so that steps of different lengths share one shape (a CUDA graph replays a fixed shape).
+def pad_packed(mb: MicroBatch, tokens: int, loss_rows: int, pad_id: int, max_seqlen: int,
+               segments: int | None = None) -> MicroBatch:
+    """A packed micro-batch grown to exactly `tokens` tokens, `loss_rows` loss positions and
+    `segments` samples (None: one more than it has), so that steps of different lengths share
+    one shape (a CUDA graph replays a fixed shape).
 
-    The padding is one extra sample at the end (its own segment in cu_seqlens, so no real
-    token attends to it; positions restart at 0), and the extra loss rows point at it with
-    weight 0: they add nothing to the loss or to any gradient. num_tokens / num_loss_tokens
-    stay the real counts."""
-    real, rows = mb.input_ids.shape[1], len(mb.loss_index)
+    The padding is made of extra samples at the end (segments of their own in cu_seqlens, so
+    no real token attends to them; positions restart at 0): one token each but the last,
+    which takes the rest. The extra loss rows point at padding with weight 0: they add
+    nothing to the loss or to any gradient. num_tokens / num_loss_tokens stay the real counts."""
+    real, rows, samples = mb.input_ids.shape[1], len(mb.loss_index), mb.num_samples
     pad, extra = tokens - real, loss_rows - rows
-    if mb.cu_seqlens is None or pad < 1 or extra < 0 or pad > max_seqlen:
-        raise ValueError(f"cannot pad a micro-batch of {real} tokens / {rows} loss rows to {tokens} / {loss_rows}")
+    added = 1 if segments is None else segments - samples
+    if mb.cu_seqlens is None or added < 1 or pad < added or extra < 0 or pad - added + 1 > max_seqlen:
+        raise ValueError(f"cannot pad a micro-batch of {real} tokens / {rows} loss rows / {samples} samples to "
+                         f"{tokens} / {loss_rows} / {segments}")
+    lengths = [1] * (added - 1) + [pad - added + 1]
     cat = lambda t, fill: torch.cat([t, torch.full((1, pad), fill, dtype=t.dtype)], dim=1)  # noqa: E731
-    cu = torch.cat([mb.cu_seqlens, torch.tensor([tokens], dtype=mb.cu_seqlens.dtype)])
+    ends = real + torch.tensor(lengths).cumsum(0)
+    cu = torch.cat([mb.cu_seqlens, ends.to(mb.cu_seqlens.dtype)])
+    # Positions the real samples also reach (a model with learned absolute positions has no
+    # row past its own limit): each padding sample counts from 0, wrapped at the longest real one.
+    positions = torch.cat([torch.arange(n) for n in lengths]) % max(1, mb.max_seqlen)
     weight = torch.zeros(loss_rows, dtype=torch.float32)
     weight[:rows] = 1.0 if mb.loss_weight is None else mb.loss_weight
     return replace(mb, input_ids=cat(mb.input_ids, pad_id), labels=cat(mb.labels, IGNORE_INDEX),
-                   # Positions the real samples also reach (a model with learned absolute
-                   # positions has no row past its own limit): 0 .. longest real sample - 1, repeated.
-                   position_ids=torch.cat([mb.position_ids,
-                                           (torch.arange(pad) % max(1, mb.max_seqlen)).to(mb.position_ids.dtype)[None]], 1),
+                   position_ids=torch.cat([mb.position_ids, positions.to(mb.position_ids.dtype)[None]], 1),
                    cu_seqlens=cu, max_seqlen=max_seqlen,
                    loss_index=torch.cat([mb.loss_index, torch.full((extra,), real, dtype=mb.loss_index.dtype)]),
                    loss_weight=weight)

@@ -9,11 +9,12 @@ all of them with one launch.
 How, decided here once:
 - Shapes. A graph replays fixed shapes, and every step has another token count. Each packed
   micro-batch is padded (data/batching.py pad_packed) to a token count on a grid of
-  TOKENS_PER_OCTAVE sizes per power of two and its loss rows to LOSS_ROWS_PER_OCTAVE. The
-  padding is a sample of its own whose loss rows weigh 0, so loss and gradients are those of
-  the unpadded micro-batch. Eight sizes per octave keep the padding at 1/8 at most (~5 % on
-  GSM8K, where the 233 steps of one epoch fall on about 8 shapes); loss rows only feed the
-  vocabulary projection, so four per octave cost little more and halve the shapes.
+  TOKENS_PER_OCTAVE sizes per power of two, its loss rows to LOSS_ROWS_PER_OCTAVE and its
+  sample count to SAMPLES_PER_OCTAVE (token-budget micro-batches hold varying counts). The
+  padding is samples of their own whose loss rows weigh 0, so loss and gradients are those
+  of the unpadded micro-batch. Eight sizes per octave keep the padding at 1/8 at most (~5 %
+  on GSM8K, where the 233 steps of one epoch fall on about 9 shapes); loss rows only feed
+  the vocabulary projection, so four per octave cost little more and halve the shapes.
 - Graphs. One per micro-batch shape (forward and backward, accumulating into gradient
   buffers that live as long as the run) and one for the rest of the step (clip, NaN guard,
   AdamW, zeroing): a step of any number of micro-batches replays the same graphs.
@@ -55,6 +56,7 @@ log = logging.getLogger("verlite.engine")
 
 TOKENS_PER_OCTAVE = 8
 LOSS_ROWS_PER_OCTAVE = 4
+SAMPLES_PER_OCTAVE = 4
 # A packed row of many short samples gets this max_seqlen when data.max_length is at most
 # it (the varlen kernel only needs an upper bound; the blocks past a sample's end exit at
 # once); longer bounds round the row's own longest sample up instead.
@@ -97,7 +99,7 @@ def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, o
 
 
 def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, pad_id: int, fsdp: bool,
-          sp_size: int, packed: bool, world_size: int = 1) -> "GraphedSteps | None":
+          sp_size: int, packed: bool, world_size: int = 1, varying_counts: bool = False) -> "GraphedSteps | None":
     """GraphedSteps when model.cuda_graphs allows it here, else None; the choice is logged.
     model.cuda_graphs=true on a run that cannot use them is an error (it names what is missing)."""
     setting = parse_setting(cfg.model.cuda_graphs)
@@ -112,7 +114,8 @@ def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, p
         return None
     log.info("cuda graphs: on (model.cuda_graphs=%s): steps padded to %d token sizes per octave, each shape "
              "captured the second time it comes", cfg.model.cuda_graphs, TOKENS_PER_OCTAVE)
-    return GraphedSteps(model, optimizer, params, cfg.optim.clip_grad, device, autocast, pad_id, cfg.data.max_length)
+    return GraphedSteps(model, optimizer, params, cfg.optim.clip_grad, device, autocast, pad_id, cfg.data.max_length,
+                        varying_counts)
 
 
 class _Shape:
@@ -125,9 +128,10 @@ class _Shape:
 
 class GraphedSteps:
     def __init__(self, model, optimizer, params, clip_grad: float, device: torch.device, autocast: bool,
-                 pad_id: int, max_length: int):
+                 pad_id: int, max_length: int, varying_counts: bool = False):
         self.model, self.optimizer, self.params, self.clip = model, optimizer, params, clip_grad
         self.device, self.pad_id, self.max_length = device, pad_id, max_length
+        self.varying_counts = varying_counts  # micro-batches by token budget: their sample counts vary
         self.autocast = autocast
         self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
@@ -146,13 +150,22 @@ class GraphedSteps:
     # ---- on the prefetch thread ------------------------------------------------------------
     def pad(self, mb: MicroBatch) -> MicroBatch:
         """`mb` grown to its shape's fixed size (a packed micro-batch, on the host)."""
-        real = mb.input_ids.shape[1]
+        real, samples = mb.input_ids.shape[1], mb.num_samples
+        # The sample count too where it changes from one micro-batch to the next (token-budget
+        # micro-batches: data.max_token_len_per_gpu, micro batch `auto`); a fixed micro batch
+        # size keeps its count and gets one padding sample.
+        segments = bucket(samples, SAMPLES_PER_OCTAVE) if self.varying_counts else samples + 1
         tokens = bucket(real, TOKENS_PER_OCTAVE)
+        while tokens - real < segments - samples:  # each padding sample needs a token
+            tokens = bucket(tokens, TOKENS_PER_OCTAVE)
         rows = bucket(len(mb.loss_index), LOSS_ROWS_PER_OCTAVE)
         longest = self.max_length if self.max_length <= FIXED_MAX_SEQLEN_UP_TO else bucket(mb.max_seqlen, 4)
-        # The padding sample can be longer than any real one; bounded by the grid's spacing (not
-        # its own length), max_seqlen stays one value per shape.
-        return pad_packed(mb, tokens, rows, self.pad_id, max(longest, mb.max_seqlen, bucket_step(real, TOKENS_PER_OCTAVE)))
+        # The last padding sample can be longer than any real one. Bounded by the grid's spacing
+        # (twice: one more size up when the padding samples needed room), not by its own length,
+        # max_seqlen stays one value per shape.
+        last = tokens - real - (segments - samples) + 1
+        max_seqlen = max(longest, mb.max_seqlen, 2 * bucket_step(tokens, TOKENS_PER_OCTAVE), last)
+        return pad_packed(mb, tokens, rows, self.pad_id, max_seqlen, segments)
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self, micro_batches: list[MicroBatch], scheduler) -> StepResult:

@@ -196,7 +196,8 @@ class Trainer:
         # keeps the runner for the closing summary after graphs are turned off mid-run.
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.graphs = graph_step.build(cfg, self.model, self.optimizer, self.params, self.device, self.autocast,
-                                       pad_id, fsdp, sp, self.packed_layout, dist_info.world_size)
+                                       pad_id, fsdp, sp, self.packed_layout, dist_info.world_size,
+                                       varying_counts=self.plan.token_budget is not None)
         self.graph_stats = self.graphs
         micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
         self.compile_choice = maybe_compile(self.model, cfg.model.compile, self.device,
