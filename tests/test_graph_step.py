@@ -272,3 +272,11 @@ def test_why_not_names_what_keeps_graphs_off():
     assert "fused AdamW" in why_not(cfg, cuda, False, 1, True, Foreach())
     liger = load_config(None, ["model.partial_pretrain=/nowhere", "model.use_liger=true"])
     assert "use_liger" in why_not(liger, cuda, False, 1, True, FusedAdamW())
+    # `auto` also leaves them off where memory is short or steps are long (true still runs them).
+    from verlite.engine.graph_step import why_not_auto
+
+    assert why_not_auto(cfg) is None
+    recompute = load_config(None, ["model.partial_pretrain=/nowhere", "model.enable_gradient_checkpointing=true"])
+    assert "recomputed" in why_not_auto(recompute)
+    tiled = load_config(None, ["model.partial_pretrain=/nowhere", "model.tiled_mlp=true"])
+    assert "tiled_mlp" in why_not_auto(tiled)

@@ -34,7 +34,8 @@ How, decided here once:
 
 What it needs: one GPU without FSDP, packed micro-batches (the GPU default), torch's fused
 AdamW on the GPU, the plain optimizer step (not optim.fused_backward), no offload, no Liger
-loss, no NF4 base (`why_not` says which is missing). A capture that fails, or anything the
+loss, no NF4 base (`why_not` says which is missing); `auto` also leaves them off where layers
+are recomputed or the MLP is tiled (`why_not_auto`). A capture that fails, or anything the
 graphs' run raises, turns them off for the rest of the run (logged once) and the step runs
 again eagerly: a capture runs no kernel, and no weight moves before the step's last graph.
 """
@@ -49,7 +50,11 @@ from dataclasses import fields
 import torch
 
 from verlite.data.batching import MicroBatch, bucket, bucket_step, pad_packed
-from verlite.engine.step import StepResult, no_retry_after_oom, clip_grad_norm
+# A packed row of many short samples gets data.max_length as max_seqlen up to this bound, as
+# in compiled runs (the varlen kernel only needs an upper bound); longer bounds round the
+# row's own longest sample up instead.
+from verlite.engine.compile import FIXED_MAX_SEQLEN_UP_TO
+from verlite.engine.step import StepResult, clip_grad_norm, no_retry_after_oom
 from verlite.errors import VerliteError
 
 log = logging.getLogger("verlite.engine")
@@ -57,10 +62,6 @@ log = logging.getLogger("verlite.engine")
 TOKENS_PER_OCTAVE = 8
 LOSS_ROWS_PER_OCTAVE = 4
 SAMPLES_PER_OCTAVE = 4
-# A packed row of many short samples gets this max_seqlen when data.max_length is at most
-# it (the varlen kernel only needs an upper bound; the blocks past a sample's end exit at
-# once); longer bounds round the row's own longest sample up instead.
-FIXED_MAX_SEQLEN_UP_TO = 4096
 
 
 class GraphsOff(Exception):
@@ -98,6 +99,18 @@ def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, o
     return next((why for bad, why in checks if bad), None)
 
 
+def why_not_auto(cfg) -> str | None:
+    """What keeps `auto` from CUDA graphs where they could run: they keep the gradients and a
+    memory pool between steps, which a run already short of memory should not pay, and a
+    long-sample step is not bound by launches anyway."""
+    m = cfg.model
+    checks = [
+        (m.enable_gradient_checkpointing is True, "layers are recomputed to save memory, and graphs keep more"),
+        (m.tiled_mlp, "model.tiled_mlp is for long samples, whose steps are not bound by kernel launches"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
 def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, pad_id: int, fsdp: bool,
           sp_size: int, packed: bool, world_size: int = 1, varying_counts: bool = False) -> "GraphedSteps | None":
     """GraphedSteps when model.cuda_graphs allows it here, else None; the choice is logged.
@@ -107,6 +120,8 @@ def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, p
         log.info("cuda graphs: off (model.cuda_graphs=false)")
         return None
     reason = why_not(cfg, device, fsdp, sp_size, packed, optimizer, world_size)
+    if reason is None and setting == "auto":
+        reason = why_not_auto(cfg)
     if reason is not None:
         if setting is True:
             raise VerliteError(f"model.cuda_graphs=true cannot run here: {reason}; set model.cuda_graphs=auto or false")
