@@ -202,7 +202,7 @@ class GraphedSteps:
                 self.step_graph.replay()
                 self.replays += 1
             elif self.steps >= 1:
-                self.step_graph = self._capture(self._update, as_captured=True)
+                self.step_graph = self._capture(self._update, optimizer_step=True)
                 self.step_graph.replay()
             else:
                 with no_retry_after_oom("the optimizer step"):
@@ -262,8 +262,8 @@ class GraphedSteps:
         self.out.copy_(torch.stack([mean_loss, grad_norm.to(mean_loss.dtype), bad]))
         self.loss_sum.zero_()
 
-    def _capture(self, fn, as_captured: bool = False) -> torch.cuda.CUDAGraph:
-        """`fn`'s kernels as a graph (run nothing). `as_captured`: the optimizer step, whose lr
+    def _capture(self, fn, optimizer_step: bool = False) -> torch.cuda.CUDAGraph:
+        """`fn`'s kernels as a graph (run nothing). `optimizer_step`: fn is the update, whose lr
         must be a device tensor and whose groups must say capturable while it is recorded."""
         if self.grads is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise GraphsOff("the gradient buffers were replaced outside the graphs")
@@ -273,7 +273,7 @@ class GraphedSteps:
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            if as_captured:
+            if optimizer_step:
                 for g, lr in zip(groups, self.lrs):
                     g["lr"], g["capturable"] = lr, True
             # thread_local: the prefetch thread pins host memory meanwhile, which a global
