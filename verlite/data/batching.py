@@ -136,7 +136,8 @@ def pad_packed(mb: MicroBatch, tokens: int, loss_rows: int, pad_id: int, max_seq
     real, rows, samples = mb.input_ids.shape[1], len(mb.loss_index), mb.num_samples
     pad, extra = tokens - real, loss_rows - rows
     added = 1 if segments is None else segments - samples
-    if mb.cu_seqlens is None or added < 1 or pad < added or extra < 0 or pad - added + 1 > max_seqlen:
+    if mb.cu_seqlens is None or added < 1 or pad < added or extra < 0 or pad - added + 1 > max_seqlen \
+            or max_seqlen < mb.max_seqlen:
         raise ValueError(f"cannot pad a micro-batch of {real} tokens / {rows} loss rows / {samples} samples to "
                          f"{tokens} / {loss_rows} / {segments}")
     lengths = [1] * (added - 1) + [pad - added + 1]

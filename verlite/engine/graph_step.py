@@ -35,9 +35,10 @@ How, decided here once:
 What it needs: one GPU without FSDP, packed micro-batches (the GPU default), torch's fused
 AdamW on the GPU, the plain optimizer step (not optim.fused_backward), no offload, no Liger
 loss, no NF4 base (`why_not` says which is missing); `auto` also leaves them off where layers
-are recomputed or the MLP is tiled (`why_not_auto`). A capture that fails, or anything the
-graphs' run raises, turns them off for the rest of the run (logged once) and the step runs
-again eagerly: a capture runs no kernel, and no weight moves before the step's last graph.
+are recomputed or the MLP is tiled (`why_not_auto`). A capture that fails, or running out of
+memory, turns them off for the rest of the run (logged once) and the step runs again eagerly
+from freshly built micro-batches: a capture runs no kernel, and no weight moves before the
+step's last graph. Any other error ends the run, as it would eagerly.
 """
 
 from __future__ import annotations
@@ -176,10 +177,12 @@ class GraphedSteps:
         rows = bucket(len(mb.loss_index), LOSS_ROWS_PER_OCTAVE)
         longest = self.max_length if self.max_length <= FIXED_MAX_SEQLEN_UP_TO else bucket(mb.max_seqlen, 4)
         # The last padding sample can be longer than any real one. Bounded by the grid's spacing
-        # (twice: one more size up when the padding samples needed room), not by its own length,
-        # max_seqlen stays one value per shape.
+        # (twice where the padding samples may have needed one more size up), not by its own
+        # length, max_seqlen stays one value per shape; the varlen kernel pays for a larger
+        # bound in blocks per sample, so a fixed count keeps the single spacing.
+        span = bucket_step(tokens, TOKENS_PER_OCTAVE) * (2 if self.varying_counts else 1)
         last = tokens - real - (segments - samples) + 1
-        max_seqlen = max(longest, mb.max_seqlen, 2 * bucket_step(tokens, TOKENS_PER_OCTAVE), last)
+        max_seqlen = max(longest, mb.max_seqlen, span, last)
         return pad_packed(mb, tokens, rows, self.pad_id, max_seqlen, segments)
 
     # ---- one step ----------------------------------------------------------------------------

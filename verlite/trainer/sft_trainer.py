@@ -382,9 +382,12 @@ class Trainer:
                 try:
                     return self.graphs.step(batches.micro_batches, self.scheduler)
                 except graph_step.GraphsOff as e:
-                    self._graphs_off(str(e))
+                    reason = str(e)
                 except torch.OutOfMemoryError:
-                    self._graphs_off("out of GPU memory with graphs on (they keep the gradients between steps)")
+                    reason = "out of GPU memory with graphs on (they keep the gradients between steps)"
+                # Outside the except block: the failed attempt's frames (and tensors) are gone.
+                self._graphs_off(reason)
+                batches = self._micro_batches(batches.step)  # without the graphs' padding
                 continue
             try:
                 return train_step(self.model, self.optimizer, self.scheduler, batches.micro_batches, self.device,
@@ -434,8 +437,9 @@ class Trainer:
         except torch.OutOfMemoryError:
             if self.graphs is None:
                 raise
-            self._graphs_off("out of GPU memory in validation", "validating again without them")
-            return self._validate(global_step, metrics)
+        # Outside the except block, so that the failed attempt's tensors are freed first.
+        self._graphs_off("out of GPU memory in validation", "validating again without them")
+        return self._validate(global_step, metrics)
 
     @torch.no_grad()
     def _validate(self, global_step: int, metrics: MetricsLogger) -> float:
