@@ -14,11 +14,12 @@
 #   bash bench/gpu_runbook.sh I "$OUT"    # issue 14: traces of a GSM8K-sized step, compiled and eager
 #   bash bench/gpu_runbook.sh J "$OUT"    # issue 14: CUDA-graph steps: GPU tests, GSM8K-sized steps with and without
 #   bash bench/gpu_runbook.sh K "$OUT"    # issue 14: eager graphed step: fused RMSNorm or not, and a trace of its kernels
+#   bash bench/gpu_runbook.sh L "$OUT"    # what the sixth session left: graphs on token-budget micro-batches, lora vs TRL
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to K}
+part=${1:?part A to L}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -126,5 +127,14 @@ import json, sys
 for l in sys.stdin:
     r = json.loads(l)
     print(r.get('setting'), r.get('tokens_per_s'), r.get('cuda_graphs'), r.get('step_times'))" ;;
-  *)  echo "unknown part $part (A to K)" >&2; exit 2 ;;
+  L)  # the sixth session's code, on the GPU: the graph tests (sample-count padding, rebuilt batches
+      # after a fallback), the token-budget `full` case with graphs on and off (its sample counts
+      # now padded to a few sizes), and the `lora` case beside TRL's padded + ckpt setting
+      step graph_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_graph_step.py tests/test_fused_norm.py
+      for g in auto false; do
+        step "budget_g${g}" 150 python bench/bench.py --cases full --max_length 256 --warmup 24 --steps 20 \
+            --no_variants --out "$out/budget.jsonl" model.compile=false "model.cuda_graphs=$g"
+      done
+      step lora_trl 240 python bench/bench.py --cases lora --trl --out "$out/lora.jsonl" ;;
+  *)  echo "unknown part $part (A to L)" >&2; exit 2 ;;
 esac
