@@ -133,7 +133,7 @@ for l in sys.stdin:
       step graph_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_graph_step.py tests/test_fused_norm.py
       for g in auto false; do
         step "budget_g${g}" 150 python bench/bench.py --cases full --max_length 256 --warmup 24 --steps 20 \
-            --no_variants --out "$out/budget.jsonl" model.compile=false "model.cuda_graphs=$g"
+            --no_variants --out "$out/budget_g${g}.jsonl" model.compile=false "model.cuda_graphs=$g"
       done
       step lora_trl 240 python bench/bench.py --cases lora --trl --out "$out/lora.jsonl" ;;
   *)  echo "unknown part $part (A to L)" >&2; exit 2 ;;
