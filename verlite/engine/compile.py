@@ -183,13 +183,14 @@ def compile_cost(known: dict | None, shapes: dict[str, dict] | None = None) -> t
     return WARM_S * (factor or 1.0), f"a cached shape, {scaled}"
 
 
-def parse_setting(setting) -> bool | str:
-    """model.compile as True, False or "auto"; anything else is the user's error."""
+def parse_setting(setting, key: str = "model.compile") -> bool | str:
+    """A true | false | auto key (model.compile by default) as True, False or "auto";
+    anything else is the user's error, named by `key`."""
     if isinstance(setting, str) and setting.lower() in ("true", "false", "auto"):
         return setting.lower() == "true" if setting.lower() != "auto" else "auto"
     if isinstance(setting, bool):
         return setting
-    raise VerliteError(f"model.compile is {setting!r}; use true, false or auto")
+    raise VerliteError(f"{key} is {setting!r}; use true, false or auto")
 
 
 def decide(setting, device: torch.device, steps: int, micro_batches: int, layers: int, warm: bool,

@@ -55,6 +55,7 @@ from verlite.data.batching import MicroBatch, bucket, bucket_step, pad_packed
 # in compiled runs (the varlen kernel only needs an upper bound); longer bounds round the
 # row's own longest sample up instead.
 from verlite.engine.compile import FIXED_MAX_SEQLEN_UP_TO
+from verlite.engine.compile import parse_setting as parse_true_false_auto
 from verlite.engine.step import StepResult, clip_grad_norm, no_retry_after_oom
 from verlite.errors import VerliteError
 
@@ -70,12 +71,23 @@ class GraphsOff(Exception):
 
 
 def parse_setting(setting) -> bool | str:
-    """model.cuda_graphs as True, False or "auto"; anything else is the user's error."""
-    if isinstance(setting, bool):
-        return setting
-    if isinstance(setting, str) and setting.lower() in ("true", "false", "auto"):
-        return {"true": True, "false": False}.get(setting.lower(), "auto")
-    raise VerliteError(f"model.cuda_graphs is {setting!r}; use true, false or auto")
+    """model.cuda_graphs as True, False or "auto" (engine/compile.py's reading of such keys)."""
+    return parse_true_false_auto(setting, "model.cuda_graphs")
+
+
+def _refusal(reason: str) -> VerliteError:
+    return VerliteError(f"model.cuda_graphs=true cannot run here: {reason}; set model.cuda_graphs=auto or false")
+
+
+def check_before_loading(cfg, device: torch.device) -> None:
+    """A bad model.cuda_graphs value, or `true` off a GPU, fails before anything is loaded
+    (what else they need is known only once the model and optimizer exist: `build`)."""
+    if parse_setting(cfg.model.cuda_graphs) is True and device.type != "cuda":
+        raise _refusal(_no_gpu(device))
+
+
+def _no_gpu(device: torch.device) -> str:
+    return f"they need a GPU (this run: {device.type})"
 
 
 def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, optimizer,
@@ -83,7 +95,7 @@ def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, o
     """What keeps this run from CUDA graphs, or None when they can run."""
     m = cfg.model
     checks = [
-        (device.type != "cuda", f"they need a GPU (this run: {device.type})"),
+        (device.type != "cuda", _no_gpu(device)),
         # The graphed step has none of the eager step's all-reduces (loss, token count), and a
         # rank that fell back alone would wait in a collective the others never join.
         (world_size > 1, f"the run has {world_size} processes (graphs run on one)"),
@@ -125,7 +137,7 @@ def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, p
         reason = why_not_auto(cfg)
     if reason is not None:
         if setting is True:
-            raise VerliteError(f"model.cuda_graphs=true cannot run here: {reason}; set model.cuda_graphs=auto or false")
+            raise _refusal(reason)
         log.info("cuda graphs: off (%s)", reason)
         return None
     log.info("cuda graphs: on (model.cuda_graphs=%s): steps padded to %d token sizes per octave, each shape "

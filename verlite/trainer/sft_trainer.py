@@ -118,9 +118,7 @@ class Trainer:
         self.is_lora = cfg.model.lora_rank > 0
         self.run_dir = Path(cfg.trainer.default_local_dir).expanduser()
         parse_setting(cfg.model.compile)  # a bad value fails before any loading
-        if graph_step.parse_setting(cfg.model.cuda_graphs) is True and self.device.type != "cuda":
-            raise VerliteError(f"model.cuda_graphs=true cannot run here: they need a GPU (this run: "
-                               f"{self.device.type}); set model.cuda_graphs=auto or false")
+        graph_step.check_before_loading(cfg, self.device)
         random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
         apply_memory_cap(cfg.trainer.gpu_mem_gb, self.device)
