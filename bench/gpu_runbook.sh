@@ -15,11 +15,13 @@
 #   bash bench/gpu_runbook.sh J "$OUT"    # issue 14: CUDA-graph steps: GPU tests, GSM8K-sized steps with and without
 #   bash bench/gpu_runbook.sh K "$OUT"    # issue 14: eager graphed step: fused RMSNorm or not, and a trace of its kernels
 #   bash bench/gpu_runbook.sh L "$OUT"    # what the sixth session left: graphs on token-budget micro-batches, lora vs TRL
+#   bash bench/gpu_runbook.sh M "$OUT"    # issue 14: a launch's fixed costs (imports, fork after imports, fsync)
+#   bash bench/gpu_runbook.sh N "$OUT"    # issue 14: lora vs TRL with one max_seqlen when compiled; final checkpoint's parts
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to L}
+part=${1:?part A to N}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -136,5 +138,8 @@ for l in sys.stdin:
             --no_variants --out "$out/budget_g${g}.jsonl" model.compile=false "model.cuda_graphs=$g"
       done
       step lora_trl 240 python bench/bench.py --cases lora --trl --out "$out/lora.jsonl" ;;
-  *)  echo "unknown part $part (A to L)" >&2; exit 2 ;;
+  M)  step startup_probe 150 python bench/startup_probe.py --gib 6 ;;
+  N)  TORCH_LOGS=recompiles step lora_trl 280 python bench/bench.py --cases lora --trl --out "$out/lora.jsonl"
+      step gsm8k_default 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --out "$out/gsm8k.jsonl" ;;
+  *)  echo "unknown part $part (A to N)" >&2; exit 2 ;;
 esac

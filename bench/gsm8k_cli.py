@@ -128,6 +128,7 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
                   done=done, done_parts=done_parts(done), start_up=start_up_parts(out),
                   exit_after_done_s=round(wall - result["done_line_s"], 2) if result["done_line_s"] else None,
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
+                  final_checkpoint_line=next((x.strip() for x in out.splitlines() if "final checkpoint: saved" in x), None),
                   final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")))
     return result
 

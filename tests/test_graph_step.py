@@ -39,6 +39,13 @@ def test_graph_shapes_of_varying_sample_counts_are_few(tmp_path, tiny_model):
             assert int(p.cu_seqlens.diff().max()) <= p.max_seqlen and (p.cu_seqlens.diff() > 0).all()
             segments.add(p.num_samples)
         assert len(segments) <= 4 < len(counts)
+        # Compiled layers specialise on max_seqlen: one bound for every shape of the run.
+        batches = [collate(trainer.train_ds, list(range(n)), packed=True, pad_id=0) for n in counts]
+        runner.fix_max_seqlen(max(b.num_tokens for b in batches))
+        padded = [runner.pad(b) for b in batches]
+        assert len({b.max_seqlen for b in padded}) == 1 and len({b.input_ids.shape[1] for b in padded}) > 1
+        assert all(int(b.cu_seqlens.diff().max()) <= b.max_seqlen for b in padded)
+        runner.compiled_max_seqlen = None
         runner.varying_counts = False  # a fixed micro batch size: one padding sample, as measured on the GPU
         assert runner.pad(mb).num_samples == mb.num_samples + 1
         loss_a, grads_a = _grads(trainer.model, mb)

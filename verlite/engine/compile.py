@@ -228,9 +228,19 @@ def _mark_tokens_dynamic(module, args, output) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 1)  # [batch, tokens, ...]; never raises
 
 
+def _mark_samples_dynamic(module, args, kwargs) -> None:
+    # A packed row's sample count (cu_seqlens' length) changes from one micro-batch to the
+    # next: dynamic from the start, not after a recompile of every layer at the second count.
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
 def compile_layers(model, backend: str = "inductor") -> None:
     """torch.compile each decoder layer in place (same module objects, so FSDP hooks stay)."""
     decoder = model.causal_lm.get_decoder()
+    decoder.register_forward_pre_hook(_mark_samples_dynamic, with_kwargs=True)
     for name in ("embed_tokens", "rotary_emb"):
         source = getattr(decoder, name, None)
         if isinstance(source, torch.nn.Module):

@@ -155,6 +155,8 @@ class _Shape:
 
 
 class GraphedSteps:
+    compiled_max_seqlen: int | None = None  # set by fix_max_seqlen when the layers are compiled
+
     def __init__(self, model, optimizer, params, clip_grad: float, device: torch.device, autocast: bool,
                  pad_id: int, max_length: int, varying_counts: bool = False):
         self.model, self.optimizer, self.params, self.clip = model, optimizer, params, clip_grad
@@ -175,6 +177,16 @@ class GraphedSteps:
             self.out = torch.zeros(3, device=device)  # mean loss, grad norm, skipped
             self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in optimizer.param_groups]
 
+    def fix_max_seqlen(self, largest_tokens: int) -> None:
+        """Compiled layers specialise on max_seqlen (a Python int): a new value recompiles every
+        layer (~10 s for the 0.5B LoRA bench step, inside a timed step). So when compiled, every
+        shape of the run gets one bound: the largest pad() can need for micro-batches of up to
+        `largest_tokens` real tokens (two grid sizes up, as pad's loop may go). The varlen kernel
+        pays for a larger bound only in blocks that exit at once."""
+        top = bucket(bucket(largest_tokens + 1, TOKENS_PER_OCTAVE), TOKENS_PER_OCTAVE)
+        longest = self.max_length if self.max_length <= FIXED_MAX_SEQLEN_UP_TO else bucket(self.max_length, 4)
+        self.compiled_max_seqlen = max(longest, 2 * bucket_step(top, TOKENS_PER_OCTAVE), top - largest_tokens + 1)
+
     # ---- on the prefetch thread ------------------------------------------------------------
     def pad(self, mb: MicroBatch) -> MicroBatch:
         """`mb` grown to its shape's fixed size (a packed micro-batch, on the host)."""
@@ -194,7 +206,7 @@ class GraphedSteps:
         # bound in blocks per sample, so a fixed count keeps the single spacing.
         span = bucket_step(tokens, TOKENS_PER_OCTAVE) * (2 if self.varying_counts else 1)
         last = tokens - real - (segments - samples) + 1
-        max_seqlen = max(longest, mb.max_seqlen, span, last)
+        max_seqlen = max(longest, mb.max_seqlen, span, last, self.compiled_max_seqlen or 0)
         return pad_packed(mb, tokens, rows, self.pad_id, max_seqlen, segments)
 
     # ---- one step ----------------------------------------------------------------------------

@@ -75,7 +75,11 @@ def use_ulysses_attention(hf_model, group) -> None:
 
     from verlite.models.sft_model import unwrap_peft
 
-    AttentionInterface.register(NAME, functools.partial(ulysses_attention, sp_group=group))
+    # torch.compile (model.compile) cannot trace the collectives: attention runs eagerly between
+    # the compiled parts of the layer. Applied here, not as a decorator, so that importing this
+    # module does not import torch._dynamo (~700 modules, seconds of every launch on slow disks).
+    attention = torch.compiler.disable(functools.partial(ulysses_attention, sp_group=group))
+    AttentionInterface.register(NAME, attention)
     # The setter reaches every sub-config; attention layers read it on each forward.
     unwrap_peft(hf_model).config._attn_implementation = NAME
 
@@ -120,9 +124,6 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return parts.transpose(0, 1).reshape(1, total // sp, sp * h, d)
 
 
-# torch.compile (model.compile) cannot trace the collectives: attention runs eagerly between
-# the compiled parts of the layer.
-@torch.compiler.disable
 def ulysses_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, sp_group, **kwargs):
     """transformers' attention contract on this rank's tokens; cu_seq_lens describe the whole row."""
     from verlite.models.attention import verlite_attention

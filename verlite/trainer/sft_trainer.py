@@ -202,6 +202,9 @@ class Trainer:
                                             max(0, self.total_steps - self.start_step), micro_batches,
                                             graphs=self.graphs is not None)
         self.compiled = self.compile_choice.enabled
+        if self.compiled and self.graphs is not None:  # one max_seqlen for every padded shape
+            largest = self.plan.largest_step_tokens(max(1, self.total_steps))
+            self.graphs.fix_max_seqlen(min(largest, self.plan.token_budget or largest))
         self.timeline.add("model loading", time.perf_counter() - started)
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
@@ -209,6 +212,7 @@ class Trainer:
             if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
             self._on_saved)  # host buffers only when a periodic (background) save will come
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
+        self._prune_s = 0.0  # the last pruning of old checkpoints (for the final checkpoint's line)
 
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
@@ -337,9 +341,14 @@ class Trainer:
                     with tl.phase("validation"):
                         self._validate_or_free_graphs(final_step, metrics)
                 with tl.phase("final checkpoint"):  # its copy, then the wait for every write still going
+                    saving = time.perf_counter()
                     final = self._save(final_step, final=True) if last_saved != final_step else \
                         self.run_dir / f"global_step_{final_step}"
+                    closing = time.perf_counter()
                     self.saver.close()
+                    if self.dist.is_main:  # where the phase's seconds went (pruning runs inside the save)
+                        log.info("final checkpoint: saved in %.2f s (old checkpoints pruned in %.2f s), host buffers "
+                                 "released in %.2f s", closing - saving, self._prune_s, time.perf_counter() - closing)
             except torch.OutOfMemoryError:
                 raise VerliteError(self._oom_advice()) from None
             finally:
@@ -487,7 +496,9 @@ class Trainer:
         """Rank 0, once a checkpoint is in place (on the writer thread when saving in the background)."""
         how = "in the background" if self.cfg.trainer.async_save else "in line"
         log.info("Checkpoint saved to %s (training paused %.2f s; written in %.1f s %s)", path, paused_s, write_s, how)
+        start = time.perf_counter()
         ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
+        self._prune_s = time.perf_counter() - start
 
     def _oom_advice(self) -> str:
         d, m = self.cfg.data, self.cfg.model
