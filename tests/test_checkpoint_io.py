@@ -257,6 +257,46 @@ def test_final_save_gives_up_a_periodic_write_still_in_flight(tmp_path, tiny_mod
     assert saved == ["global_step_2"] and "step 1: checkpoint superseded" in caplog.text
     assert [s for s, _ in ckpt.step_dirs(tmp_path / "run")] == [2] and not list((tmp_path / "run").glob("*.tmp"))
     assert (tmp_path / "run" / ckpt.LATEST).read_text() == "2"
+    ckpt.wait_for_discards()  # the given-up write's folder went aside, then away
+    assert not list((tmp_path / "run").glob(ckpt.DISCARDED_PREFIX + "*"))
+
+
+def test_discarded_folders_go_at_once_and_are_deleted_in_the_background(tmp_path):
+    root = tmp_path / "run"
+    for step in (1, 2, 3):
+        (root / f"global_step_{step}").mkdir(parents=True)
+        (root / f"global_step_{step}" / ckpt.STATE).write_bytes(b"x" * 1000)
+    ckpt.prune_checkpoints(root, 1)  # returns before the bytes are gone; the names are gone already
+    assert [s for s, _ in ckpt.step_dirs(root)] == [3]
+    ckpt.wait_for_discards()
+    assert sorted(p.name for p in root.iterdir()) == ["global_step_3"]
+    # A process killed while deleting leaves its folders aside: the next run in the folder deletes them.
+    leftover = root / f"{ckpt.DISCARDED_PREFIX}global_step_2-123-1"
+    (leftover / "huggingface").mkdir(parents=True)
+    ckpt.discard_leftovers(root)
+    ckpt.wait_for_discards()
+    assert not leftover.exists() and (root / "global_step_3").is_dir()
+
+
+def test_final_save_prunes_while_it_writes_and_keeps_one_checkpoint_throughout(tmp_path, tiny_model, monkeypatch):
+    """max_ckpt_to_keep=2: the oldest checkpoint goes before the final write starts (its deletion
+    overlaps the write), the newest periodic one stays until the final lands."""
+    from verlite.config import load_config
+    from verlite.trainer.sft_trainer import run_sft
+
+    seen = []
+    real = ac.write_snapshot
+
+    def watch(snap, background=False):
+        seen.append((snap.step, [s for s, _ in ckpt.step_dirs(snap.root)]))
+        return real(snap, background)
+
+    monkeypatch.setattr(ac, "write_snapshot", watch)
+    run_sft(load_config(None, sft_args(tmp_path, tiny_model, 5, "trainer.save_freq=2", "trainer.max_ckpt_to_keep=2")))
+    run = tmp_path / "run"
+    assert seen[-1] == (5, [4])  # 2 went before the final write; 4 stayed
+    assert [s for s, _ in ckpt.step_dirs(run)] == [4, 5]
+    assert not list(run.glob(ckpt.DISCARDED_PREFIX + "*")) and not list(run.glob("*.tmp"))
 
 
 # ---- resume ------------------------------------------------------------------------------

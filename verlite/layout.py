@@ -8,6 +8,7 @@ writes them) and inference / serve / export (which read them) share one definiti
                                          tensors named, not stored, when the next file exists)
         trainer_state.safetensors        the optimizer's and RNG's tensors (written since 2026-11-25)
       global_step_N.tmp/                 a checkpoint being written (renamed when complete)
+      .discarded-*/                      a folder renamed aside to be deleted in the background
       latest_checkpointed_iteration.txt  N of the newest complete checkpoint (verl's name)
 """
 
@@ -22,6 +23,7 @@ STATE = "trainer_state.pt"
 STATE_TENSORS = "trainer_state.safetensors"
 HF_DIR = "huggingface"
 STEP_PREFIX = "global_step_"
+DISCARDED_PREFIX = ".discarded-"
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 
 

@@ -442,7 +442,7 @@ def write_snapshot(snap: Snapshot, background: bool = False) -> Optional[Path]:
         ckpt._replace_dir(tmp, final)
         ckpt._write_atomic(root / ckpt.LATEST, str(snap.step))
     except ckpt.WriteCancelled:
-        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.discard(tmp)  # deleting a partial 6 GB folder takes seconds: not on the final save's path
         log.info("step %d: checkpoint superseded by a newer one before it was written; not kept", snap.step)
         return None
     except Exception as e:  # noqa: BLE001 - a failed save is reported; training keeps the previous one
@@ -492,10 +492,11 @@ class Checkpointer:
         self._pending: Optional[Snapshot] = None
 
     def save(self, root: Path, step: int, sft_model, tokenizer, optimizer, scheduler, extra: dict,
-             is_lora: bool, in_line: bool = False) -> bool:
+             is_lora: bool, in_line: bool = False, before_write: Optional[Callable[[], None]] = None) -> bool:
         """Snapshot now; write now (`in_line`, or not `background`) or in the background.
         False (reported) when the weights hold NaN/inf: nothing is written, and the previous
-        checkpoint has landed. Collective: every rank calls it."""
+        checkpoint has landed. Collective: every rank calls it. `before_write` (rank 0) runs once
+        the previous save is settled and this one's snapshot is taken, just before its write."""
         start = time.perf_counter()
         finite = weights_finite(sft_model, is_lora)
         in_line = in_line or not self.background
@@ -513,6 +514,8 @@ class Checkpointer:
                              self.buffers, in_line)
         self._pending = snap
         paused = time.perf_counter() - start
+        if before_write is not None and self.is_main:
+            before_write()
         if self.is_main and not in_line:
             self._thread = threading.Thread(target=self._write, args=(snap, paused, False, True),
                                             name="verlite-checkpoint", daemon=True)

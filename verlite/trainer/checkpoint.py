@@ -37,7 +37,8 @@ from typing import Iterable, Optional
 import torch
 
 from verlite.errors import VerliteError
-from verlite.layout import HF_DIR, LATEST, STATE, STATE_TENSORS, latest_checkpoint, step_dirs  # noqa: F401 (re-exported)
+from verlite.layout import (DISCARDED_PREFIX, HF_DIR, LATEST, STATE, STATE_TENSORS,  # noqa: F401 (re-exported)
+                            latest_checkpoint, step_dirs)
 from verlite.outputs import replace_dir
 
 log = logging.getLogger("verlite.checkpoint")
@@ -247,11 +248,65 @@ def fsync_files(paths: Iterable[Path]) -> None:
 
 
 def prune_checkpoints(root: str | Path, keep: Optional[int]) -> None:
+    """Remove all but the newest `keep` checkpoints (renamed aside now, deleted in the background)."""
     if not keep or keep < 1:
         return
     for step, path in step_dirs(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        discard(path)
         log.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, keep)
+
+
+# Deleting a 6 GB checkpoint took 2 s on the H200 machine's disk (bench/RESULTS.md, seventh
+# session), in the final checkpoint's time when pruning ran there. A folder to delete is renamed
+# aside at once (one atomic rename: nothing reads it after that, and no reader can mistake it for
+# a checkpoint), then deleted on a background thread while the run goes on; the run waits for
+# those threads before it ends (wait_for_discards). Leftovers of a killed process are deleted by
+# the next run in the same folder (discard_leftovers).
+_discarding: list[threading.Thread] = []
+_discard_lock = threading.Lock()
+_discard_count = 0
+
+
+def discard(path: str | Path) -> None:
+    """Delete the folder `path` without waiting for it."""
+    global _discard_count
+    path = Path(path)
+    with _discard_lock:
+        _discard_count += 1
+        aside = path.with_name(f"{DISCARDED_PREFIX}{path.name}-{os.getpid()}-{_discard_count}")
+    try:
+        os.rename(path, aside)
+    except OSError:  # gone already, or a file system that cannot rename it: delete it here
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    _delete_in_background(aside)
+
+
+def _delete_in_background(path: Path) -> None:
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                              name="verlite-discard", daemon=True)
+    thread.start()
+    with _discard_lock:
+        _discarding.append(thread)
+
+
+def wait_for_discards() -> None:
+    """Return once every folder discarded so far is deleted."""
+    while True:
+        with _discard_lock:
+            if not _discarding:
+                return
+            thread = _discarding.pop()
+        thread.join()
+
+
+def discard_leftovers(root: str | Path) -> None:
+    """Start deleting what a killed run left renamed aside under `root`."""
+    root = Path(root)
+    if root.is_dir():
+        for child in root.glob(DISCARDED_PREFIX + "*"):
+            if child.is_dir():
+                _delete_in_background(child)
 
 
 def load_weights_into(model, ckpt: Path, is_lora: bool) -> None:

@@ -54,8 +54,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     dist_info = init_distributed(cfg.trainer.device)
     timeline.note("device init")  # CUDA's context (torch.cuda.set_device), the process group
     try:
-        with hold_run_dir(Path(cfg.trainer.default_local_dir).expanduser(), dist_info):
-            return Trainer(cfg, dist_info).fit()
+        run_dir = Path(cfg.trainer.default_local_dir).expanduser()
+        with hold_run_dir(run_dir, dist_info):
+            if dist_info.is_main:
+                ckpt.discard_leftovers(run_dir)  # folders a killed run had renamed aside to delete
+            try:
+                return Trainer(cfg, dist_info).fit()
+            finally:
+                ckpt.wait_for_discards()  # no half-deleted folder left behind
     finally:
         shutdown()
 
@@ -212,7 +218,6 @@ class Trainer:
             if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
             self._on_saved)  # host buffers only when a periodic (background) save will come
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
-        self._prune_s = 0.0  # the last pruning of old checkpoints (for the final checkpoint's line)
 
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
@@ -346,9 +351,12 @@ class Trainer:
                         self.run_dir / f"global_step_{final_step}"
                     closing = time.perf_counter()
                     self.saver.close()
-                    if self.dist.is_main:  # where the phase's seconds went (pruning runs inside the save)
-                        log.info("final checkpoint: saved in %.2f s (old checkpoints pruned in %.2f s), host buffers "
-                                 "released in %.2f s", closing - saving, self._prune_s, time.perf_counter() - closing)
+                    released = time.perf_counter()
+                    ckpt.wait_for_discards()  # old checkpoints, deleted while the final one was written
+                    if self.dist.is_main:  # where the phase's seconds went
+                        log.info("final checkpoint: saved in %.2f s, host buffers released in %.2f s, then %.2f s "
+                                 "waiting for old checkpoints' deletion", closing - saving, released - closing,
+                                 time.perf_counter() - released)
             except torch.OutOfMemoryError:
                 raise VerliteError(self._oom_advice()) from None
             finally:
@@ -480,8 +488,15 @@ class Trainer:
         final save or `wait` is set (the process is about to exit)."""
         extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
+        keep = self.cfg.trainer.max_ckpt_to_keep
+        # The last save's surplus checkpoints are deleted while it is written, not after: all but
+        # keep-1 go first (the one being written is the keep-th), so at least one complete
+        # checkpoint stays throughout (never with keep=1, which waits for the new one to land).
+        before_write = (lambda: ckpt.prune_checkpoints(self.run_dir, keep - 1)) if (final or wait) and keep \
+            and keep > 1 and self.dist.is_main else None
         if not self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                               extra, self.is_lora, in_line=final or wait):  # False: NaN/inf weights (logged)
+                               extra, self.is_lora, in_line=final or wait,
+                               before_write=before_write):  # False: NaN/inf weights (logged)
             return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
         path = self.run_dir / f"global_step_{global_step}"
         if final or wait:
@@ -496,9 +511,7 @@ class Trainer:
         """Rank 0, once a checkpoint is in place (on the writer thread when saving in the background)."""
         how = "in the background" if self.cfg.trainer.async_save else "in line"
         log.info("Checkpoint saved to %s (training paused %.2f s; written in %.1f s %s)", path, paused_s, write_s, how)
-        start = time.perf_counter()
         ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
-        self._prune_s = time.perf_counter() - start
 
     def _oom_advice(self) -> str:
         d, m = self.cfg.data, self.cfg.model
