@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from verlite import __version__
@@ -124,6 +125,13 @@ def _cmd_sft(args) -> int:
     from verlite.trainer import timeline
 
     timeline.mark_launch()  # the run's summary counts from this process's start, imports included
+    from verlite import warm
+
+    if warm.in_child():
+        log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
+                 "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
+    else:
+        warm.want_helper()  # for the next launch, once this run has loaded its model
     from verlite.config import load_config
 
     cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
@@ -319,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = list(args.overrides) + rest
+    if args.command == "sft":
+        code = _sft_in_warm_helper(argv if argv is not None else sys.argv[1:])
+        if code is not None:
+            return code
     setup_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)
@@ -335,6 +347,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verlite: {e}", file=sys.stderr)
             return e.exit_code
         raise
+
+
+def _sft_in_warm_helper(argv: list[str]) -> int | None:
+    """`verlite sft` run by a warm helper's child (verlite/warm.py): its exit code, or None
+    when there is no helper for this environment."""
+    from verlite import warm
+
+    if not warm.enabled():
+        return None
+    import time
+
+    from verlite.trainer.timeline import process_age
+
+    return warm.run_in_helper(list(argv), launch_epoch=time.time() - (process_age() or 0.0))
 
 
 def run_and_exit(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
 from verlite.trainer import timeline
+from verlite import warm
 from verlite.trainer.timeline import Timeline, launch_time
 
 log = logging.getLogger("verlite.trainer")
@@ -59,7 +60,9 @@ def run_sft(cfg: SFTConfig) -> dict:
             if dist_info.is_main:
                 ckpt.discard_leftovers(run_dir)  # folders a killed run had renamed aside to delete
             try:
-                return Trainer(cfg, dist_info).fit()
+                trainer = Trainer(cfg, dist_info)
+                warm.start_helper()  # `verlite sft` only: its modules are all imported now
+                return trainer.fit()
             finally:
                 ckpt.wait_for_discards()  # no half-deleted folder left behind
     finally:

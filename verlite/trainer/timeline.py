@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 _launch: Optional[float] = None  # perf_counter() value of the launch, set by the CLI
+_launch_epoch: Optional[float] = None  # time.time() of a launch in another process (verlite/warm.py)
 _notes: list[tuple[str, float]] = []  # (what just ended, perf_counter()) since the launch, for start-up's split
 
 
@@ -34,10 +35,17 @@ def process_age() -> Optional[float]:
         return None
 
 
+def set_launch_epoch(epoch: float) -> None:
+    """The command was launched in another process at `epoch` (time.time()): a warm helper's
+    child runs it (verlite/warm.py), and the run counts from that process's start."""
+    global _launch_epoch
+    _launch_epoch = epoch
+
+
 def mark_launch() -> None:
     """The run being started counts from this process's start (the `verlite sft` command)."""
     global _launch
-    age = process_age()
+    age = process_age() if _launch_epoch is None else max(0.0, time.time() - _launch_epoch)
     _launch = time.perf_counter() - (age if age is not None else 0.0)
     _notes.clear()
     note("python")  # the interpreter's own start and `import verlite.cli`

@@ -1,0 +1,363 @@
+"""Warm start: the next `verlite sft` skips Python's imports of torch and transformers.
+
+On the H200 machine a launch spends ~10 s importing torch, transformers and the modules a run
+loads (bench/startup_probe.py: 11.7-14.6 s for those imports alone, against ~21 s of training
+for a GSM8K epoch), every launch alike: nothing cached on disk shortens it. So once a `verlite
+sft` on a GPU machine has loaded its model, it starts a helper process that imports the same
+modules and then waits on a Unix socket private to this user and to this exact environment
+(Python, sys.path, environment variables, verlite's source). The next `verlite sft` there
+connects, hands over its arguments, working folder, environment and terminal (its stdin,
+stdout and stderr file descriptors), and the helper forks a child that runs the command as the
+new process would have, with everything already imported. The command forwards Ctrl-C and
+SIGTERM to that child and exits with its exit code; if the command dies (even by SIGKILL), the
+child kills itself. The helper exits after IDLE_S seconds without a run.
+
+Safety: the helper never initializes CUDA (checked before it serves; a process forked after
+CUDA's initialization cannot use the GPU), is reachable only by the same user (peer
+credentials checked both ways), and serves only commands whose environment hashes to its own.
+
+Off under torchrun (several processes), where no NVIDIA GPU is present (CPU runs start in a few
+seconds anyway), and with VERLITE_WARM=0; VERLITE_WARM=1 turns it on anywhere (the tests).
+This module imports nothing heavy: it runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+IDLE_S = 900  # the helper's life without a run; it holds ~1 GB of imported modules
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Variables that differ between two shells of the same environment without changing what
+# Python imports or how a run behaves.
+_VOLATILE = {"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES", "WINDOWID", "TMUX_PANE", "SSH_TTY",
+             "SSH_CLIENT", "SSH_CONNECTION", "PS1", "PROMPT_COMMAND", "HISTFILE", "SHELL_SESSION_ID"}
+# The environment this process was launched with: by the time a run offers a helper, logging
+# and libraries have set variables of their own, which the next launch will not have.
+_LAUNCH_ENV = dict(os.environ)
+_in_child = False  # this process is a helper's child running a command
+_wanted = False  # the CLI runs `verlite sft`: offer a helper once the model is loaded
+
+
+# ---- when -------------------------------------------------------------------------------------
+def enabled() -> bool:
+    setting = os.environ.get("VERLITE_WARM", "auto").strip().lower()
+    if setting in ("0", "false", "off", "no") or _in_child or not hasattr(socket, "send_fds"):
+        return False
+    if any(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")):
+        return False  # torchrun: one process per GPU, started by torchrun
+    if setting in ("1", "true", "on", "yes"):
+        return True
+    return os.path.exists("/dev/nvidiactl") and sys.platform.startswith("linux")
+
+
+def in_child() -> bool:
+    return _in_child
+
+
+def want_helper() -> None:
+    """The CLI's `verlite sft`: start a helper for the next launch once the model is loaded."""
+    global _wanted
+    _wanted = True
+
+
+# ---- the environment's name -------------------------------------------------------------------
+def _source_stamp() -> str:
+    """verlite's own source files: an edit (or a new version) means another helper."""
+    root = Path(__file__).resolve().parent
+    stamp = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(folder, name))
+                stamp.append(f"{folder}/{name}:{st.st_mtime_ns}:{st.st_size}")
+    return "\n".join(sorted(stamp))
+
+
+def _path_stamp() -> str:
+    """sys.path and its entries' modification times (installing or removing a package changes
+    its folder's), but the script's or working folder's (sys.path[0]), which every run changes."""
+    out = sys.path[:1]
+    for entry in sys.path[1:]:
+        if os.path.abspath(entry or ".") == os.getcwd():
+            out.append(entry)
+            continue
+        try:
+            out.append(f"{entry}:{os.stat(entry or '.').st_mtime_ns}")
+        except OSError:
+            out.append(f"{entry}:-")
+    return "\n".join(out)
+
+
+def address() -> str:
+    env = sorted((k, v) for k, v in _LAUNCH_ENV.items() if k not in _VOLATILE and not k.startswith("VERLITE_WARM"))
+    h = hashlib.sha256()
+    for part in (sys.executable, sys.version, _path_stamp(), _source_stamp(), json.dumps(env)):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    # The abstract namespace (Linux): no file to clean up after a killed helper.
+    return f"\0verlite-warm-{os.getuid()}-{h.hexdigest()[:32]}"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+# ---- the command's side -------------------------------------------------------------------------
+def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Optional[int]:
+    """Run `verlite` with `argv` in a helper's child; its exit code, or None when no helper
+    for this environment is ready (the caller then runs it itself)."""
+    if not enabled():
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(address())
+        if _peer_uid(sock) != os.getuid():
+            sock.close()
+            return None
+        message = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                   "launch_epoch": launch_epoch if launch_epoch is not None else time.time()}
+        socket.send_fds(sock, [b"F"], [0, 1, 2])
+        sock.sendall(json.dumps(message).encode("utf-8", "surrogateescape") + b"\n")
+        sock.settimeout(10.0)
+        reader = sock.makefile("rb")
+        first = reader.readline()
+    except OSError:
+        sock.close()
+        return None
+    if not first:  # the helper went away before it forked: run here
+        sock.close()
+        return None
+    child = json.loads(first)["pid"]
+    sock.settimeout(None)
+
+    def forward(signum, frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        line = reader.readline()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sock.close()
+    if not line:
+        print("verlite: error: the warm process running this command went away; run it again "
+              "(VERLITE_WARM=0 runs it without one)", file=sys.stderr)
+        return 1
+    return int(json.loads(line)["exit"])
+
+
+# ---- the helper ---------------------------------------------------------------------------------
+def start_helper() -> None:
+    """Start the helper for this environment (if none answers), importing what this process
+    has imported; it serves from the moment its imports are done."""
+    global _wanted
+    if not (_wanted and enabled()):
+        return
+    _wanted = False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address())
+        return  # one is serving already
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    log_file = _log_path()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"address": address(), "path": sys.path, "modules": sorted(sys.modules)}
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from verlite.warm import serve_from_stdin; serve_from_stdin()"],
+                                stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True,
+                                cwd=os.getcwd(), env=_LAUNCH_ENV)
+    try:
+        proc.stdin.write(json.dumps(spec).encode("utf-8", "surrogateescape"))
+        proc.stdin.close()
+    except OSError:
+        pass
+    import logging
+
+    logging.getLogger("verlite.cli").info(
+        "warm start: a helper process (pid %d) now imports torch and transformers for the next `verlite sft` "
+        "here; it exits after %d min without a run (VERLITE_WARM=0 turns this off)", proc.pid, IDLE_S // 60)
+
+
+def _log_path() -> Path:
+    from verlite.cache_dir import cache_root
+
+    return cache_root() / "warm" / "helper.log"
+
+
+def serve_from_stdin() -> None:
+    spec = json.loads(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))
+    sys.path[:] = spec["path"]
+    serve(spec["address"], spec["modules"])
+
+
+def _import_all(modules: list[str]) -> int:
+    import importlib
+
+    # torch.cuda.is_available() in a module's import would initialize the CUDA driver (and no
+    # forked child could use the GPU): NVML answers it instead while the helper imports.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    done = 0
+    for name in modules:
+        if name == "__main__" or name.startswith("verlite.warm"):
+            continue
+        try:
+            importlib.import_module(name)
+            done += 1
+        except BaseException:  # noqa: BLE001 - a module only importable its own way is left to the child
+            pass
+    return done
+
+
+def cuda_touched() -> bool:
+    """Has this process initialized CUDA (then its forked children could not use the GPU)?"""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return True
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libcuda.so" in line for line in f)
+    except OSError:
+        return False
+
+
+def serve(name: str, modules: list[str]) -> None:
+    started = time.time()
+    imported = _import_all(modules)
+    if cuda_touched():
+        print(f"warm helper: CUDA was initialized while importing; not serving", flush=True)
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(name)
+    except OSError as e:  # another helper took the name meanwhile
+        print(f"warm helper: {e}; not serving", flush=True)
+        return
+    listener.listen(16)
+    listener.settimeout(5.0)
+    print(f"warm helper {os.getpid()}: {imported} modules imported in {time.time() - started:.1f} s; serving",
+          flush=True)
+    running: set[int] = set()
+    lock = threading.Lock()
+    last = time.monotonic()
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            with lock:
+                idle = not running and time.monotonic() - last > IDLE_S
+            if idle:
+                print(f"warm helper {os.getpid()}: idle for {IDLE_S} s; exiting", flush=True)
+                return
+            continue
+        try:
+            pid = _fork_run(conn, listener)
+        except Exception as e:  # noqa: BLE001 - one bad connection must not end the helper
+            print(f"warm helper: a connection failed: {type(e).__name__}: {e}", flush=True)
+            conn.close()
+            continue
+        with lock:
+            running.add(pid)
+
+        def reap(pid=pid, conn=conn):
+            nonlocal last
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            try:
+                conn.sendall(json.dumps({"exit": code if code >= 0 else 128 - code}).encode() + b"\n")
+            except OSError:
+                pass
+            conn.close()
+            with lock:
+                running.discard(pid)
+                last = time.monotonic()
+
+        threading.Thread(target=reap, daemon=True).start()
+
+
+def _fork_run(conn: socket.socket, listener: socket.socket) -> int:
+    conn.settimeout(10.0)
+    if _peer_uid(conn) != os.getuid():
+        raise PermissionError("a connection from another user")
+    _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+    if len(fds) != 3:
+        raise ValueError("expected the command's stdin, stdout and stderr")
+    reader = conn.makefile("rb")
+    message = json.loads(reader.readline().decode("utf-8", "surrogateescape"))
+    conn.settimeout(None)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            listener.close()
+            _child(conn, fds, message)
+        finally:
+            os._exit(1)  # _child exits itself; this only catches a failure before it could
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    return pid
+
+
+def _child(conn: socket.socket, fds: list[int], message: dict) -> None:
+    global _in_child
+    _in_child = True
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(message["cwd"])
+    os.environ.clear()
+    os.environ.update(message["env"])
+    for s in _FORWARDED:
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="surrogateescape")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                  line_buffering=os.isatty(1), write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                  line_buffering=True, write_through=unbuffered)
+    sys.argv = ["verlite", *message["argv"]]
+
+    def watch():  # the command is gone (killed): so is its run
+        try:
+            while conn.recv(1):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="verlite-warm-watch", daemon=True).start()
+    from verlite.trainer import timeline
+
+    timeline.set_launch_epoch(message["launch_epoch"])
+    from verlite.cli import exit_now, main
+
+    code = 1
+    try:
+        code = main(message["argv"])
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - as an uncaught error would print in the command's own process
+        import traceback
+
+        traceback.print_exc()
+    exit_now(code)
