@@ -17,11 +17,12 @@
 #   bash bench/gpu_runbook.sh L "$OUT"    # what the sixth session left: graphs on token-budget micro-batches, lora vs TRL
 #   bash bench/gpu_runbook.sh M "$OUT"    # issue 14: a launch's fixed costs (imports, fork after imports, fsync)
 #   bash bench/gpu_runbook.sh N "$OUT"    # issue 14: lora vs TRL with one max_seqlen when compiled; final checkpoint's parts
+#   bash bench/gpu_runbook.sh O "$OUT"    # issue 14: gsm8k_cli defaults (warm start, background pruning) with TRL beside
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to N}
+part=${1:?part A to O}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -141,5 +142,8 @@ for l in sys.stdin:
   M)  step startup_probe 150 python bench/startup_probe.py --gib 6 ;;
   N)  TORCH_LOGS=recompiles step lora_trl 280 python bench/bench.py --cases lora --trl --out "$out/lora.jsonl"
       step gsm8k_default 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --out "$out/gsm8k.jsonl" ;;
-  *)  echo "unknown part $part (A to N)" >&2; exit 2 ;;
+  O)  step gsm8k_default 400 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl --trl_dtypes bfloat16 \
+          --out "$out/gsm8k_default.jsonl"
+      cp /tmp/gsm8k_cli_*/cache/warm/helper.log "$out/" 2>/dev/null ;;
+  *)  echo "unknown part $part (A to O)" >&2; exit 2 ;;
 esac
