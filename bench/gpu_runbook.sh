@@ -18,11 +18,12 @@
 #   bash bench/gpu_runbook.sh M "$OUT"    # issue 14: a launch's fixed costs (imports, fork after imports, fsync)
 #   bash bench/gpu_runbook.sh N "$OUT"    # issue 14: lora vs TRL with one max_seqlen when compiled; final checkpoint's parts
 #   bash bench/gpu_runbook.sh O "$OUT"    # issue 14: gsm8k_cli defaults (warm start, background pruning) with TRL beside
+#   bash bench/gpu_runbook.sh P "$OUT"    # issue 14: O again (warm start's CUDA check fixed), then with pageable checkpoint buffers
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to O}
+part=${1:?part A to P}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -145,5 +146,9 @@ for l in sys.stdin:
   O)  step gsm8k_default 400 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl --trl_dtypes bfloat16 \
           --out "$out/gsm8k_default.jsonl"
       cp /tmp/gsm8k_cli_*/cache/warm/helper.log "$out/" 2>/dev/null ;;
-  *)  echo "unknown part $part (A to O)" >&2; exit 2 ;;
+  P)  step gsm8k_default 300 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl --trl_dtypes bfloat16 \
+          --out "$out/gsm8k_default.jsonl"
+      cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
+      VERLITE_CKPT_PIN=0 step gsm8k_pageable 150 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --out "$out/gsm8k_pageable.jsonl" ;;
+  *)  echo "unknown part $part (A to P)" >&2; exit 2 ;;
 esac

@@ -229,22 +229,51 @@ def _import_all(modules: list[str]) -> int:
 
 
 def cuda_touched() -> bool:
-    """Has this process initialized CUDA (then its forked children could not use the GPU)?"""
+    """Has this process initialized CUDA (then its forked children could not use the GPU)?
+    Importing Triton maps the driver library without initializing it; cuCtxGetCurrent tells
+    the two apart without initializing anything (CUDA_ERROR_NOT_INITIALIZED = 3)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return True
     try:
         with open("/proc/self/maps") as f:
-            return any("libcuda.so" in line for line in f)
+            mapped = any("libcuda.so" in line for line in f)
     except OSError:
         return False
+    if not mapped:
+        return False
+    import ctypes
+
+    try:
+        ctx = ctypes.c_void_p()
+        return ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(ctx)) != 3
+    except (OSError, AttributeError):
+        return True  # cannot tell: do not serve
+
+
+def forked_child_can_use_the_gpu() -> bool:
+    """The proof: a forked child initializes CUDA and runs a kernel (where torch sees a GPU)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():  # NVML's answer: initializes nothing here
+        return True
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+            code = 0 if float(torch.ones(4, device="cuda").sum()) == 4.0 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def serve(name: str, modules: list[str]) -> None:
     started = time.time()
     imported = _import_all(modules)
-    if cuda_touched():
-        print(f"warm helper: CUDA was initialized while importing; not serving", flush=True)
+    if cuda_touched() or not forked_child_can_use_the_gpu():
+        print("warm helper: CUDA was initialized while importing (a forked run could not use the GPU); "
+              "not serving", flush=True)
         return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

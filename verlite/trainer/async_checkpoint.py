@@ -184,6 +184,8 @@ class HostBuffers:
             big = self.pin and size >= PIN_MIN_BYTES
             buf = _page_aligned_empty(*spec) if big else torch.empty(spec[0], dtype=spec[1])
             pinned = big and _pin(buf)
+            if not pinned and buf.numel():  # touch every page here, not in the first snapshot's copy (faults: seconds)
+                buf.view(-1).view(torch.uint8).zero_()
             with self._lock:
                 if pinned:
                     self._pinned.add(buf.data_ptr())
@@ -239,7 +241,8 @@ def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[Host
     nbytes = sum(p.numel() * p.element_size() for p in trained) * 3
     if not trained or nbytes > PIN_FRACTION * _host_memory_bytes():
         return None
-    buffers = HostBuffers(pin=True)
+    # VERLITE_CKPT_PIN=0: pageable buffers (bench: whether pinning 6 GB beside the first steps slows them)
+    buffers = HostBuffers(pin=os.environ.get("VERLITE_CKPT_PIN", "1") != "0")
     buffers.want([_spec(p) for p in trained for _ in range(3)])
     return buffers
 
