@@ -216,6 +216,7 @@ def _import_all(modules: list[str]) -> int:
     # torch.cuda.is_available() in a module's import would initialize the CUDA driver (and no
     # forked child could use the GPU): NVML answers it instead while the helper imports.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    debug = bool(os.environ.get("VERLITE_WARM_DEBUG"))  # name the first module whose import initialized CUDA
     done = 0
     for name in modules:
         if name == "__main__" or name.startswith("verlite.warm"):
@@ -225,6 +226,9 @@ def _import_all(modules: list[str]) -> int:
             done += 1
         except BaseException:  # noqa: BLE001 - a module only importable its own way is left to the child
             pass
+        if debug and cuda_touched():
+            print(f"warm helper: importing {name} initialized CUDA", flush=True)
+            debug = False
     return done
 
 
@@ -271,9 +275,11 @@ def forked_child_can_use_the_gpu() -> bool:
 def serve(name: str, modules: list[str]) -> None:
     started = time.time()
     imported = _import_all(modules)
-    if cuda_touched() or not forked_child_can_use_the_gpu():
-        print("warm helper: CUDA was initialized while importing (a forked run could not use the GPU); "
-              "not serving", flush=True)
+    if cuda_touched():
+        print("warm helper: CUDA was initialized while importing; not serving", flush=True)
+        return
+    if not forked_child_can_use_the_gpu():
+        print("warm helper: a forked child could not use the GPU; not serving", flush=True)
         return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
