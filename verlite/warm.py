@@ -210,12 +210,55 @@ def serve_from_stdin() -> None:
     serve(spec["address"], spec["modules"])
 
 
+def _nvml_capabilities() -> Optional[list[tuple[int, int]]]:
+    """Every GPU's compute capability from NVML, which (unlike CUDA) a forked child does not mind."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        count = ctypes.c_uint()
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return None
+        caps = []
+        for i in range(count.value):
+            handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0 or \
+                    nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
+                return None
+            caps.append((major.value, minor.value))
+        return caps
+    finally:
+        nvml.nvmlShutdown()
+
+
 def _import_all(modules: list[str]) -> int:
+    # Some libraries ask about the GPU when imported (torchao, which transformers imports:
+    # torch.cuda.is_available() and get_device_capability() to pick its kernels), which would
+    # initialize CUDA here, and no forked child could use the GPU. While the helper imports,
+    # NVML answers both (the same answers, on a machine whose GPUs are all of one kind); any
+    # other CUDA call still initializes it, and then the helper does not serve (cuda_touched).
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    import torch
+
+    caps = _nvml_capabilities()
+    original = torch.cuda.get_device_capability
+    if caps and len(set(caps)) == 1:
+        torch.cuda.get_device_capability = lambda device=None: caps[0]
+    try:
+        return _import_each(modules)
+    finally:
+        torch.cuda.get_device_capability = original
+        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+
+def _import_each(modules: list[str]) -> int:
     import importlib
 
-    # torch.cuda.is_available() in a module's import would initialize the CUDA driver (and no
-    # forked child could use the GPU): NVML answers it instead while the helper imports.
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     debug = bool(os.environ.get("VERLITE_WARM_DEBUG"))  # name the first module whose import initialized CUDA
     done = 0
     for name in modules:
