@@ -23,6 +23,7 @@ This module imports nothing heavy: it runs before torch is imported.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -210,10 +211,13 @@ def serve_from_stdin() -> None:
     serve(spec["address"], spec["modules"])
 
 
-def _nvml_capabilities() -> Optional[list[tuple[int, int]]]:
-    """Every GPU's compute capability from NVML, which (unlike CUDA) a forked child does not mind."""
-    import ctypes
+class _Memory(ctypes.Structure):  # nvmlMemory_t
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
+
+def _nvml_devices() -> Optional[list[tuple[tuple[int, int], int]]]:
+    """Every GPU's (compute capability, free bytes) from NVML, which (unlike CUDA) a forked
+    child does not mind; None where NVML cannot say."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
@@ -224,14 +228,15 @@ def _nvml_capabilities() -> Optional[list[tuple[int, int]]]:
         count = ctypes.c_uint()
         if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
             return None
-        caps = []
+        devices = []
         for i in range(count.value):
-            handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+            handle, major, minor, memory = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int(), _Memory()
             if nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0 or \
-                    nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
+                    nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0 or \
+                    nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
                 return None
-            caps.append((major.value, minor.value))
-        return caps
+            devices.append(((major.value, minor.value), memory.free))
+        return devices
     finally:
         nvml.nvmlShutdown()
 
@@ -245,10 +250,10 @@ def _import_all(modules: list[str]) -> int:
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     import torch
 
-    caps = _nvml_capabilities()
+    caps = {cap for cap, _ in _nvml_devices() or []}
     original = torch.cuda.get_device_capability
-    if caps and len(set(caps)) == 1:
-        torch.cuda.get_device_capability = lambda device=None: caps[0]
+    if len(caps) == 1:
+        torch.cuda.get_device_capability = lambda device=None, cap=caps.pop(): cap
     try:
         return _import_each(modules)
     finally:
@@ -289,8 +294,6 @@ def cuda_touched() -> bool:
         return False
     if not mapped:
         return False
-    import ctypes
-
     try:
         ctx = ctypes.c_void_p()
         return ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(ctx)) != 3
@@ -298,10 +301,16 @@ def cuda_touched() -> bool:
         return True  # cannot tell: do not serve
 
 
+SELF_TEST_FREE_BYTES = 4 << 30
+
+
 def forked_child_can_use_the_gpu() -> bool:
-    """The proof: a forked child initializes CUDA and runs a kernel (where torch sees a GPU)."""
+    """The proof: a forked child initializes CUDA and runs a kernel. Its CUDA context takes a
+    few hundred MB of GPU memory for a second, beside the run that started the helper: skipped
+    (cuda_touched's answer stands) unless every GPU has SELF_TEST_FREE_BYTES free."""
+    devices = _nvml_devices()
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():  # NVML's answer: initializes nothing here
+    if not devices or torch is None or min(free for _, free in devices) < SELF_TEST_FREE_BYTES:
         return True
     pid = os.fork()
     if pid == 0:
