@@ -276,6 +276,15 @@ def test_discarded_folders_go_at_once_and_are_deleted_in_the_background(tmp_path
     ckpt.discard_leftovers(root)
     ckpt.wait_for_discards()
     assert not leftover.exists() and (root / "global_step_3").is_dir()
+    # Before a write of step 5: only older steps count, and never the one the latest file names
+    # (a folder reused with resume_mode=disable may hold a later step of an earlier run).
+    for step in (2, 4, 9):
+        (root / f"global_step_{step}").mkdir()
+        (root / f"global_step_{step}" / ckpt.STATE).write_bytes(b"x")
+    (root / ckpt.LATEST).write_text("4")
+    ckpt.prune_checkpoints(root, 1, below=5)
+    ckpt.wait_for_discards()
+    assert [s for s, _ in ckpt.step_dirs(root)] == [4, 9]
 
 
 def test_final_save_prunes_while_it_writes_and_keeps_one_checkpoint_throughout(tmp_path, tiny_model, monkeypatch):

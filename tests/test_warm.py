@@ -70,13 +70,16 @@ def _start_long_run(tmp: Path, model: Path, env: dict) -> tuple[subprocess.Popen
 
 def test_second_launch_runs_in_the_warm_helper(tmp_path, tiny_model):
     env = _env(tmp_path)
-    first = _run(tmp_path / "a", tiny_model, 3, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    helper = int(re.search(r"a helper process \(pid (\d+)\)", first.stdout).group(1))
-    log = tmp_path / "cache" / "warm" / "helper.log"
+    spawned: list[int] = []  # every helper and command started here, killed at the end whatever happens
+    procs: list[subprocess.Popen] = []
     try:
+        first = _run(tmp_path / "a", tiny_model, 3, env=env)
+        assert first.returncode == 0, first.stderr[-2000:]
+        helper = int(re.search(r"a helper process \(pid (\d+)\)", first.stdout).group(1))
+        spawned.append(helper)
+        log = tmp_path / "cache" / "warm" / "helper.log"
         end = time.monotonic() + 120
-        while "serving" not in (log.read_text() if log.exists() else "") and time.monotonic() < end:
+        while "; serving" not in (log.read_text() if log.exists() else "") and time.monotonic() < end:
             assert _alive(helper), log.read_text() if log.exists() else "the helper exited"
             time.sleep(0.2)
         second = _run(tmp_path / "b", tiny_model, 3, env=env)
@@ -89,26 +92,40 @@ def test_second_launch_runs_in_the_warm_helper(tmp_path, tiny_model):
         bad = _run(tmp_path / "c", tiny_model, 3, "data.max_length=abc", env=env)
         assert bad.returncode == 2 and "forked" in bad.stdout  # the helper ran it
         assert bad.stderr.strip().count("\n") == 0 and "data.max_length" in bad.stderr and "Traceback" not in bad.stderr
-        # SIGTERM reaches the run: it saves a checkpoint and exits 128 + 15, as without a helper.
+        # A command killed outright takes its run with it.
+        proc, child = _start_long_run(tmp_path / "e", tiny_model, env)
+        procs.append(proc)
+        spawned.append(child)
+        proc.kill()
+        proc.wait()
+        assert _wait_gone(child), "the run outlived its killed command"
+        # Two runs at once: the short one ends on its own; then, with the helper gone, SIGTERM
+        # still reaches the long one, which saves, stops and reports 128 + 15 itself.
         proc, child = _start_long_run(tmp_path / "d", tiny_model, env)
+        procs.append(proc)
+        spawned.append(child)
+        short = _run(tmp_path / "g", tiny_model, 1, env=env)
+        assert short.returncode == 0 and "was forked" in short.stdout
+        os.kill(helper, signal.SIGKILL)
+        assert _wait_gone(helper)
         proc.send_signal(signal.SIGTERM)
         out = proc.stdout.read()
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out[-2000:]
         assert "stopped at step" in out and _wait_gone(child)
-        # A command killed outright takes its run with it.
-        proc, child = _start_long_run(tmp_path / "e", tiny_model, env)
-        proc.kill()
-        proc.wait()
-        assert _wait_gone(child), "the run outlived its killed command"
-        # A different environment is another helper's: this one does not serve it.
+        # A different environment is another helper's.
         other = _run(tmp_path / "f", tiny_model, 1, env=dict(env, VERLITE_TEST_OTHER_ENV="1"))
-        assert other.returncode == 0 and "was forked" not in other.stdout
-        other_helper = int(re.search(r"a helper process \(pid (\d+)\)", other.stdout).group(1))
-        os.kill(other_helper, signal.SIGKILL)
-        assert _alive(helper)
+        found = re.search(r"a helper process \(pid (\d+)\)", other.stdout)
+        spawned += [int(found.group(1))] if found else []
+        assert other.returncode == 0 and "was forked" not in other.stdout and found
     finally:
-        os.kill(helper, signal.SIGKILL)
-    assert _wait_gone(helper)
+        for proc in procs:
+            proc.kill()
+        for pid in spawned:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert all(_wait_gone(pid) for pid in spawned)
 
 
 def test_warm_start_is_off_without_a_gpu_or_under_torchrun(monkeypatch):

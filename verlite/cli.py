@@ -374,7 +374,8 @@ def run_and_exit(argv: list[str] | None = None) -> None:
     exit_now(code)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int, before_exit=None) -> None:
+    """`before_exit(code)`: called last, once every thread, atexit handler and stream is done."""
     import atexit
     import os
     import threading
@@ -398,6 +399,8 @@ def exit_now(code: int) -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (`verlite sft | head`): nothing left to tell it
             pass
+    if before_exit is not None:
+        before_exit(code)
     os._exit(code)
 
 

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Optional
 
 IDLE_S = 900  # the helper's life without a run; it holds ~1 GB of imported modules
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Passed on to the run (Ctrl-Z is not: it would stop only the command, and the run goes on).
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 # Variables that differ between two shells of the same environment without changing what
 # Python imports or how a run behaves.
 _VOLATILE = {"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES", "WINDOWID", "TMUX_PANE", "SSH_TTY",
@@ -87,27 +88,35 @@ def _source_stamp() -> str:
 
 
 def _path_stamp() -> str:
-    """sys.path and its entries' modification times (installing or removing a package changes
-    its folder's), but the script's or working folder's (sys.path[0]), which every run changes."""
-    out = sys.path[:1]
-    for entry in sys.path[1:]:
-        if os.path.abspath(entry or ".") == os.getcwd():
-            out.append(entry)
-            continue
-        try:
-            out.append(f"{entry}:{os.stat(entry or '.').st_mtime_ns}")
-        except OSError:
-            out.append(f"{entry}:-")
+    """sys.path, and the modification times of the folders packages are installed into
+    (installing or removing one changes its folder's); other entries (the working folder, a
+    project on PYTHONPATH) change with every file written there, so they count by name only."""
+    out = []
+    for entry in sys.path:
+        if os.path.basename(os.path.normpath(entry)) in ("site-packages", "dist-packages"):
+            try:
+                entry = f"{entry}:{os.stat(entry).st_mtime_ns}"
+            except OSError:
+                pass
+        out.append(entry)
     return "\n".join(out)
 
 
+_address: Optional[str] = None
+
+
 def address() -> str:
-    env = sorted((k, v) for k, v in _LAUNCH_ENV.items() if k not in _VOLATILE and not k.startswith("VERLITE_WARM"))
-    h = hashlib.sha256()
-    for part in (sys.executable, sys.version, _path_stamp(), _source_stamp(), json.dumps(env)):
-        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
-    # The abstract namespace (Linux): no file to clean up after a killed helper.
-    return f"\0verlite-warm-{os.getuid()}-{h.hexdigest()[:32]}"
+    """The socket's name for this environment, computed once (the first call comes before
+    anything of the run can change sys.path, e.g. transformers' remote-code module folder)."""
+    global _address
+    if _address is None:
+        env = sorted((k, v) for k, v in _LAUNCH_ENV.items() if k not in _VOLATILE and not k.startswith("VERLITE_WARM"))
+        h = hashlib.sha256()
+        for part in (sys.executable, sys.version, repr(sys.flags), _path_stamp(), _source_stamp(), json.dumps(env)):
+            h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+        # The abstract namespace (Linux): no file to clean up after a killed helper.
+        _address = f"\0verlite-warm-{os.getuid()}-{h.hexdigest()[:32]}"
+    return _address
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -121,37 +130,49 @@ def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Opti
     for this environment is ready (the caller then runs it itself)."""
     if not enabled():
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2.0)
-        sock.connect(address())
-        if _peer_uid(sock) != os.getuid():
-            sock.close()
-            return None
-        message = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                   "launch_epoch": launch_epoch if launch_epoch is not None else time.time()}
-        socket.send_fds(sock, [b"F"], [0, 1, 2])
-        sock.sendall(json.dumps(message).encode("utf-8", "surrogateescape") + b"\n")
-        sock.settimeout(10.0)
-        reader = sock.makefile("rb")
-        first = reader.readline()
-    except OSError:
-        sock.close()
-        return None
-    if not first:  # the helper went away before it forked: run here
-        sock.close()
-        return None
-    child = json.loads(first)["pid"]
-    sock.settimeout(None)
+    child: Optional[int] = None
+    pending: list[int] = []  # signals that came before the child's pid
 
     def forward(signum, frame):
+        if child is None:
+            pending.append(signum)
+            return
         try:
             os.kill(child, signum)
         except ProcessLookupError:
             pass
 
+    umask = os.umask(0)
+    os.umask(umask)
+    message = {"argv": argv, "cwd": os.getcwd(), "env": _LAUNCH_ENV, "umask": umask,
+               "unbuffered": bool(getattr(sys.stdout, "write_through", False)),  # python -u or PYTHONUNBUFFERED
+               "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+               "launch_epoch": launch_epoch if launch_epoch is not None else time.time()}
     previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        try:
+            sock.settimeout(2.0)
+            sock.connect(address())
+            if _peer_uid(sock) != os.getuid():
+                raise ConnectionRefusedError("another user's socket")
+            socket.send_fds(sock, [b"F"], [0, 1, 2])
+            sock.sendall(json.dumps(message).encode("utf-8", "surrogateescape") + b"\n")
+            # A child forked after this gives up sees the socket closed and kills itself at once.
+            sock.settimeout(10.0)
+            reader = sock.makefile("rb")
+            first = reader.readline()
+            if not first:
+                raise ConnectionResetError("the helper closed the connection")
+        except OSError:
+            if pending:  # interrupted before anything ran: as an interrupted start
+                print("verlite: interrupted", file=sys.stderr)
+                return 128 + pending[0]
+            return None
+        child = int(json.loads(first)["pid"])
+        for signum in pending:
+            forward(signum, None)
+        sock.settimeout(None)
         line = reader.readline()
     finally:
         for s, handler in previous.items():
@@ -343,7 +364,7 @@ def serve(name: str, modules: list[str]) -> None:
     listener.settimeout(5.0)
     print(f"warm helper {os.getpid()}: {imported} modules imported in {time.time() - started:.1f} s; serving",
           flush=True)
-    running: set[int] = set()
+    running: dict[int, socket.socket] = {}  # child pid -> its command's connection
     lock = threading.Lock()
     last = time.monotonic()
     while True:
@@ -356,51 +377,62 @@ def serve(name: str, modules: list[str]) -> None:
                 print(f"warm helper {os.getpid()}: idle for {IDLE_S} s; exiting", flush=True)
                 return
             continue
+        with lock:
+            others = list(running.values())
         try:
-            pid = _fork_run(conn, listener)
+            pid = _fork_run(conn, listener, others)
         except Exception as e:  # noqa: BLE001 - one bad connection must not end the helper
             print(f"warm helper: a connection failed: {type(e).__name__}: {e}", flush=True)
             conn.close()
             continue
         with lock:
-            running.add(pid)
+            running[pid] = conn
 
         def reap(pid=pid, conn=conn):
             nonlocal last
             _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
-            try:
+            try:  # the child reports its own code first when it exits normally; this covers a signal
                 conn.sendall(json.dumps({"exit": code if code >= 0 else 128 - code}).encode() + b"\n")
             except OSError:
                 pass
             conn.close()
             with lock:
-                running.discard(pid)
+                running.pop(pid, None)
                 last = time.monotonic()
 
         threading.Thread(target=reap, daemon=True).start()
 
 
-def _fork_run(conn: socket.socket, listener: socket.socket) -> int:
+def _fork_run(conn: socket.socket, listener: socket.socket, others: list[socket.socket]) -> int:
+    """Receive one command and fork its child; the child's pid (to reap, whatever happens next)."""
     conn.settimeout(10.0)
     if _peer_uid(conn) != os.getuid():
         raise PermissionError("a connection from another user")
-    _, fds, _, _ = socket.recv_fds(conn, 1, 3)
-    if len(fds) != 3:
-        raise ValueError("expected the command's stdin, stdout and stderr")
-    reader = conn.makefile("rb")
-    message = json.loads(reader.readline().decode("utf-8", "surrogateescape"))
-    conn.settimeout(None)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            listener.close()
-            _child(conn, fds, message)
-        finally:
-            os._exit(1)  # _child exits itself; this only catches a failure before it could
-    for fd in fds:
-        os.close(fd)
-    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    fds: list[int] = []
+    try:
+        _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+        if len(fds) != 3:
+            raise ValueError("expected the command's stdin, stdout and stderr")
+        reader = conn.makefile("rb")
+        message = json.loads(reader.readline().decode("utf-8", "surrogateescape"))
+        conn.settimeout(None)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener.close()
+                for other in others:  # another run's connection: its EOF must not wait on this child
+                    other.close()
+                _child(conn, fds, message)
+            finally:
+                os._exit(1)  # _child exits itself; this only catches a failure before it could
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    except OSError:  # the command gave up waiting: the child sees the closed socket and ends itself
+        pass
     return pid
 
 
@@ -409,19 +441,31 @@ def _child(conn: socket.socket, fds: list[int], message: dict) -> None:
     _in_child = True
     for target, fd in zip((0, 1, 2), fds):
         os.dup2(fd, target)
-        os.close(fd)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
     os.chdir(message["cwd"])
     os.environ.clear()
     os.environ.update(message["env"])
+    os.umask(message.get("umask", 0o022))
+    if message.get("affinity") and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, message["affinity"])
+        except OSError:
+            pass
     for s in _FORWARDED:
         signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="surrogateescape")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-                                  line_buffering=os.isatty(1), write_through=unbuffered)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-                                  line_buffering=True, write_through=unbuffered)
+    unbuffered = message.get("unbuffered") or bool(os.environ.get("PYTHONUNBUFFERED"))
+    # New streams over the command's descriptors, buffered as Python buffers its own.
+    sys.stdin = sys.__stdin__ = open(0, "r", closefd=False, encoding="utf-8", errors="surrogateescape")
+    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False, encoding="utf-8", errors="backslashreplace",
+                                       buffering=1 if os.isatty(1) else -1)
+    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False, encoding="utf-8", errors="backslashreplace",
+                                       buffering=1)
+    if unbuffered:
+        sys.stdout.reconfigure(write_through=True)
+        sys.stderr.reconfigure(write_through=True)
     sys.argv = ["verlite", *message["argv"]]
 
     def watch():  # the command is gone (killed): so is its run
@@ -447,4 +491,11 @@ def _child(conn: socket.socket, fds: list[int], message: dict) -> None:
         import traceback
 
         traceback.print_exc()
-    exit_now(code)
+
+    def report(code: int) -> None:  # once everything is written: the command may exit now
+        try:
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        except OSError:
+            pass
+
+    exit_now(code, before_exit=report)

@@ -247,13 +247,28 @@ def fsync_files(paths: Iterable[Path]) -> None:
             _fsync_file(path)
 
 
-def prune_checkpoints(root: str | Path, keep: Optional[int]) -> None:
-    """Remove all but the newest `keep` checkpoints (renamed aside now, deleted in the background)."""
+def prune_checkpoints(root: str | Path, keep: Optional[int], below: Optional[int] = None) -> None:
+    """Remove all but the newest `keep` checkpoints (renamed aside now, deleted in the background).
+    `below`: only among steps before it (the one being written), and never the step that
+    latest_checkpointed_iteration.txt names (a folder of an earlier run may hold later steps)."""
     if not keep or keep < 1:
         return
-    for step, path in step_dirs(root)[:-keep]:
+    dirs, latest = step_dirs(root), None
+    if below is not None:
+        latest = _read_latest(Path(root))
+        dirs = [(step, path) for step, path in dirs if step < below]
+    for step, path in dirs[:-keep]:
+        if step == latest:
+            continue
         discard(path)
         log.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, keep)
+
+
+def _read_latest(root: Path) -> Optional[int]:
+    try:
+        return int((root / LATEST).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 # Deleting a 6 GB checkpoint took 2 s on the H200 machine's disk (bench/RESULTS.md, seventh

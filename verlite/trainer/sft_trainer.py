@@ -495,8 +495,8 @@ class Trainer:
         # The last save's surplus checkpoints are deleted while it is written, not after: all but
         # keep-1 go first (the one being written is the keep-th), so at least one complete
         # checkpoint stays throughout (never with keep=1, which waits for the new one to land).
-        before_write = (lambda: ckpt.prune_checkpoints(self.run_dir, keep - 1)) if (final or wait) and keep \
-            and keep > 1 and self.dist.is_main else None
+        early = (final or wait) and keep and keep > 1 and self.dist.is_main
+        before_write = (lambda: ckpt.prune_checkpoints(self.run_dir, keep - 1, below=global_step)) if early else None
         if not self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
                                extra, self.is_lora, in_line=final or wait,
                                before_write=before_write):  # False: NaN/inf weights (logged)
