@@ -19,11 +19,12 @@
 #   bash bench/gpu_runbook.sh N "$OUT"    # issue 14: lora vs TRL with one max_seqlen when compiled; final checkpoint's parts
 #   bash bench/gpu_runbook.sh O "$OUT"    # issue 14: gsm8k_cli defaults (warm start, background pruning) with TRL beside
 #   bash bench/gpu_runbook.sh P "$OUT"    # issue 14: O again (warm start's CUDA check fixed), then with pageable checkpoint buffers
+#   bash bench/gpu_runbook.sh Q "$OUT"    # issue 14, next: warm start on the GPU (NVML during the helper's imports), TRL beside
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to P}
+part=${1:?part A to Q}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -150,5 +151,9 @@ for l in sys.stdin:
           --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
       VERLITE_CKPT_PIN=0 step gsm8k_pageable 150 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --out "$out/gsm8k_pageable.jsonl" ;;
-  *)  echo "unknown part $part (A to P)" >&2; exit 2 ;;
+  Q)  VERLITE_WARM_DEBUG=1 step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
+          --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
+      cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
+      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
+  *)  echo "unknown part $part (A to Q)" >&2; exit 2 ;;
 esac
