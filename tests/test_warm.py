@@ -90,8 +90,13 @@ def test_second_launch_runs_in_the_warm_helper(tmp_path, tiny_model):
         assert (tmp_path / "b" / "run" / "global_step_3" / "huggingface").is_dir()
         # A user error is still one line on the command's stderr and exit 2.
         bad = _run(tmp_path / "c", tiny_model, 3, "data.max_length=abc", env=env)
-        assert bad.returncode == 2 and "forked" in bad.stdout  # the helper ran it
+        assert bad.returncode == 2 and not bad.stdout  # the helper's child reports the bad key, as a process of its own
         assert bad.stderr.strip().count("\n") == 0 and "data.max_length" in bad.stderr and "Traceback" not in bad.stderr
+        # LoRA needs torchao (through peft), which this helper (started by a full fine-tune) left
+        # out: the child hands the run back and the command runs it in a fresh process.
+        lora = _run(tmp_path / "h", tiny_model, 1, "model.lora_rank=4", env=env)
+        assert lora.returncode == 0, lora.stderr[-2000:]
+        assert "was forked" not in lora.stdout and "final train/loss" in lora.stdout
         # A command killed outright takes its run with it.
         proc, child = _start_long_run(tmp_path / "e", tiny_model, env)
         procs.append(proc)

@@ -126,16 +126,16 @@ def _cmd_sft(args) -> int:
 
     timeline.mark_launch()  # the run's summary counts from this process's start, imports included
     from verlite import warm
-
-    if warm.in_child():
-        log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
-                 "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
-    else:
-        warm.want_helper()  # for the next launch, once this run has loaded its model
     from verlite.config import load_config
 
     cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
     timeline.note("config")
+    if warm.in_child():
+        warm.fresh_process_if_needed(cfg)  # a package the helper left out: the command runs it itself
+        log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
+                 "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
+    else:
+        warm.want_helper()  # for the next launch, once this run has loaded its model
     from verlite.trainer.sft_trainer import run_sft
 
     timeline.note("imports (torch, verlite)")

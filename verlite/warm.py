@@ -50,6 +50,8 @@ _VOLATILE = {"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES", "WINDOWI
 _LAUNCH_ENV = dict(os.environ)
 _in_child = False  # this process is a helper's child running a command
 _wanted = False  # the CLI runs `verlite sft`: offer a helper once the model is loaded
+_hidden: list[str] = []  # in a helper and its children: optional packages left out of the imports
+_conn: Optional[socket.socket] = None  # in a child: its command's connection
 
 
 # ---- when -------------------------------------------------------------------------------------
@@ -182,7 +184,24 @@ def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Opti
         print("verlite: error: the warm process running this command went away; run it again "
               "(VERLITE_WARM=0 runs it without one)", file=sys.stderr)
         return 1
-    return int(json.loads(line)["exit"])
+    reply = json.loads(line)
+    return None if reply.get("fresh_process") else int(reply["exit"])
+
+
+def fresh_process_if_needed(cfg) -> None:
+    """In a helper's child: when this run needs an optional package the helper was started
+    without (e.g. torchao for LoRA or NF4 after a full fine-tune started it), the modules
+    imported here would differ from a fresh process's. Tell the command to run the command
+    itself, and end here without a word."""
+    from verlite.models import lean_imports
+
+    unused = lean_imports.unused_by(cfg.model, cfg.optim.optimizer_impl, bool(cfg.data.custom_cls.path))
+    if not set(_hidden) - set(unused):
+        return
+    try:
+        _conn.sendall(json.dumps({"fresh_process": True}).encode() + b"\n")
+    finally:
+        os._exit(0)
 
 
 # ---- the helper ---------------------------------------------------------------------------------
@@ -203,7 +222,12 @@ def start_helper() -> None:
         probe.close()
     log_file = _log_path()
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    spec = {"address": address(), "path": sys.path, "modules": sorted(sys.modules)}
+    from verlite.models import lean_imports
+
+    # The optional packages this run kept from transformers (models/lean_imports.py) stay out of
+    # the helper too: its modules are then in the state this run's were.
+    hidden = [name for name in lean_imports.OPTIONAL if name not in sys.modules]
+    spec = {"address": address(), "path": sys.path, "modules": sorted(sys.modules), "hidden": hidden}
     with open(log_file, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-c", "from verlite.warm import serve_from_stdin; serve_from_stdin()"],
                                 stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True,
@@ -229,7 +253,7 @@ def _log_path() -> Path:
 def serve_from_stdin() -> None:
     spec = json.loads(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))
     sys.path[:] = spec["path"]
-    serve(spec["address"], spec["modules"])
+    serve(spec["address"], spec["modules"], spec.get("hidden", []))
 
 
 class _Memory(ctypes.Structure):  # nvmlMemory_t
@@ -345,9 +369,14 @@ def forked_child_can_use_the_gpu() -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def serve(name: str, modules: list[str]) -> None:
+def serve(name: str, modules: list[str], hidden: list[str]) -> None:
+    global _hidden
     started = time.time()
-    imported = _import_all(modules)
+    from verlite.models import lean_imports
+
+    with lean_imports.without(hidden) as _hidden:
+        imported = _import_all(modules)
+    lean_imports.forget_answers(_hidden)  # a child asks transformers' availability checks afresh
     if cuda_touched():
         print("warm helper: CUDA was initialized while importing; not serving", flush=True)
         return
@@ -437,8 +466,8 @@ def _fork_run(conn: socket.socket, listener: socket.socket, others: list[socket.
 
 
 def _child(conn: socket.socket, fds: list[int], message: dict) -> None:
-    global _in_child
-    _in_child = True
+    global _in_child, _conn
+    _in_child, _conn = True, conn
     for target, fd in zip((0, 1, 2), fds):
         os.dup2(fd, target)
     for fd in fds:

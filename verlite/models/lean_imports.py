@@ -45,6 +45,16 @@ def without(packages: list[str]):
                 del sys.modules[name]
 
 
+def forget_answers(packages: list[str]) -> None:
+    """Clear transformers' cached availability answers for `packages` (given while they were
+    hidden), so that the next question looks again."""
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    for name in packages:
+        clear = getattr(getattr(import_utils, OPTIONAL.get(name, ""), None), "cache_clear", None)
+        if clear is not None:
+            clear()
+
+
 def enabled() -> bool:
     """VERLITE_LEAN_IMPORTS=0 hides nothing (should a package turn out to be needed after all)."""
     return os.environ.get("VERLITE_LEAN_IMPORTS", "1") != "0"
