@@ -146,3 +146,13 @@ def test_warm_start_is_off_without_a_gpu_or_under_torchrun(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setenv("VERLITE_WARM", "0")
     assert not warm.enabled()
+
+
+def test_without_a_helper_the_command_runs_itself(monkeypatch):
+    from verlite import warm
+
+    monkeypatch.setenv("VERLITE_WARM", "1")
+    monkeypatch.setattr(warm, "_address", f"\0verlite-warm-test-{os.getpid()}-nobody-listens")
+    before = {s: signal.getsignal(s) for s in warm._FORWARDED}
+    assert warm.run_in_helper(["sft"]) is None
+    assert {s: signal.getsignal(s) for s in warm._FORWARDED} == before  # handlers given back

@@ -128,10 +128,14 @@ def _cmd_sft(args) -> int:
     from verlite import warm
     from verlite.config import load_config
 
-    cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
+    if warm.in_child():
+        with warm.held_logs():  # a run handed back to the command must not have logged here
+            cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)
+            warm.fresh_process_if_needed(cfg)  # a package the helper left out: the command runs it itself
+    else:
+        cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
     timeline.note("config")
     if warm.in_child():
-        warm.fresh_process_if_needed(cfg)  # a package the helper left out: the command runs it itself
         log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
                  "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
     else:

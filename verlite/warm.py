@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -127,33 +128,44 @@ def _peer_uid(sock: socket.socket) -> int:
 
 
 # ---- the command's side -------------------------------------------------------------------------
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Optional[int]:
     """Run `verlite` with `argv` in a helper's child; its exit code, or None when no helper
-    for this environment is ready (the caller then runs it itself)."""
+    for this environment runs it (the caller then runs it itself)."""
     if not enabled():
         return None
+    try:  # a closed stdin/stdout/stderr would hand the child this socket's descriptor instead
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return None
     child: Optional[int] = None
-    pending: list[int] = []  # signals that came before the child's pid
+    interrupted: list[int] = []  # Ctrl-C / SIGTERM / SIGHUP received, forwarded once the child is known
 
     def forward(signum, frame):
+        if signum in _INTERRUPTS:
+            interrupted.append(signum)
         if child is None:
-            pending.append(signum)
             return
         try:
             os.kill(child, signum)
         except ProcessLookupError:
             pass
 
-    umask = os.umask(0)
-    os.umask(umask)
-    message = {"argv": argv, "cwd": os.getcwd(), "env": _LAUNCH_ENV, "umask": umask,
-               "unbuffered": bool(getattr(sys.stdout, "write_through", False)),  # python -u or PYTHONUNBUFFERED
-               "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-               "launch_epoch": launch_epoch if launch_epoch is not None else time.time()}
     previous = {s: signal.signal(s, forward) for s in _FORWARDED}
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock: Optional[socket.socket] = None
+    reply: dict = {}
     try:
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            message = {"argv": argv, "cwd": os.getcwd(), "env": _LAUNCH_ENV, "umask": umask,
+                       "unbuffered": bool(getattr(sys.stdout, "write_through", False)),  # python -u or PYTHONUNBUFFERED
+                       "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                       "launch_epoch": launch_epoch if launch_epoch is not None else time.time()}
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(2.0)
             sock.connect(address())
             if _peer_uid(sock) != os.getuid():
@@ -163,29 +175,57 @@ def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Opti
             # A child forked after this gives up sees the socket closed and kills itself at once.
             sock.settimeout(10.0)
             reader = sock.makefile("rb")
-            first = reader.readline()
-            if not first:
-                raise ConnectionResetError("the helper closed the connection")
-        except OSError:
-            if pending:  # interrupted before anything ran: as an interrupted start
-                print("verlite: interrupted", file=sys.stderr)
-                return 128 + pending[0]
-            return None
-        child = int(json.loads(first)["pid"])
-        for signum in pending:
-            forward(signum, None)
-        sock.settimeout(None)
-        line = reader.readline()
+            # The helper sends the child's pid; the child sends how it ended (its exit code, or
+            # "fresh_process"), possibly first; the helper's reaper repeats the exit code.
+            while "exit" not in reply and "fresh_process" not in reply:
+                line = reader.readline()
+                if not line:
+                    break
+                reply.update(json.loads(line))
+                if child is None and "pid" in reply:
+                    child = int(reply["pid"])
+                    sock.settimeout(None)
+                    for signum in interrupted:
+                        forward(signum, None)
+        except (OSError, ValueError):
+            pass  # what came before says what happened (nothing: no helper took the command)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        sock.close()
-    if not line:
+        if sock is not None:
+            sock.close()
+    if not reply or "fresh_process" in reply:  # the command runs here, unless it was interrupted meanwhile
+        if interrupted:
+            print("verlite: interrupted", file=sys.stderr)
+            return 128 + interrupted[0]
+        return None
+    if "exit" not in reply:
         print("verlite: error: the warm process running this command went away; run it again "
               "(VERLITE_WARM=0 runs it without one)", file=sys.stderr)
         return 1
-    reply = json.loads(line)
-    return None if reply.get("fresh_process") else int(reply["exit"])
+    return int(reply["exit"])
+
+
+@contextmanager
+def held_logs():
+    """In a helper's child: verlite's log records wait until the run is known to stay here
+    (fresh_process_if_needed), so that a run handed back is not logged twice."""
+    import logging
+
+    logger = logging.getLogger("verlite")
+    held: list = []
+
+    class Hold(logging.Handler):
+        def emit(self, record):
+            held.append(record)
+
+    saved, logger.handlers = logger.handlers, [Hold()]
+    try:
+        yield
+    finally:
+        logger.handlers = saved
+        for record in held:
+            logger.handle(record)
 
 
 def fresh_process_if_needed(cfg) -> None:
@@ -196,12 +236,14 @@ def fresh_process_if_needed(cfg) -> None:
     from verlite.models import lean_imports
 
     unused = lean_imports.unused_by(cfg.model, cfg.optim.optimizer_impl, bool(cfg.data.custom_cls.path))
-    if not set(_hidden) - set(unused):
+    if _conn is None or not set(_hidden) - set(unused):
         return
+    code = 1
     try:
         _conn.sendall(json.dumps({"fresh_process": True}).encode() + b"\n")
+        code = 0
     finally:
-        os._exit(0)
+        os._exit(code)
 
 
 # ---- the helper ---------------------------------------------------------------------------------
@@ -226,7 +268,7 @@ def start_helper() -> None:
 
     # The optional packages this run kept from transformers (models/lean_imports.py) stay out of
     # the helper too: its modules are then in the state this run's were.
-    hidden = [name for name in lean_imports.OPTIONAL if name not in sys.modules]
+    hidden = [name for name in lean_imports.OPTIONAL if name not in sys.modules and _installed(name)]
     spec = {"address": address(), "path": sys.path, "modules": sorted(sys.modules), "hidden": hidden}
     with open(log_file, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-c", "from verlite.warm import serve_from_stdin; serve_from_stdin()"],
@@ -242,6 +284,15 @@ def start_helper() -> None:
     logging.getLogger("verlite.cli").info(
         "warm start: a helper process (pid %d) now imports torch and transformers for the next `verlite sft` "
         "here; it exits after %d min without a run (VERLITE_WARM=0 turns this off)", proc.pid, IDLE_S // 60)
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _log_path() -> Path:
@@ -465,6 +516,13 @@ def _fork_run(conn: socket.socket, listener: socket.socket, others: list[socket.
     return pid
 
 
+def _text_stream(fd: int, line: bool, unbuffered: bool) -> io.TextIOWrapper:
+    if unbuffered:  # python -u / PYTHONUNBUFFERED: every write goes out at once
+        return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                write_through=True)
+    return open(fd, "w", closefd=False, encoding="utf-8", errors="backslashreplace", buffering=1 if line else -1)
+
+
 def _child(conn: socket.socket, fds: list[int], message: dict) -> None:
     global _in_child, _conn
     _in_child, _conn = True, conn
@@ -488,13 +546,8 @@ def _child(conn: socket.socket, fds: list[int], message: dict) -> None:
     unbuffered = message.get("unbuffered") or bool(os.environ.get("PYTHONUNBUFFERED"))
     # New streams over the command's descriptors, buffered as Python buffers its own.
     sys.stdin = sys.__stdin__ = open(0, "r", closefd=False, encoding="utf-8", errors="surrogateescape")
-    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False, encoding="utf-8", errors="backslashreplace",
-                                       buffering=1 if os.isatty(1) else -1)
-    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False, encoding="utf-8", errors="backslashreplace",
-                                       buffering=1)
-    if unbuffered:
-        sys.stdout.reconfigure(write_through=True)
-        sys.stderr.reconfigure(write_through=True)
+    sys.stdout = sys.__stdout__ = _text_stream(1, line=os.isatty(1), unbuffered=unbuffered)
+    sys.stderr = sys.__stderr__ = _text_stream(2, line=True, unbuffered=unbuffered)
     sys.argv = ["verlite", *message["argv"]]
 
     def watch():  # the command is gone (killed): so is its run
