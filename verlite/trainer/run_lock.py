@@ -102,7 +102,7 @@ class RunLock:
                         return
                     os.close(fd)
                     if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                        raise VerliteError(self._busy_message(self._read(), live=True)) from None
+                        raise VerliteError(self._busy_message(self._read_holder(), live=True)) from None
                     raise
                 # The holder may have removed the file between our open and our flock: then
                 # we locked an orphan inode; try again on the file that is there now.
@@ -137,6 +137,15 @@ class RunLock:
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
         self.fd = fd
+
+    def _read_holder(self, wait_s: float = 1.0) -> dict:
+        """The holder's record; a holder that has just taken the lock writes it a moment later."""
+        deadline = time.monotonic() + wait_s
+        holder = self._read()
+        while not holder and time.monotonic() < deadline:
+            time.sleep(0.02)
+            holder = self._read()
+        return holder
 
     def _read(self) -> dict:
         try:
