@@ -254,6 +254,16 @@ def start_helper() -> None:
     if not (_wanted and enabled()):
         return
     _wanted = False
+    try:
+        _start_helper()
+    except Exception as e:  # noqa: BLE001 - a helper is an extra: the run goes on without one
+        import logging
+
+        logging.getLogger("verlite.cli").warning("warm start: no helper for the next launch (%s: %s)",
+                                                 type(e).__name__, e)
+
+
+def _start_helper() -> None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(address())
@@ -465,6 +475,9 @@ def serve(name: str, modules: list[str], hidden: list[str]) -> None:
             print(f"warm helper: a connection failed: {type(e).__name__}: {e}", flush=True)
             conn.close()
             continue
+        if pid is None:
+            conn.close()
+            continue
         with lock:
             running[pid] = conn
 
@@ -484,14 +497,17 @@ def serve(name: str, modules: list[str], hidden: list[str]) -> None:
         threading.Thread(target=reap, daemon=True).start()
 
 
-def _fork_run(conn: socket.socket, listener: socket.socket, others: list[socket.socket]) -> int:
-    """Receive one command and fork its child; the child's pid (to reap, whatever happens next)."""
+def _fork_run(conn: socket.socket, listener: socket.socket, others: list[socket.socket]) -> Optional[int]:
+    """Receive one command and fork its child; the child's pid (to reap, whatever happens next),
+    or None for a connection that brought no command."""
     conn.settimeout(10.0)
     if _peer_uid(conn) != os.getuid():
         raise PermissionError("a connection from another user")
     fds: list[int] = []
     try:
-        _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+        data, fds, _, _ = socket.recv_fds(conn, 1, 3)
+        if not data:  # a launch that only checked whether a helper is serving
+            return None
         if len(fds) != 3:
             raise ValueError("expected the command's stdin, stdout and stderr")
         reader = conn.makefile("rb")
