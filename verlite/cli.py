@@ -138,13 +138,11 @@ def _cmd_sft(args) -> int:
     if warm.in_child():
         log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
                  "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
-    else:
-        warm.want_helper()  # for the next launch, once this run has loaded its model
     from verlite.trainer.sft_trainer import run_sft
 
     timeline.note("imports (torch, verlite)")
 
-    run_sft(cfg)
+    run_sft(cfg, after_setup=warm.start_helper)  # a helper for the next launch, once the model is loaded
     return 0
 
 

@@ -50,7 +50,6 @@ _VOLATILE = {"PWD", "OLDPWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES", "WINDOWI
 # and libraries have set variables of their own, which the next launch will not have.
 _LAUNCH_ENV = dict(os.environ)
 _in_child = False  # this process is a helper's child running a command
-_wanted = False  # the CLI runs `verlite sft`: offer a helper once the model is loaded
 _hidden: list[str] = []  # in a helper and its children: optional packages left out of the imports
 _conn: Optional[socket.socket] = None  # in a child: its command's connection
 
@@ -69,12 +68,6 @@ def enabled() -> bool:
 
 def in_child() -> bool:
     return _in_child
-
-
-def want_helper() -> None:
-    """The CLI's `verlite sft`: start a helper for the next launch once the model is loaded."""
-    global _wanted
-    _wanted = True
 
 
 # ---- the environment's name -------------------------------------------------------------------
@@ -250,10 +243,8 @@ def fresh_process_if_needed(cfg) -> None:
 def start_helper() -> None:
     """Start the helper for this environment (if none answers), importing what this process
     has imported; it serves from the moment its imports are done."""
-    global _wanted
-    if not (_wanted and enabled()):
+    if not enabled():  # (in a helper's child too: its helper is serving)
         return
-    _wanted = False
     try:
         _start_helper()
     except Exception as e:  # noqa: BLE001 - a helper is an extra: the run goes on without one

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -44,13 +44,12 @@ from verlite.trainer.resume_check import check_resume, run_settings
 from verlite.trainer.run_lock import hold_run_dir
 from verlite.trainer.signals import StopRequest, TrainingInterrupted
 from verlite.trainer import timeline
-from verlite import warm
 from verlite.trainer.timeline import Timeline, launch_time
 
 log = logging.getLogger("verlite.trainer")
 
 
-def run_sft(cfg: SFTConfig) -> dict:
+def run_sft(cfg: SFTConfig, after_setup: Optional[Callable[[], None]] = None) -> dict:
     """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
     dist_info = init_distributed(cfg.trainer.device)
     timeline.note("device init")  # CUDA's context (torch.cuda.set_device), the process group
@@ -61,7 +60,8 @@ def run_sft(cfg: SFTConfig) -> dict:
                 ckpt.discard_leftovers(run_dir)  # folders a killed run had renamed aside to delete
             try:
                 trainer = Trainer(cfg, dist_info)
-                warm.start_helper()  # `verlite sft` only: its modules are all imported now
+                if after_setup is not None:
+                    after_setup()  # the model is loaded: e.g. the CLI's warm-start helper (verlite/warm.py)
                 return trainer.fit()
             finally:
                 ckpt.wait_for_discards()  # no half-deleted folder left behind
