@@ -132,12 +132,11 @@ def _cmd_sft(args) -> int:
         with warm.held_logs():  # a run handed back to the command must not have logged here
             cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)
             warm.fresh_process_if_needed(cfg)  # a package the helper left out: the command runs it itself
+            log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
+                     "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
     else:
         cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
     timeline.note("config")
-    if warm.in_child():
-        log.info("warm start: this run's process (pid %d) was forked from a helper that had imported torch and "
-                 "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
     from verlite.trainer.sft_trainer import run_sft
 
     timeline.note("imports (torch, verlite)")
@@ -329,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = list(args.overrides) + rest
-    if args.command == "sft":
-        code = _sft_in_warm_helper(argv if argv is not None else sys.argv[1:])
+    if args.command == "sft":  # a warm helper's child runs it, when one serves this environment
+        from verlite import warm
+
+        code = warm.run_in_helper(list(argv if argv is not None else sys.argv[1:]))
         if code is not None:
             return code
     setup_logging(args.log_level)
@@ -349,20 +350,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verlite: {e}", file=sys.stderr)
             return e.exit_code
         raise
-
-
-def _sft_in_warm_helper(argv: list[str]) -> int | None:
-    """`verlite sft` run by a warm helper's child (verlite/warm.py): its exit code, or None
-    when there is no helper for this environment."""
-    from verlite import warm
-
-    if not warm.enabled():
-        return None
-    import time
-
-    from verlite.trainer.timeline import process_age
-
-    return warm.run_in_helper(list(argv), launch_epoch=time.time() - (process_age() or 0.0))
 
 
 def run_and_exit(argv: list[str] | None = None) -> None:

@@ -124,11 +124,14 @@ def _peer_uid(sock: socket.socket) -> int:
 _INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Optional[int]:
+def run_in_helper(argv: list[str]) -> Optional[int]:
     """Run `verlite` with `argv` in a helper's child; its exit code, or None when no helper
     for this environment runs it (the caller then runs it itself)."""
     if not enabled():
         return None
+    from verlite.trainer.timeline import process_age
+
+    launch_epoch = time.time() - (process_age() or 0.0)  # the run counts from this process's start
     try:  # a closed stdin/stdout/stderr would hand the child this socket's descriptor instead
         for fd in (0, 1, 2):
             os.fstat(fd)
@@ -157,7 +160,7 @@ def run_in_helper(argv: list[str], launch_epoch: Optional[float] = None) -> Opti
             message = {"argv": argv, "cwd": os.getcwd(), "env": _LAUNCH_ENV, "umask": umask,
                        "unbuffered": bool(getattr(sys.stdout, "write_through", False)),  # python -u or PYTHONUNBUFFERED
                        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                       "launch_epoch": launch_epoch if launch_epoch is not None else time.time()}
+                       "launch_epoch": launch_epoch}
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(2.0)
             sock.connect(address())

@@ -47,8 +47,8 @@ import json
 import logging
 import math
 import os
-import re
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,25 +75,14 @@ SHAPES_FILE = "verlite_compiled_shapes.json"  # which layer shapes this cache fo
 
 
 
-def _torch_default_cache_dir() -> str:
-    """The folder torch puts in $TORCHINDUCTOR_CACHE_DIR itself when torch._dynamo is imported
-    (torch/_inductor/runtime/cache_dir_utils.py): /tmp/torchinductor_<user>."""
-    import getpass
-    import tempfile
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, ModuleNotFoundError, OSError):
-        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
-    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
-
-
 def compile_cache_dir() -> Path:
     """PyTorch's compile caches: $TORCHINDUCTOR_CACHE_DIR when the user set it, else <cache_root>/compile.
     Importing torch._dynamo (which verlite's attention does) sets that variable to torch's /tmp
     default: that value is not the user's choice, and /tmp does not outlive a reboot."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen == _torch_default_cache_dir():
+    # torch sets the variable only through this module (cache_dir()), so it is loaded by then.
+    default = getattr(sys.modules.get("torch._inductor.runtime.cache_dir_utils"), "default_cache_dir", None)
+    if chosen and default is not None and chosen == default():
         chosen = None
     return Path(chosen or cache_root() / "compile").expanduser()
 
