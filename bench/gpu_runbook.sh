@@ -19,12 +19,13 @@
 #   bash bench/gpu_runbook.sh N "$OUT"    # issue 14: lora vs TRL with one max_seqlen when compiled; final checkpoint's parts
 #   bash bench/gpu_runbook.sh O "$OUT"    # issue 14: gsm8k_cli defaults (warm start, background pruning) with TRL beside
 #   bash bench/gpu_runbook.sh P "$OUT"    # issue 14: O again (warm start's CUDA check fixed), then with pageable checkpoint buffers
-#   bash bench/gpu_runbook.sh Q "$OUT"    # issue 14, next: warm start on the GPU (NVML during the helper's imports), TRL beside
+#   bash bench/gpu_runbook.sh Q "$OUT"    # issue 14: warm start on the GPU (NVML during the helper's imports), TRL beside
+#   bash bench/gpu_runbook.sh R "$OUT"    # issue 14: Q, then where a cold launch's seconds go (imports, first steps)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to Q}
+part=${1:?part A to R}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -155,5 +156,22 @@ for l in sys.stdin:
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
-  *)  echo "unknown part $part (A to Q)" >&2; exit 2 ;;
+  R)  VERLITE_WARM_DEBUG=1 step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
+          --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
+      cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
+      # A cold launch (fresh Triton and verlite caches, no helper), 12 steps logged one by one:
+      # Python's import times, then a cProfile of the whole run (where step 1's seconds go).
+      probe() {  # name, extra python flags...
+        local name=$1; shift
+        rm -rf /tmp/probe_run /tmp/probe_cache /tmp/probe_triton
+        TRITON_CACHE_DIR=/tmp/probe_triton VERLITE_CACHE_DIR=/tmp/probe_cache VERLITE_WARM=0 \
+          step "$name" 150 python "$@" sft data.train_files="$gsm8k" \
+          model.partial_pretrain=/tmp/bench_models/qwen0.5b_gsm8k trainer.default_local_dir=/tmp/probe_run \
+          data.micro_batch_size_per_gpu=32 trainer.total_training_steps=12 trainer.log_interval=1 trainer.save_freq=-1
+        cp /tmp/probe_run/metrics.jsonl "$out/$name.metrics.jsonl" 2>/dev/null
+      }
+      probe importtime -X importtime -m verlite.cli
+      probe cprofile bench/profile_cli.py "$out/cold12.prof"
+      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
+  *)  echo "unknown part $part (A to R)" >&2; exit 2 ;;
 esac

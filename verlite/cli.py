@@ -317,8 +317,10 @@ COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart, "
 
 
 def main(argv: list[str] | None = None) -> int:
+    from verlite import import_index
     from verlite.logs import setup_logging
 
+    import_index.install()  # before anything imports transformers: its export index from disk
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # Overrides may stand between flags (verl's scripts interleave them).

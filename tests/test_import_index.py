@@ -1,0 +1,76 @@
+"""transformers' export index from disk (verlite/import_index.py): real subprocesses, each a
+fresh interpreter importing transformers the way a launch does."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, sys
+from verlite import import_index
+import_index.install()
+import transformers
+from transformers import AutoTokenizer, Qwen2Config
+import transformers.models as models
+scan = transformers.utils.import_utils.create_import_structure_from_path
+original = getattr(scan, "verlite_original", scan)
+print(json.dumps({"names": sorted(dir(transformers)), "models": sorted(dir(models)),
+                  "scanned": original.cache_info().misses, "patched": hasattr(scan, "verlite_original"),
+                  "model": Qwen2Config.__name__}))
+"""
+
+
+def probe(cache, **env) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "VERLITE_CACHE_DIR": str(cache), **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def index_file(cache):
+    files = list((cache / "imports").glob("transformers-*.pkl"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    first = probe(cache)
+    second = probe(cache)
+    plain = probe(tmp_path_factory.mktemp("unused"), VERLITE_IMPORT_INDEX="0")
+    return cache, first, second, plain
+
+
+def test_second_import_reads_the_index_and_sees_the_same_exports(runs):
+    cache, first, second, plain = runs
+    assert first["patched"] and second["patched"] and not plain["patched"]
+    assert first["scanned"] > 500  # the first launch scans every model folder, as transformers does
+    assert second["scanned"] < 10  # later ones only folders not indexed yet (none of the models tree)
+    for run in (first, second):
+        assert run["names"] == plain["names"] and run["models"] == plain["models"]
+        assert run["model"] == "Qwen2Config"
+    assert index_file(cache).stat().st_size > 10_000
+
+
+def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
+    cache, _, _, plain = runs
+    path = index_file(cache)
+    stamp, entries = pickle.loads(path.read_bytes())
+    moved = tmp_path / "cache"
+    (moved / "imports").mkdir(parents=True)
+    stale = moved / "imports" / path.name
+    # Another transformers install (version, folder or mtimes): the stamp differs, the file is ignored.
+    stale.write_bytes(pickle.dumps(((*stamp[:-1], stamp[-1] + 1), {k: {} for k in entries})))
+    again = probe(moved)
+    assert again["scanned"] > 500 and again["names"] == plain["names"]
+    assert pickle.loads(stale.read_bytes())[0] == stamp  # rewritten for this install
+    stale.write_bytes(b"not a pickle")
+    broken = probe(moved)
+    assert broken["scanned"] > 500 and broken["names"] == plain["names"]

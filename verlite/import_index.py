@@ -1,0 +1,162 @@
+"""transformers' export index, kept on disk between launches.
+
+`import transformers` (5.x) lists what every model exports by reading all ~3,400 source files
+under `transformers/models` (`utils.import_utils.create_import_structure_from_path`, and a
+second time for `transformers.models`, whose lru_cache key differs): 2.1 s of a 3.4 s import
+on a laptop-class CPU, more where file reads are slow (bench/RESULTS.md, "transformers'
+import index"). The answer depends only on the installed files, so the first launch keeps it
+under the cache root and later launches read it back (a few milliseconds).
+
+How: a one-shot meta-path finder wraps the loader of `transformers.utils.import_utils`; right
+after that module runs, and before `transformers/__init__` calls it, its
+`create_import_structure_from_path` is replaced by one that answers top-level calls from the
+file (nested calls, made while computing a missing entry, go to transformers' own code). A
+folder and its `__init__.py` share one entry.
+
+When the file is trusted: transformers' version, its folder, and the mtimes of that folder's
+`models/` directory and of `import_utils.py` must all match (reinstalling any version rewrites
+them). A transformers that is not installed in a site-packages folder (an editable checkout
+whose files change in place) is never indexed. The file is written atomically; any failure
+to read or write it only costs the next launch the scan. `VERLITE_IMPORT_INDEX=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import os
+import pickle
+import sys
+import threading
+from pathlib import Path
+
+from verlite.cache_dir import cache_root
+
+TARGET = "transformers.utils.import_utils"
+FORMAT = 1  # bump when the file's layout changes
+
+
+class _Index:
+    """The entries of one transformers install, read once, written when one is added."""
+
+    def __init__(self, import_utils_file: str):
+        self.package = Path(import_utils_file).resolve().parent.parent  # .../transformers
+        version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
+        stamp = (FORMAT, version, str(self.package), _mtime(self.package / "models"), _mtime(Path(import_utils_file)))
+        self.stamp = stamp
+        self.path = cache_root() / "imports" / f"transformers-{version}-{hashlib.sha1(str(self.package).encode()).hexdigest()[:12]}.pkl"
+        self.entries: dict[str, object] | None = None
+
+    def load(self) -> dict[str, object]:
+        if self.entries is None:
+            self.entries = {}
+            try:
+                with open(self.path, "rb") as f:
+                    stamp, entries = pickle.load(f)
+                if stamp == self.stamp:
+                    self.entries = entries
+            except Exception:  # noqa: BLE001 - missing, unreadable or from another layout: scan instead
+                pass
+        return self.entries
+
+    def add(self, key: str, value: object) -> None:
+        self.load()[key] = value
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                pickle.dump((self.stamp, self.entries), f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, self.path)  # a cache, not a result: no fsync (a lost file costs one scan)
+        except Exception:  # noqa: BLE001 - a read-only cache folder only costs later launches the scan
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _installed(import_utils_file: str) -> bool:
+    parts = Path(import_utils_file).resolve().parts
+    return "site-packages" in parts or "dist-packages" in parts
+
+
+def _patch(module) -> None:
+    original = getattr(module, "create_import_structure_from_path", None)
+    if original is None or not _installed(module.__file__):
+        return  # another layout of transformers, or an editable checkout: leave it alone
+    index = _Index(module.__file__)
+    computing = threading.local()
+    memo: dict[str, object] = {}
+
+    def create_import_structure_from_path(module_path):
+        if getattr(computing, "depth", 0):
+            return original(module_path)  # inside a scan this process is making anyway
+        folder = os.path.abspath(os.fspath(module_path))
+        if os.path.isfile(folder):
+            folder = os.path.dirname(folder)
+        if folder in memo:
+            return memo[folder]
+        found = index.load().get(folder)
+        if found is None:
+            computing.depth = 1
+            try:
+                found = original(module_path)
+            finally:
+                computing.depth = 0
+            index.add(folder, found)
+        memo[folder] = found
+        return found
+
+    create_import_structure_from_path.verlite_original = original  # transformers' own (lru-cached) scan
+    module.create_import_structure_from_path = create_import_structure_from_path
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.inner.exec_module(module)
+        try:
+            _patch(module)
+        except Exception:  # noqa: BLE001 - a speed-up only: transformers works as shipped without it
+            pass
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != TARGET:
+            return None
+        _remove()
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _Loader(spec.loader)
+        return spec
+
+
+_finder = _Finder()
+
+
+def _remove() -> None:
+    try:
+        sys.meta_path.remove(_finder)
+    except ValueError:
+        pass
+
+
+def install() -> None:
+    """Serve transformers' export index from disk for this process's `import transformers`
+    (a no-op once transformers is imported, or with VERLITE_IMPORT_INDEX=0)."""
+    if TARGET in sys.modules or _finder in sys.meta_path or os.environ.get("VERLITE_IMPORT_INDEX", "1") == "0":
+        return
+    sys.meta_path.insert(0, _finder)
