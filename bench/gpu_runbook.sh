@@ -20,7 +20,7 @@
 #   bash bench/gpu_runbook.sh O "$OUT"    # issue 14: gsm8k_cli defaults (warm start, background pruning) with TRL beside
 #   bash bench/gpu_runbook.sh P "$OUT"    # issue 14: O again (warm start's CUDA check fixed), then with pageable checkpoint buffers
 #   bash bench/gpu_runbook.sh Q "$OUT"    # issue 14: warm start on the GPU (NVML during the helper's imports), TRL beside
-#   bash bench/gpu_runbook.sh R "$OUT"    # issue 14: Q, then where a cold launch's seconds go (imports, first steps)
+#   bash bench/gpu_runbook.sh R "$OUT"    # issue 14: Q with checkpoint copies on the GPU, then host copies; a cold launch profiled
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
@@ -159,6 +159,9 @@ for l in sys.stdin:
   R)  VERLITE_WARM_DEBUG=1 step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
+      # The checkpoint copies in pinned host memory, as before DeviceStaging (one cold launch)
+      VERLITE_WARM=0 VERLITE_CKPT_STAGING=host step gsm8k_host 90 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --launches 1 --out "$out/gsm8k_host.jsonl"
       # A cold launch (fresh Triton and verlite caches, no helper), 12 steps logged one by one:
       # Python's import times, then a cProfile of the whole run (where step 1's seconds go).
       probe() {  # name, extra python flags...
@@ -170,8 +173,8 @@ for l in sys.stdin:
           data.micro_batch_size_per_gpu=32 trainer.total_training_steps=12 trainer.log_interval=1 trainer.save_freq=-1
         cp /tmp/probe_run/metrics.jsonl "$out/$name.metrics.jsonl" 2>/dev/null
       }
-      probe importtime -X importtime -m verlite.cli
       probe cprofile bench/profile_cli.py "$out/cold12.prof"
+      probe importtime -X importtime -m verlite.cli
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
   *)  echo "unknown part $part (A to R)" >&2; exit 2 ;;
 esac

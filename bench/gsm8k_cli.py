@@ -187,6 +187,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="verlite: stop after N steps (quick checks; TRL not run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for both verlite launches (e.g. model.compile=true); repeatable")
+    p.add_argument("--launches", type=int, default=2, help="verlite launches sharing one cache folder (default 2)")
     p.add_argument("--trl_dtypes", default="float32,bfloat16",
                    help="TRL's weight dtypes to run (full fine-tune); the ratio is against the best")
     a = p.parse_args()
@@ -199,7 +200,7 @@ def main() -> None:
     model = build_model(Path(a.models) / ("tiny_gsm8k" if a.smoke else "qwen0.5b_gsm8k"), gsm8k, a.smoke)
     cache = work / "cache"  # cold for the first launch, warm for the second
     rows = []
-    for i in (1, 2):
+    for i in range(1, a.launches + 1):
         lora = ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"] if a.lora else []
         rows.append(launch(model, data, work / f"run{i}", cache, a.smoke, a.timeout, lora + a.set, a.steps))
         print(json.dumps(rows[-1]), flush=True)

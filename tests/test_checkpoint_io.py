@@ -154,8 +154,14 @@ def test_background_checkpoint_is_byte_identical_to_synchronous(tmp_path, tiny_m
         # Background saves: without buffers, with buffers not yet allocated (fresh copies), then
         # with every buffer ready (copies into reused memory); and an in-line save.
         buffers = ac.HostBuffers(pin=False)
+        # Copies kept on the device (here the CPU stands in for the GPU), and a device with no
+        # room for them: host buffers from the first snapshot on.
+        staged, no_room = ac.DeviceStaging(torch.device("cpu"), 1 << 40), ac.DeviceStaging(torch.device("cpu"), 1)
+        for staging in (staged, no_room):
+            staging.want([ac._spec(p) for p in t.params for _ in range(3)])
         paths = []
-        for name, pool in (("plain", None), ("cold", buffers), ("warm", buffers), ("in_line", buffers)):
+        for name, pool in (("plain", None), ("cold", buffers), ("warm", buffers), ("in_line", buffers),
+                           ("staged", staged), ("staged_again", staged), ("no_room", no_room)):
             if name == "warm":
                 while not buffers.ready():
                     time.sleep(0.01)
@@ -169,7 +175,9 @@ def test_background_checkpoint_is_byte_identical_to_synchronous(tmp_path, tiny_m
             paths.append(saver.wait())
             if name != "in_line":  # back to step 3 for the next save
                 _restore_training_state(t, before)
-        buffers.close()
+        assert staged.on_device and staged.lease_held() and not no_room.on_device
+        for pool in (buffers, staged, no_room):
+            pool.close()
     finally:
         shutdown()
     assert sync_path == tmp_path / "sync" / "global_step_3" and saved == paths

@@ -148,6 +148,8 @@ class HostBuffers:
     tensor has no ready buffer copies it to fresh memory, and its shapes become the next target.
     """
 
+    on_device = False
+
     def __init__(self, pin: bool):
         self.pin = pin
         self._lock = threading.Lock()
@@ -230,6 +232,10 @@ def _host_memory_bytes() -> int:
         return 0
 
 
+def _trained_on_gpu(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad and p.device.type == "cuda"]
+
+
 def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[HostBuffers]:
     """Reusable pinned buffers when the state is small against host memory (one GPU only:
     with FSDP, rank 0's gathered copies come from torch's own CPU offload). Their allocation
@@ -237,7 +243,7 @@ def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[Host
     the first snapshot corrects the guess (another optimizer, an offloaded state)."""
     if world_size > 1 or not torch.cuda.is_available():
         return None
-    trained = [p for p in model.parameters() if p.requires_grad and p.device.type == "cuda"]
+    trained = _trained_on_gpu(model)
     nbytes = sum(p.numel() * p.element_size() for p in trained) * 3
     if not trained or nbytes > PIN_FRACTION * _host_memory_bytes():
         return None
@@ -245,6 +251,100 @@ def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[Host
     buffers = HostBuffers(pin=os.environ.get("VERLITE_CKPT_PIN", "1") != "0")
     buffers.want([_spec(p) for p in trained for _ in range(3)])
     return buffers
+
+
+def _nbytes(spec: Spec, count: int = 1) -> int:
+    return torch.Size(spec[0]).numel() * torch.empty((), dtype=spec[1]).element_size() * count
+
+
+class DeviceStaging:
+    """Spare copies of the trained state on the GPU itself, for background saves where the GPU
+    has room: a snapshot is then a device-to-device copy (milliseconds for 6 GB), and no host
+    memory is pinned. Pinning 6 GB on the H200 host beside the first training steps made step 1
+    ~2.5 s slower (bench/RESULTS.md, "Checkpoint copies on the GPU"), and copying into pageable
+    memory pauses training for seconds. The background writer streams these copies to disk
+    through its small pinned staging buffers, on a CUDA stream of its own
+    (checkpoint.write_tensor_file), so training kernels neither wait for it nor hold it up.
+
+    The buffers are allocated at the first snapshot, when the steps' memory peak is known, and
+    only if the peak plus the buffers stay under (1 - ROOM_MARGIN) of the GPU's capacity
+    (trainer.gpu_mem_gb, else the card) and fit in its free memory; otherwise this and every later
+    save use host buffers (HostBuffers, pinned) as before, which is logged. Same interface as
+    HostBuffers (want / lease / ready / close)."""
+
+    ROOM_MARGIN = 0.2
+
+    def __init__(self, device: torch.device, capacity_bytes: float):
+        self.device = device
+        self.capacity = capacity_bytes
+        self._target: Counter = Counter()
+        self._ready: dict[Spec, list[torch.Tensor]] = {}
+        self.host: Optional[HostBuffers] = None  # set once the GPU has no room: host buffers from then on
+
+    @property
+    def on_device(self) -> bool:
+        return self.host is None
+
+    def want(self, specs: list[Spec]) -> None:
+        if self.host is not None:
+            return self.host.want(specs)
+        self._target = Counter(specs)
+        for spec, bufs in self._ready.items():
+            del bufs[self._target[spec]:]
+
+    def _room_for(self, nbytes: int) -> bool:
+        peak = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else nbytes
+        return peak + nbytes <= (1 - self.ROOM_MARGIN) * self.capacity and nbytes <= free
+
+    def lease(self) -> dict[Spec, list[torch.Tensor]]:
+        if self.host is not None:
+            return self.host.lease()
+        missing = {s: n - len(self._ready.get(s, ())) for s, n in self._target.items()}
+        need = sum(_nbytes(s, k) for s, k in missing.items() if k > 0)
+        if need and not self._room_for(need):
+            log.info("checkpoint copies: no room for %.1f GiB more on the GPU; host buffers from now on",
+                     need / (1 << 30))
+            self.to_host()
+            return {}
+        for spec, k in missing.items():
+            self._ready.setdefault(spec, []).extend(
+                torch.empty(spec[0], dtype=spec[1], device=self.device) for _ in range(max(0, k)))
+        return {s: list(bufs) for s, bufs in self._ready.items() if bufs}
+
+    def ready(self) -> bool:
+        return self.host.ready() if self.host is not None else True
+
+    def lease_held(self) -> bool:
+        """Are copies allocated on the GPU now?"""
+        return self.host is None and any(self._ready.values())
+
+    def to_host(self) -> None:
+        """Host buffers from now on (pinned in the background); the GPU copies are let go."""
+        if self.host is None:
+            self._ready.clear()
+            self.host = HostBuffers(pin=True)
+            self.host.want(list(self._target.elements()))
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()
+        self._ready.clear()
+
+
+def checkpoint_buffers(model: torch.nn.Module, world_size: int, capacity_bytes: float):
+    """Where background saves copy the state: on the GPU itself when the state is small against
+    its capacity (DeviceStaging; at most 1/8 of it, confirmed at the first snapshot), else
+    reusable pinned host buffers when they fit (pinned_buffers_fit), else nowhere (fresh copies)."""
+    if world_size > 1 or not torch.cuda.is_available():
+        return None
+    trained = _trained_on_gpu(model)
+    nbytes = sum(p.numel() * p.element_size() for p in trained) * 3  # the weights and two AdamW moments
+    if trained and capacity_bytes and nbytes <= capacity_bytes / 8 and os.environ.get("VERLITE_CKPT_STAGING") != "host":
+        staging = DeviceStaging(trained[0].device, capacity_bytes)
+        staging.want([_spec(p) for p in trained for _ in range(3)])
+        return staging
+    return pinned_buffers_fit(model, world_size)
 
 
 def _copy_subclass(t: torch.Tensor) -> torch.Tensor:
@@ -337,7 +437,9 @@ def take_snapshot(root: str | Path, step: int, sft_model, tokenizer, optimizer, 
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     # Gathered full tensors are fresh device memory: referencing them all would hold the whole
     # model on one device, so with several ranks they are copied to the host one by one.
-    copier = _Copier(buffers if not sharded else None, in_line, device_refs=not sharded)
+    # An in-line save streams device tensors straight to disk: a copy on the GPU would add nothing.
+    staged = buffers if not sharded and not (in_line and buffers is not None and buffers.on_device) else None
+    copier = _Copier(staged, in_line, device_refs=not sharded)
     weights = {}
     for name, p in sft_model.named_parameters():
         if is_lora and not p.requires_grad:
@@ -410,9 +512,10 @@ def _write_state(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None
     ckpt.fsync_files([folder / ckpt.STATE])
 
 
-def _lower_priority() -> None:
+def _background_writer() -> None:
     """A writer thread yields the CPU to the training thread when cores are short (Linux:
-    niceness is per thread)."""
+    niceness is per thread), and copies device tensors on a CUDA stream of its own."""
+    ckpt.copy_on_own_stream()
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
     except (AttributeError, OSError):
@@ -430,7 +533,7 @@ def write_snapshot(snap: Snapshot, background: bool = False) -> Optional[Path]:
         tmp.mkdir(parents=True)
         # Two file writers (weights; optimizer + the rest) in parallel, their tensor bytes spread
         # over a shared pool of threads that only ever run os.pwrite.
-        nice = _lower_priority if background else None
+        nice = _background_writer if background else None
         # More threads for the final (in-line) write measured no faster on the H200 (2026-12-01:
         # 9.2-10.5 s with 8 threads against 8.3-8.6 s with 4 for 6 GB): the disk is the limit.
         with ThreadPoolExecutor(WRITE_THREADS, "verlite-ckpt-io", initializer=nice) as pool, \
@@ -535,6 +638,19 @@ class Checkpointer:
         self.times.write_s += took
         if self._result is not None:
             self.on_saved(self._result, paused + took if write_is_pause else paused, took)
+
+    def release_device_copies(self) -> bool:
+        """Free the state copies kept on the GPU for background saves (training ran out of GPU
+        memory): once the write in flight, if any, is done, later saves copy to host buffers.
+        False when none were held."""
+        staging = self.buffers
+        if not isinstance(staging, DeviceStaging) or not staging.on_device or not staging.lease_held():
+            return False
+        self.wait()
+        staging.to_host()
+        log.warning("out of GPU memory: the checkpoint copies kept on the GPU are freed; later checkpoints "
+                    "copy to host memory")
+        return True
 
     def busy(self) -> bool:
         """Is the previous checkpoint still being written? Rank 0's answer on every rank

@@ -20,6 +20,7 @@ any number of GPUs and a run can resume on a different number.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -189,6 +190,22 @@ def _staging() -> torch.Tensor:
     return buf
 
 
+def copy_on_own_stream() -> None:
+    """Make this (writer) thread copy device tensors on a CUDA stream of its own: a background
+    write reads copies the snapshot already synchronized, so its copies need not wait behind
+    the training's kernels, nor hold them up, as they would on the shared default stream."""
+    _stage.own_stream = True
+
+
+def _copy_stream(device: torch.device):
+    if not getattr(_stage, "own_stream", False):
+        return contextlib.nullcontext()
+    stream = getattr(_stage, "stream", None)
+    if stream is None or stream.device != device:
+        stream = _stage.stream = torch.cuda.Stream(device)
+    return torch.cuda.stream(stream)
+
+
 class WriteCancelled(Exception):
     """A background write given up because a newer checkpoint supersedes it."""
 
@@ -201,12 +218,15 @@ def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False,
         _pwrite_all(fd, _byte_view(t), offset)
         return
     flat, stage = t.detach().reshape(-1).view(torch.uint8), _staging()
-    for start in range(0, flat.numel(), STAGE_BYTES):
-        part = flat[start:start + STAGE_BYTES]
-        if cancel is not None and cancel.is_set():
-            raise WriteCancelled()
-        stage[:part.numel()].copy_(part)  # in stream order after the training's kernels; waits for the copy
-        _pwrite_all(fd, _byte_view(stage[:part.numel()]), offset + start)
+    with _copy_stream(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
+        for start in range(0, flat.numel(), STAGE_BYTES):
+            part = flat[start:start + STAGE_BYTES]
+            if cancel is not None and cancel.is_set():
+                raise WriteCancelled()
+            # On the default stream: after the training's kernels (an in-line save of live
+            # weights); on a writer's own stream: at once. Either way the host waits for the copy.
+            stage[:part.numel()].copy_(part)
+            _pwrite_all(fd, _byte_view(stage[:part.numel()]), offset + start)
 
 
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,

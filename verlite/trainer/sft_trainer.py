@@ -217,12 +217,20 @@ class Trainer:
         self.timeline.add("model loading", time.perf_counter() - started)
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
-            async_checkpoint.pinned_buffers_fit(self.model, dist_info.world_size)
+            async_checkpoint.checkpoint_buffers(self.model, dist_info.world_size, self._gpu_capacity_bytes())
             if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
-            self._on_saved)  # host buffers only when a periodic (background) save will come
+            self._on_saved)  # copy buffers only when a periodic (background) save will come
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
 
     # ---- set-up helpers -------------------------------------------------------------
+    def _gpu_capacity_bytes(self) -> float:
+        """What this run may use of its GPU: trainer.gpu_mem_gb, else the card (0 off a GPU)."""
+        if self.device.type != "cuda":
+            return 0.0
+        if self.cfg.trainer.gpu_mem_gb:
+            return float(self.cfg.trainer.gpu_mem_gb) * (1 << 30)
+        return float(torch.cuda.get_device_properties(self.device).total_memory)
+
     def _build_plan(self) -> StepPlan:
         d = self.cfg.data
         from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
@@ -357,7 +365,7 @@ class Trainer:
                     released = time.perf_counter()
                     ckpt.wait_for_discards()  # old checkpoints, deleted while the final one was written
                     if self.dist.is_main:  # where the phase's seconds went
-                        log.info("final checkpoint: saved in %.2f s, host buffers released in %.2f s, then %.2f s "
+                        log.info("final checkpoint: saved in %.2f s, checkpoint copy buffers released in %.2f s, then %.2f s "
                                  "waiting for old checkpoints' deletion", closing - saving, released - closing,
                                  time.perf_counter() - released)
             except torch.OutOfMemoryError:
@@ -411,6 +419,10 @@ class Trainer:
                 return train_step(self.model, self.optimizer, self.scheduler, batches.micro_batches, self.device,
                                   self.params, self.cfg.optim.clip_grad, self.autocast, self.dist.world_size)
             except torch.OutOfMemoryError:
+                if self.dist.world_size == 1 and self.saver.release_device_copies():
+                    self.optimizer.zero_grad(set_to_none=True)  # a half-done backward left partial gradients
+                    torch.cuda.empty_cache()
+                    continue  # the checkpoint copies kept on the GPU were in the way: host copies from now on
                 # With several ranks the others already wait in a collective: no retry is possible.
                 single = all(mb.num_samples == 1 for mb in batches.micro_batches)
                 if self.dist.world_size == 1 and self.ckpt_auto and oom_recompute(self.model, self.optimizer, self.cfg):
