@@ -175,6 +175,7 @@ for l in sys.stdin:
       }
       probe cprofile bench/profile_cli.py "$out/cold12.prof"
       probe importtime -X importtime -m verlite.cli
+      step writes 60 python bench/startup_probe.py --writes_only --gib 6
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
   *)  echo "unknown part $part (A to R)" >&2; exit 2 ;;
 esac

@@ -18,6 +18,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from verlite.trainer.checkpoint import start_writeback  # noqa: E402
+
 SEQUENTIAL = "import time; t=time.perf_counter(); {body}; print(round(time.perf_counter()-t, 2))"
 TRAINING_IMPORTS = ("import torch; import transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
                     "import verlite.trainer.sft_trainer, verlite.models.load, verlite.engine.graph_step, "
@@ -57,7 +60,7 @@ _, status = os.waitpid(pid, 0); print('child status', status)
     return {"stdout": out.stdout.strip(), "rc": out.returncode, "stderr_tail": out.stderr[-400:]}
 
 
-def write_files(folder: Path, gib: float, files: int, sync: bool) -> dict:
+def write_files(folder: Path, gib: float, files: int, sync: bool, writeback: bool = False) -> dict:
     chunk = bytes(64 << 20)
     per_file = int(gib * (1 << 30) / files)
     t0 = time.perf_counter()
@@ -68,8 +71,12 @@ def write_files(folder: Path, gib: float, files: int, sync: bool) -> dict:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             left = per_file
+            offset = 0
             while left > 0:
-                left -= os.write(fd, chunk[:min(left, len(chunk))])
+                n = os.write(fd, chunk[:min(left, len(chunk))])
+                if writeback:  # what checkpoint.write_tensor_file does after every chunk
+                    start_writeback(fd, offset, n)
+                left, offset = left - n, offset + n
             w = time.perf_counter()
             if sync:
                 os.fsync(fd)
@@ -83,7 +90,7 @@ def write_files(folder: Path, gib: float, files: int, sync: bool) -> dict:
     for t in threads:
         t.join()
     total = time.perf_counter() - t0
-    return {"gib": gib, "files": files, "fsync": sync, "total_s": round(total, 2),
+    return {"gib": gib, "files": files, "fsync": sync, "writeback": writeback, "total_s": round(total, 2),
             "writes_done_s": round(max(w for w, _ in times.values()), 2)}
 
 
@@ -91,12 +98,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=6.0)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    p.add_argument("--writes_only", action="store_true", help="only the checkpoint-sized writes")
     a = p.parse_args()
-    print(json.dumps({"imports_s": imports()}), flush=True)
-    print(json.dumps({"cuda_after_imports": cuda_after_imports()}), flush=True)
-    for sync in (True, False, True):
+    if not a.writes_only:
+        print(json.dumps({"imports_s": imports()}), flush=True)
+        print(json.dumps({"cuda_after_imports": cuda_after_imports()}), flush=True)
+    for sync, writeback in ((True, False), (False, False), (True, True), (True, False), (True, True)):
         with tempfile.TemporaryDirectory(dir=a.dir) as d:
-            print(json.dumps(write_files(Path(d), a.gib, 4, sync)), flush=True)
+            print(json.dumps(write_files(Path(d), a.gib, 4, sync, writeback)), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ any number of GPUs and a run can resume on a different number.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import logging
@@ -173,7 +174,33 @@ def safetensors_layout(tensors: dict[str, torch.Tensor], metadata: Optional[dict
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data[:_CHUNK], offset)
+        start_writeback(fd, offset, n)
         data, offset = data[n:], offset + n
+
+
+def _sync_file_range():
+    if sys.platform != "linux" or os.environ.get("VERLITE_CKPT_WRITEBACK", "1") == "0":
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now (Linux sync_file_range, which
+    waits for nothing): the disk works while later bytes are still being copied, and the
+    fsync that makes the file durable finds most of it written. Without it the kernel starts
+    late and the fsync at the end waits for nearly everything (bench/startup_probe.py measures
+    both). Only a head start: durability still comes from that fsync."""
+    if _SYNC_FILE_RANGE is not None and nbytes > 0:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 # A device tensor is written through a small pinned staging buffer per writer thread: no host
