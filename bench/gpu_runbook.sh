@@ -159,11 +159,10 @@ for l in sys.stdin:
   R)  VERLITE_WARM_DEBUG=1 step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
-      # The checkpoint copies in pinned host memory, as before DeviceStaging (one cold launch)
-      VERLITE_WARM=0 VERLITE_CKPT_STAGING=host step gsm8k_host 90 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
-          --launches 1 --out "$out/gsm8k_host.jsonl"
+      step writes 60 python bench/startup_probe.py --writes_only --gib 6
+      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py
       # A cold launch (fresh Triton and verlite caches, no helper), 12 steps logged one by one:
-      # Python's import times, then a cProfile of the whole run (where step 1's seconds go).
+      # a cProfile of the whole run (where step 1's seconds go), then Python's import times.
       probe() {  # name, extra python flags...
         local name=$1; shift
         rm -rf /tmp/probe_run /tmp/probe_cache /tmp/probe_triton
@@ -174,8 +173,9 @@ for l in sys.stdin:
         cp /tmp/probe_run/metrics.jsonl "$out/$name.metrics.jsonl" 2>/dev/null
       }
       probe cprofile bench/profile_cli.py "$out/cold12.prof"
-      probe importtime -X importtime -m verlite.cli
-      step writes 60 python bench/startup_probe.py --writes_only --gib 6
-      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
+      # The checkpoint copies in pinned host memory, as before DeviceStaging (one cold launch)
+      VERLITE_WARM=0 VERLITE_CKPT_STAGING=host step gsm8k_host 90 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --launches 1 --out "$out/gsm8k_host.jsonl"
+      probe importtime -X importtime -m verlite.cli ;;
   *)  echo "unknown part $part (A to R)" >&2; exit 2 ;;
 esac
