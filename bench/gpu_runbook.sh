@@ -160,7 +160,6 @@ for l in sys.stdin:
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
       step writes 60 python bench/startup_probe.py --writes_only --gib 6
-      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py
       # A cold launch (fresh Triton and verlite caches, no helper), 12 steps logged one by one:
       # a cProfile of the whole run (where step 1's seconds go), then Python's import times.
       probe() {  # name, extra python flags...
@@ -173,6 +172,7 @@ for l in sys.stdin:
         cp /tmp/probe_run/metrics.jsonl "$out/$name.metrics.jsonl" 2>/dev/null
       }
       probe cprofile bench/profile_cli.py "$out/cold12.prof"
+      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py
       # The checkpoint copies in pinned host memory, as before DeviceStaging (one cold launch)
       VERLITE_WARM=0 VERLITE_CKPT_STAGING=host step gsm8k_host 90 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
           --launches 1 --out "$out/gsm8k_host.jsonl"
