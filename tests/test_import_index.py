@@ -18,6 +18,10 @@ import_index.install()
 import transformers
 from transformers import AutoTokenizer, Qwen2Config
 import transformers.models as models
+import os, tempfile
+other = tempfile.mkdtemp()  # another package's lazy module: transformers' scan, not the index
+open(os.path.join(other, "mod.py"), "w").write('__all__ = ["A"]')
+transformers.utils.import_utils.create_import_structure_from_path(other)
 scan = transformers.utils.import_utils.create_import_structure_from_path
 original = getattr(scan, "verlite_original", scan)
 print(json.dumps({"names": sorted(dir(transformers)), "models": sorted(dir(models)),
@@ -57,6 +61,9 @@ def test_second_import_reads_the_index_and_sees_the_same_exports(runs):
         assert run["names"] == plain["names"] and run["models"] == plain["models"]
         assert run["model"] == "Qwen2Config"
     assert index_file(cache).stat().st_size > 10_000
+    stamp, entries = pickle.loads(index_file(cache).read_bytes())
+    package = os.path.dirname(os.path.dirname(min(entries, key=len)))  # .../transformers/models -> site-packages
+    assert entries and all(key.startswith(os.path.join(package, "transformers") + os.sep) for key in entries)
 
 
 def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
@@ -67,7 +74,8 @@ def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
     (moved / "imports").mkdir(parents=True)
     stale = moved / "imports" / path.name
     # Another transformers install (version, folder or mtimes): the stamp differs, the file is ignored.
-    stale.write_bytes(pickle.dumps(((*stamp[:-1], stamp[-1] + 1), {k: {} for k in entries})))
+    stale.write_bytes(pickle.dumps(((*stamp[:-1], (stamp[-1][0] + 1, stamp[-1][1])),
+                                    {k: pickle.dumps({}) for k in entries})))
     again = probe(moved)
     assert again["scanned"] > 500 and again["names"] == plain["names"]
     assert pickle.loads(stale.read_bytes())[0] == stamp  # rewritten for this install

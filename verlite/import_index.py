@@ -13,9 +13,10 @@ after that module runs, and before `transformers/__init__` calls it, its
 file (nested calls, made while computing a missing entry, go to transformers' own code). A
 folder and its `__init__.py` share one entry.
 
-When the file is trusted: transformers' version, its folder, and the mtimes of that folder's
-`models/` directory and of `import_utils.py` must all match (reinstalling any version rewrites
-them). A transformers that is not installed in a site-packages folder (an editable checkout
+When the file is trusted: transformers' version, its folder, its install record
+(`transformers-<version>.dist-info/RECORD`, which pip and uv rewrite on every install) and
+`import_utils.py` must all match, and the file must be the user's own, writable by no one else
+(it is a pickle). Only folders inside transformers are served. A transformers that is not installed in a site-packages folder (an editable checkout
 whose files change in place) is never indexed. The file is written atomically; any failure
 to read or write it only costs the next launch the scan. `VERLITE_IMPORT_INDEX=0` turns it off.
 """
@@ -28,6 +29,7 @@ import importlib.machinery
 import os
 import pickle
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -38,48 +40,70 @@ FORMAT = 1  # bump when the file's layout changes
 
 
 class _Index:
-    """The entries of one transformers install, read once, written when one is added."""
+    """The entries of one transformers install, read once, written when one is added. Each
+    entry is kept pickled as it was computed, so a caller changing the returned structure
+    later never changes what the file holds."""
 
     def __init__(self, import_utils_file: str):
         self.package = Path(import_utils_file).resolve().parent.parent  # .../transformers
         version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
-        stamp = (FORMAT, version, str(self.package), _mtime(self.package / "models"), _mtime(Path(import_utils_file)))
-        self.stamp = stamp
-        self.path = cache_root() / "imports" / f"transformers-{version}-{hashlib.sha1(str(self.package).encode()).hexdigest()[:12]}.pkl"
-        self.entries: dict[str, object] | None = None
+        # pip and uv rewrite the install's RECORD on every install of any version.
+        record = next(iter(self.package.parent.glob(f"transformers-{version}.dist-info/RECORD")), None)
+        installed = _stat(record) if record is not None else _stat(self.package / "models")
+        self.stamp = (FORMAT, version, str(self.package), installed, _stat(Path(import_utils_file)))
+        self.path = cache_root() / "imports" / \
+            f"transformers-{version}-{hashlib.sha1(str(self.package).encode()).hexdigest()[:12]}.pkl"
+        self.blobs: dict[str, bytes] | None = None
+        self.lock = threading.Lock()
 
-    def load(self) -> dict[str, object]:
-        if self.entries is None:
-            self.entries = {}
-            try:
-                with open(self.path, "rb") as f:
-                    stamp, entries = pickle.load(f)
-                if stamp == self.stamp:
-                    self.entries = entries
-            except Exception:  # noqa: BLE001 - missing, unreadable or from another layout: scan instead
-                pass
-        return self.entries
+    def get(self, key: str):
+        with self.lock:
+            if self.blobs is None:
+                self.blobs = self._read()
+            blob = self.blobs.get(key)
+        return pickle.loads(blob) if blob is not None else None
+
+    def _read(self) -> dict[str, bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                # Only this user's own file, writable by no one else: unpickling runs code.
+                if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                    return {}
+                stamp, blobs = pickle.load(f)
+            return blobs if stamp == self.stamp else {}
+        except Exception:  # noqa: BLE001 - missing, unreadable or from another layout: scan instead
+            return {}
 
     def add(self, key: str, value: object) -> None:
-        self.load()[key] = value
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                pickle.dump((self.stamp, self.entries), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, self.path)  # a cache, not a result: no fsync (a lost file costs one scan)
-        except Exception:  # noqa: BLE001 - a read-only cache folder only costs later launches the scan
+            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - not picklable: not kept
+            return
+        with self.lock:
+            if self.blobs is None:
+                self.blobs = self._read()
+            self.blobs[key] = blob
             try:
-                tmp.unlink()
-            except OSError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        pickle.dump((self.stamp, self.blobs), f, protocol=pickle.HIGHEST_PROTOCOL)
+                    os.replace(tmp, self.path)  # a cache, not a result: no fsync (a lost file costs one scan)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+            except Exception:  # noqa: BLE001 - a read-only cache folder only costs later launches the scan
                 pass
 
 
-def _mtime(path: Path) -> int:
+def _stat(path: Path) -> tuple[int, int]:
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size
     except OSError:
-        return -1
+        return -1, -1
 
 
 def _installed(import_utils_file: str) -> bool:
@@ -101,9 +125,11 @@ def _patch(module) -> None:
         folder = os.path.abspath(os.fspath(module_path))
         if os.path.isfile(folder):
             folder = os.path.dirname(folder)
+        if not folder.startswith(str(index.package) + os.sep):
+            return original(module_path)  # another package's lazy module: not transformers' files
         if folder in memo:
             return memo[folder]
-        found = index.load().get(folder)
+        found = index.get(folder)
         if found is None:
             computing.depth = 1
             try:

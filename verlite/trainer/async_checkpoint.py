@@ -257,6 +257,24 @@ def _nbytes(spec: Spec, count: int = 1) -> int:
     return torch.Size(spec[0]).numel() * torch.empty((), dtype=spec[1]).element_size() * count
 
 
+class _NoBuffers:
+    """No reusable buffers: every save copies to fresh host memory."""
+
+    on_device = False
+
+    def want(self, specs: list[Spec]) -> None:
+        pass
+
+    def lease(self) -> dict[Spec, list[torch.Tensor]]:
+        return {}
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 class DeviceStaging:
     """Spare copies of the trained state on the GPU itself, for background saves where the GPU
     has room: a snapshot is then a device-to-device copy (milliseconds for 6 GB), and no host
@@ -307,9 +325,18 @@ class DeviceStaging:
                      need / (1 << 30))
             self.to_host()
             return {}
-        for spec, k in missing.items():
-            self._ready.setdefault(spec, []).extend(
-                torch.empty(spec[0], dtype=spec[1], device=self.device) for _ in range(max(0, k)))
+        try:
+            for spec, k in missing.items():
+                self._ready.setdefault(spec, []).extend(
+                    torch.empty(spec[0], dtype=spec[1], device=self.device) for _ in range(max(0, k)))
+        except torch.OutOfMemoryError:  # the free memory measured was not all usable (fragments, other processes)
+            failed = True
+        else:
+            failed = False
+        if failed:  # outside the except block: the failed allocation's frames are gone
+            log.info("checkpoint copies: out of GPU memory while allocating them; host buffers from now on")
+            self.to_host()
+            return {}
         return {s: list(bufs) for s, bufs in self._ready.items() if bufs}
 
     def ready(self) -> bool:
@@ -320,11 +347,15 @@ class DeviceStaging:
         return self.host is None and any(self._ready.values())
 
     def to_host(self) -> None:
-        """Host buffers from now on (pinned in the background); the GPU copies are let go."""
+        """Host buffers from now on, as pinned_buffers_fit would give them (pinned in the
+        background, where the state is small against host memory; else none: fresh copies);
+        the GPU copies are let go."""
         if self.host is None:
             self._ready.clear()
-            self.host = HostBuffers(pin=True)
-            self.host.want(list(self._target.elements()))
+            specs = list(self._target.elements())
+            fits = sum(_nbytes(s) for s in specs) <= PIN_FRACTION * _host_memory_bytes()
+            self.host = HostBuffers(pin=os.environ.get("VERLITE_CKPT_PIN", "1") != "0") if fits else _NoBuffers()
+            self.host.want(specs)
 
     def close(self) -> None:
         if self.host is not None:
@@ -497,7 +528,11 @@ def _write_hf(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None:
         if model.can_generate():
             model.generation_config.save_pretrained(folder)
     else:  # PEFT names and configures the adapter (small); unusual full models keep transformers' writer
-        host = {k: v.cpu() for k, v in snap.weights.items()}  # an in-line save may hold device tensors
+        # An in-line save may hold device tensors, a background one its copies on the GPU.
+        host = {}
+        for k, v in snap.weights.items():
+            with ckpt.copy_context(v.device):
+                host[k] = v.cpu()
         model.save_pretrained(folder, state_dict=host, safe_serialization=True)
     snap.tokenizer.save_pretrained(folder)
     ckpt.fsync_files(folder.rglob("*"))

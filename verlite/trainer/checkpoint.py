@@ -191,16 +191,20 @@ def _sync_file_range():
 
 _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+_PAGE = 4096
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing these bytes to disk now (Linux sync_file_range, which
-    waits for nothing): the disk works while later bytes are still being copied, and the
-    fsync that makes the file durable finds most of it written. Without it the kernel starts
-    late and the fsync at the end waits for nearly everything (bench/startup_probe.py measures
-    both). Only a head start: durability still comes from that fsync."""
-    if _SYNC_FILE_RANGE is not None and nbytes > 0:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+    waits only when the disk's queue is full): the disk works while later bytes are still
+    being copied, and the fsync that makes the file durable finds most of it written. Without
+    it the kernel starts late and the fsync at the end waits for nearly everything
+    (bench/startup_probe.py measures both). Only whole pages inside the range are asked for:
+    a page shared with a neighbouring write (another thread's) would be written twice. Only a
+    head start: durability still comes from that fsync."""
+    start, end = -(-offset // _PAGE) * _PAGE, (offset + nbytes) // _PAGE * _PAGE
+    if _SYNC_FILE_RANGE is not None and end > start:
+        _SYNC_FILE_RANGE(fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
 
 
 # A device tensor is written through a small pinned staging buffer per writer thread: no host
@@ -218,18 +222,31 @@ def _staging() -> torch.Tensor:
 
 
 def copy_on_own_stream() -> None:
-    """Make this (writer) thread copy device tensors on a CUDA stream of its own: a background
-    write reads copies the snapshot already synchronized, so its copies need not wait behind
-    the training's kernels, nor hold them up, as they would on the shared default stream."""
+    """Make this (writer) thread copy device tensors on the writers' own CUDA stream: a
+    background write reads copies the snapshot already synchronized, so its copies need not
+    wait behind the training's kernels, nor hold them up, as they would on the shared default
+    stream."""
     _stage.own_stream = True
 
 
-def _copy_stream(device: torch.device):
-    if not getattr(_stage, "own_stream", False):
+_writer_streams: dict[torch.device, torch.cuda.Stream] = {}
+_writer_streams_lock = threading.Lock()
+
+
+def copy_context(device: torch.device):
+    """Where this thread copies a tensor of `device` to the host: the writers' stream on a
+    writer thread (copy_on_own_stream), else the current stream (in stream order after the
+    training's kernels). One stream per device for the whole process, taken from torch's
+    high-priority pool: torch.cuda.Stream() hands out 32 pooled streams per priority round
+    robin, and a writer stream taken per thread and per save would sooner or later be the very
+    stream the CUDA-graph steps capture on (graph_step.py takes a default-priority one); a copy
+    there would queue behind the step's kernels, or break a capture in progress."""
+    if device.type != "cuda" or not getattr(_stage, "own_stream", False):
         return contextlib.nullcontext()
-    stream = getattr(_stage, "stream", None)
-    if stream is None or stream.device != device:
-        stream = _stage.stream = torch.cuda.Stream(device)
+    with _writer_streams_lock:
+        stream = _writer_streams.get(device)
+        if stream is None:
+            stream = _writer_streams[device] = torch.cuda.Stream(device, priority=-1)
     return torch.cuda.stream(stream)
 
 
@@ -245,7 +262,7 @@ def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False,
         _pwrite_all(fd, _byte_view(t), offset)
         return
     flat, stage = t.detach().reshape(-1).view(torch.uint8), _staging()
-    with _copy_stream(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
+    with copy_context(t.device):
         for start in range(0, flat.numel(), STAGE_BYTES):
             part = flat[start:start + STAGE_BYTES]
             if cancel is not None and cancel.is_set():

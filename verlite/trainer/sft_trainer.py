@@ -412,6 +412,13 @@ class Trainer:
                 except torch.OutOfMemoryError:
                     reason = "out of GPU memory with graphs on (they keep the gradients between steps)"
                 # Outside the except block: the failed attempt's frames (and tensors) are gone.
+                if "out of GPU memory" in reason and self.saver.release_device_copies():
+                    # The checkpoint copies were in the way: the graphs start over (each shape
+                    # eager once, then captured), the step runs again; no weight has moved.
+                    self.graphs.release()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    continue
                 self._graphs_off(reason)
                 batches = self._micro_batches(batches.step)  # without the graphs' padding
                 continue
@@ -462,12 +469,15 @@ class Trainer:
     def _validate_or_free_graphs(self, global_step: int, metrics: MetricsLogger) -> float:
         """Validation; out of memory with CUDA graphs on (their pool and the gradients they
         keep), it frees them and validates again instead of ending a run that fits without."""
-        try:
-            return self._validate(global_step, metrics)
-        except torch.OutOfMemoryError:
-            if self.graphs is None:
-                raise
-        # Outside the except block, so that the failed attempt's tensors are freed first.
+        for attempt in range(2):
+            try:
+                return self._validate(global_step, metrics)
+            except torch.OutOfMemoryError:
+                if attempt == 0 and self.saver.release_device_copies():
+                    continue  # outside the except block: the failed attempt's tensors are freed first
+                if self.graphs is None:
+                    raise
+            break
         self._graphs_off("out of GPU memory in validation", "validating again without them")
         return self._validate(global_step, metrics)
 
