@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -38,7 +37,7 @@ def probe(cache, **env) -> dict:
 
 
 def index_file(cache):
-    files = list((cache / "imports").glob("transformers-*.pkl"))
+    files = list((cache / "imports").glob("transformers-*.json"))
     assert len(files) == 1, files
     return files[0]
 
@@ -61,7 +60,7 @@ def test_second_import_reads_the_index_and_sees_the_same_exports(runs):
         assert run["names"] == plain["names"] and run["models"] == plain["models"]
         assert run["model"] == "Qwen2Config"
     assert index_file(cache).stat().st_size > 10_000
-    stamp, entries = pickle.loads(index_file(cache).read_bytes())
+    entries = json.loads(index_file(cache).read_text())["entries"]
     package = os.path.dirname(os.path.dirname(min(entries, key=len)))  # .../transformers/models -> site-packages
     assert entries and all(key.startswith(os.path.join(package, "transformers") + os.sep) for key in entries)
 
@@ -69,16 +68,17 @@ def test_second_import_reads_the_index_and_sees_the_same_exports(runs):
 def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
     cache, _, _, plain = runs
     path = index_file(cache)
-    stamp, entries = pickle.loads(path.read_bytes())
+    data = json.loads(path.read_text())
     moved = tmp_path / "cache"
     (moved / "imports").mkdir(parents=True)
     stale = moved / "imports" / path.name
-    # Another transformers install (version, folder or mtimes): the stamp differs, the file is ignored.
-    stale.write_bytes(pickle.dumps(((*stamp[:-1], (stamp[-1][0] + 1, stamp[-1][1])),
-                                    {k: pickle.dumps({}) for k in entries})))
+    # Another transformers install (version, folder or install record): the stamp differs, the file is ignored.
+    stamp = data["stamp"]
+    stale.write_text(json.dumps({"stamp": [*stamp[:-1], [stamp[-1][0] + 1, stamp[-1][1]]],
+                                 "entries": {k: json.dumps({"dict": []}) for k in data["entries"]}}))
     again = probe(moved)
     assert again["scanned"] > 500 and again["names"] == plain["names"]
-    assert pickle.loads(stale.read_bytes())[0] == stamp  # rewritten for this install
-    stale.write_bytes(b"not a pickle")
+    assert json.loads(stale.read_text())["stamp"] == stamp  # rewritten for this install
+    stale.write_text("not json")
     broken = probe(moved)
     assert broken["scanned"] > 500 and broken["names"] == plain["names"]

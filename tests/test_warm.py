@@ -21,8 +21,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ab
 
 
 def _env(tmp: Path) -> dict:
+    # The repository first, then whatever the caller's PYTHONPATH held (e.g. wheels installed
+    # with --target on a machine without internet).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, VERLITE_WARM="1", VERLITE_CACHE_DIR=str(tmp / "cache"), PYTHONUNBUFFERED="1",
-                PYTHONPATH=str(ROOT))
+                PYTHONPATH=path)
 
 
 def _run(tmp: Path, model: Path, steps: int, *extra: str, env: dict) -> subprocess.CompletedProcess:

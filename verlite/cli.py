@@ -317,9 +317,10 @@ COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    from verlite import import_index
+    from verlite import bytecode_cache, import_index
     from verlite.logs import setup_logging
 
+    bytecode_cache.enable()  # before the heavy imports: bytecode kept where Python keeps none
     import_index.install()  # before anything imports transformers: its export index from disk
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -15,8 +15,8 @@ folder and its `__init__.py` share one entry.
 
 When the file is trusted: transformers' version, its folder, its install record
 (`transformers-<version>.dist-info/RECORD`, which pip and uv rewrite on every install) and
-`import_utils.py` must all match, and the file must be the user's own, writable by no one else
-(it is a pickle). Only folders inside transformers are served. A transformers that is not installed in a site-packages folder (an editable checkout
+`import_utils.py` must all match. The file is JSON (nothing in verlite unpickles). Only
+folders inside transformers are served. A transformers that is not installed in a site-packages folder (an editable checkout
 whose files change in place) is never indexed. The file is written atomically; any failure
 to read or write it only costs the next launch the scan. `VERLITE_IMPORT_INDEX=0` turns it off.
 """
@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import importlib.abc
 import importlib.machinery
+import json
 import os
-import pickle
 import sys
 import tempfile
 import threading
@@ -41,7 +41,7 @@ FORMAT = 1  # bump when the file's layout changes
 
 class _Index:
     """The entries of one transformers install, read once, written when one is added. Each
-    entry is kept pickled as it was computed, so a caller changing the returned structure
+    entry is kept encoded as it was computed, so a caller changing the returned structure
     later never changes what the file holds."""
 
     def __init__(self, import_utils_file: str):
@@ -50,52 +50,70 @@ class _Index:
         # pip and uv rewrite the install's RECORD on every install of any version.
         record = next(iter(self.package.parent.glob(f"transformers-{version}.dist-info/RECORD")), None)
         installed = _stat(record) if record is not None else _stat(self.package / "models")
-        self.stamp = (FORMAT, version, str(self.package), installed, _stat(Path(import_utils_file)))
+        # As JSON gives it back (tuples become lists), so that a stamp read from the file compares equal.
+        self.stamp = json.loads(json.dumps([FORMAT, version, str(self.package), installed,
+                                            _stat(Path(import_utils_file))]))
         self.path = cache_root() / "imports" / \
-            f"transformers-{version}-{hashlib.sha1(str(self.package).encode()).hexdigest()[:12]}.pkl"
-        self.blobs: dict[str, bytes] | None = None
+            f"transformers-{version}-{hashlib.sha1(str(self.package).encode()).hexdigest()[:12]}.json"
+        self.entries: dict[str, str] | None = None  # folder -> its structure, encoded (JSON text)
         self.lock = threading.Lock()
 
     def get(self, key: str):
         with self.lock:
-            if self.blobs is None:
-                self.blobs = self._read()
-            blob = self.blobs.get(key)
-        return pickle.loads(blob) if blob is not None else None
+            if self.entries is None:
+                self.entries = self._read()
+            text = self.entries.get(key)
+        return _decode(json.loads(text)) if text is not None else None
 
-    def _read(self) -> dict[str, bytes]:
+    def _read(self) -> dict[str, str]:
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                # Only this user's own file, writable by no one else: unpickling runs code.
-                if st.st_uid != os.getuid() or st.st_mode & 0o022:
-                    return {}
-                stamp, blobs = pickle.load(f)
-            return blobs if stamp == self.stamp else {}
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return data["entries"] if data["stamp"] == self.stamp else {}
         except Exception:  # noqa: BLE001 - missing, unreadable or from another layout: scan instead
             return {}
 
     def add(self, key: str, value: object) -> None:
         try:
-            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 - not picklable: not kept
+            text = json.dumps(_encode(value))
+        except (TypeError, ValueError):  # a structure of another shape: not kept
             return
         with self.lock:
-            if self.blobs is None:
-                self.blobs = self._read()
-            self.blobs[key] = blob
+            if self.entries is None:
+                self.entries = self._read()
+            self.entries[key] = text
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
                 try:
-                    with os.fdopen(fd, "wb") as f:
-                        pickle.dump((self.stamp, self.blobs), f, protocol=pickle.HIGHEST_PROTOCOL)
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        json.dump({"stamp": self.stamp, "entries": self.entries}, f)
                     os.replace(tmp, self.path)  # a cache, not a result: no fsync (a lost file costs one scan)
                 except BaseException:
                     os.unlink(tmp)
                     raise
             except Exception:  # noqa: BLE001 - a read-only cache folder only costs later launches the scan
                 pass
+
+
+def _encode(value):
+    """JSON for transformers' import structures: dicts (keys: names, or frozensets of backend
+    names), sets of names and strings, each container tagged with its type."""
+    if isinstance(value, dict):
+        return {"dict": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, (set, frozenset)):
+        return {type(value).__name__: sorted(_encode(v) for v in value)}
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"unexpected {type(value).__name__} in an import structure")
+
+
+def _decode(value):
+    if isinstance(value, str):
+        return value
+    (tag, items), = value.items()
+    if tag == "dict":
+        return {_decode(k): _decode(v) for k, v in items}
+    return (frozenset if tag == "frozenset" else set)(_decode(v) for v in items)
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -308,8 +308,9 @@ def _log_path() -> Path:
 def serve_from_stdin() -> None:
     spec = json.loads(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))
     sys.path[:] = spec["path"]
-    from verlite import import_index
+    from verlite import bytecode_cache, import_index
 
+    bytecode_cache.enable()
     import_index.install()
     serve(spec["address"], spec["modules"], spec.get("hidden", []))
 
