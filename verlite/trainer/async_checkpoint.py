@@ -366,7 +366,8 @@ class DeviceStaging:
 def checkpoint_buffers(model: torch.nn.Module, world_size: int, capacity_bytes: float):
     """Where background saves copy the state: on the GPU itself when the state is small against
     its capacity (DeviceStaging; at most 1/8 of it, confirmed at the first snapshot), else
-    reusable pinned host buffers when they fit (pinned_buffers_fit), else nowhere (fresh copies)."""
+    reusable pinned host buffers when they fit (pinned_buffers_fit), else nowhere (fresh copies).
+    VERLITE_CKPT_STAGING=host skips the GPU (bench: the host copies, as before DeviceStaging)."""
     if world_size > 1 or not torch.cuda.is_available():
         return None
     trained = _trained_on_gpu(model)
