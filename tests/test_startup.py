@@ -115,3 +115,27 @@ def test_hidden_packages_look_absent_only_inside_the_block():
             "    print(hidden)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.splitlines()
     assert out == ["['torchao', 'sklearn'] True True False", "[]"], out
+
+
+def test_a_lora_run_needs_no_torchao(tmp_path, tiny_model):
+    """torchao is an optional extra (`smallcards`): the quickstart's LoRA run works without it."""
+    from test_fast import sft_args as fast_sft_args
+
+    code = ("import importlib.abc, sys\n"
+            "class NoTorchao(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'torchao' or name.startswith('torchao.'):\n"
+            "            raise ModuleNotFoundError(\"No module named 'torchao'\", name=name)\n"
+            "finder = NoTorchao()\n"
+            "sys.meta_path.insert(0, finder)\n"
+            "from verlite.models.quant import quiet_torchao_import\n"
+            "quiet_torchao_import()  # what the model build calls first: nothing to quiet, no error\n"
+            "sys.meta_path.remove(finder)\n"
+            "sys.modules['torchao'] = None  # absent for transformers and peft too (find_spec: None)\n"
+            "from verlite.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    args = fast_sft_args(tmp_path, tiny_model, 1, "model.lora_rank=4", "model.target_modules=[q_proj,v_proj]")
+    out = subprocess.run([sys.executable, "-c", code, "sft", *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "VERLITE_WARM": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Done:" in out.stdout + out.stderr

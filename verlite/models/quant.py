@@ -51,6 +51,8 @@ def quiet_torchao_import() -> None:
         lg.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
+    except ImportError:  # not installed (it is the optional `smallcards` extra): nothing to quiet
+        pass
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
