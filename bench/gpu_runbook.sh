@@ -21,11 +21,12 @@
 #   bash bench/gpu_runbook.sh P "$OUT"    # issue 14: O again (warm start's CUDA check fixed), then with pageable checkpoint buffers
 #   bash bench/gpu_runbook.sh Q "$OUT"    # issue 14: warm start on the GPU (NVML during the helper's imports), TRL beside
 #   bash bench/gpu_runbook.sh R "$OUT"    # issue 14: Q with checkpoint copies on the GPU, then host copies; a cold launch profiled
+#   bash bench/gpu_runbook.sh S "$OUT"    # issue 14: start-up of a second launch without the helper (bytecode cache, import index)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to R}
+part=${1:?part A to S}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -177,5 +178,8 @@ for l in sys.stdin:
       VERLITE_WARM=0 VERLITE_CKPT_STAGING=host step gsm8k_host 90 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
           --launches 1 --out "$out/gsm8k_host.jsonl"
       probe importtime -X importtime -m verlite.cli ;;
-  *)  echo "unknown part $part (A to R)" >&2; exit 2 ;;
+  S)  VERLITE_WARM=0 step startup_cached 160 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 12 \
+          --out "$out/startup_cached.jsonl"
+      ls "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache" >> "$out/startup_cached.txt" ;;
+  *)  echo "unknown part $part (A to S)" >&2; exit 2 ;;
 esac
