@@ -278,9 +278,9 @@ class _NoBuffers:
 class DeviceStaging:
     """Spare copies of the trained state on the GPU itself, for background saves where the GPU
     has room: a snapshot is then a device-to-device copy (milliseconds for 6 GB), and no host
-    memory is pinned. Pinning 6 GB on the H200 host beside the first training steps made step 1
-    ~2.5 s slower (bench/RESULTS.md, "Checkpoint copies on the GPU"), and copying into pageable
-    memory pauses training for seconds. The background writer streams these copies to disk
+    memory is pinned. Pinning 6 GB of host buffers beside the first training steps made step 1
+    of GSM8K's 0.5B run 1.2-3 s slower (H200 and H100 calls, bench/RESULTS.md, seventh and
+    eighth sessions), and copying into pageable memory pauses training for seconds. The background writer streams these copies to disk
     through its small pinned staging buffers, on a CUDA stream of its own
     (checkpoint.write_tensor_file), so training kernels neither wait for it nor hold it up.
 
