@@ -46,6 +46,10 @@ class _Index:
 
     def __init__(self, import_utils_file: str):
         self.package = Path(import_utils_file).resolve().parent.parent  # .../transformers
+        # Folders transformers passes are built from its __file__, which may reach it through a
+        # symlink (a venv's lib64): both spellings count as transformers' own.
+        self.prefixes = tuple({str(self.package) + os.sep,
+                               os.path.abspath(os.path.dirname(os.path.dirname(import_utils_file))) + os.sep})
         version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
         # pip and uv rewrite the install's RECORD on every install of any version.
         record = next(iter(self.package.parent.glob(f"transformers-{version}.dist-info/RECORD")), None)
@@ -143,7 +147,7 @@ def _patch(module) -> None:
         folder = os.path.abspath(os.fspath(module_path))
         if os.path.isfile(folder):
             folder = os.path.dirname(folder)
-        if not folder.startswith(str(index.package) + os.sep):
+        if not folder.startswith(index.prefixes):
             return original(module_path)  # another package's lazy module: not transformers' files
         if folder in memo:
             return memo[folder]
