@@ -232,24 +232,15 @@ def _host_memory_bytes() -> int:
         return 0
 
 
-def _trained_on_gpu(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad and p.device.type == "cuda"]
-
-
-def pinned_buffers_fit(model: torch.nn.Module, world_size: int) -> Optional[HostBuffers]:
-    """Reusable pinned buffers when the state is small against host memory (one GPU only:
-    with FSDP, rank 0's gathered copies come from torch's own CPU offload). Their allocation
-    starts now, in the background: the weights plus two AdamW moments per trainable parameter;
-    the first snapshot corrects the guess (another optimizer, an offloaded state)."""
-    if world_size > 1 or not torch.cuda.is_available():
+def _host_buffers(specs: list[Spec]) -> Optional[HostBuffers]:
+    """Reusable host buffers for these tensors when they are small against host memory (at most
+    PIN_FRACTION of it), pinned and allocated from now on in the background; else None (every
+    save copies to fresh memory). VERLITE_CKPT_PIN=0: pageable buffers (bench: whether pinning
+    6 GB beside the first steps slows them)."""
+    if not specs or sum(_nbytes(s) for s in specs) > PIN_FRACTION * _host_memory_bytes():
         return None
-    trained = _trained_on_gpu(model)
-    nbytes = sum(p.numel() * p.element_size() for p in trained) * 3
-    if not trained or nbytes > PIN_FRACTION * _host_memory_bytes():
-        return None
-    # VERLITE_CKPT_PIN=0: pageable buffers (bench: whether pinning 6 GB beside the first steps slows them)
     buffers = HostBuffers(pin=os.environ.get("VERLITE_CKPT_PIN", "1") != "0")
-    buffers.want([_spec(p) for p in trained for _ in range(3)])
+    buffers.want(specs)
     return buffers
 
 
@@ -347,15 +338,12 @@ class DeviceStaging:
         return self.host is None and any(self._ready.values())
 
     def to_host(self) -> None:
-        """Host buffers from now on, as pinned_buffers_fit would give them (pinned in the
-        background, where the state is small against host memory; else none: fresh copies);
-        the GPU copies are let go."""
+        """Host buffers from now on, as a run without room on the GPU gets them (_host_buffers:
+        pinned in the background where the state is small against host memory, else none:
+        fresh copies); the GPU copies are let go."""
         if self.host is None:
             self._ready.clear()
-            specs = list(self._target.elements())
-            fits = sum(_nbytes(s) for s in specs) <= PIN_FRACTION * _host_memory_bytes()
-            self.host = HostBuffers(pin=os.environ.get("VERLITE_CKPT_PIN", "1") != "0") if fits else _NoBuffers()
-            self.host.want(specs)
+            self.host = _host_buffers(list(self._target.elements())) or _NoBuffers()
 
     def close(self) -> None:
         if self.host is not None:
@@ -364,19 +352,23 @@ class DeviceStaging:
 
 
 def checkpoint_buffers(model: torch.nn.Module, world_size: int, capacity_bytes: float):
-    """Where background saves copy the state: on the GPU itself when the state is small against
-    its capacity (DeviceStaging; at most 1/8 of it, confirmed at the first snapshot), else
-    reusable pinned host buffers when they fit (pinned_buffers_fit), else nowhere (fresh copies).
-    VERLITE_CKPT_STAGING=host skips the GPU (bench: the host copies, as before DeviceStaging)."""
+    """Where background saves copy the state, guessed as the weights plus two AdamW moments per
+    trained parameter (the first snapshot corrects the guess: another optimizer, an offloaded
+    state): on the GPU itself when that is small against its capacity (DeviceStaging; at most
+    1/8 of it, confirmed at the first snapshot), else reusable host buffers when they fit
+    (_host_buffers), else nowhere (fresh copies). One GPU only: with FSDP, rank 0's gathered
+    copies come from torch's own CPU offload. VERLITE_CKPT_STAGING=host skips the GPU (bench:
+    the host copies, as before DeviceStaging)."""
     if world_size > 1 or not torch.cuda.is_available():
         return None
-    trained = _trained_on_gpu(model)
-    nbytes = sum(p.numel() * p.element_size() for p in trained) * 3  # the weights and two AdamW moments
-    if trained and capacity_bytes and nbytes <= capacity_bytes / 8 and os.environ.get("VERLITE_CKPT_STAGING") != "host":
+    trained = [p for p in model.parameters() if p.requires_grad and p.device.type == "cuda"]
+    specs = [_spec(p) for p in trained for _ in range(3)]
+    if specs and capacity_bytes and sum(_nbytes(s) for s in specs) <= capacity_bytes / 8 \
+            and os.environ.get("VERLITE_CKPT_STAGING") != "host":
         staging = DeviceStaging(trained[0].device, capacity_bytes)
-        staging.want([_spec(p) for p in trained for _ in range(3)])
+        staging.want(specs)
         return staging
-    return pinned_buffers_fit(model, world_size)
+    return _host_buffers(specs)
 
 
 def _copy_subclass(t: torch.Tensor) -> torch.Tensor:

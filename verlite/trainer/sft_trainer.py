@@ -24,7 +24,7 @@ from verlite.data.cache import TokenCache
 from verlite.data.dataset import SFTDataset, load_dataset
 from verlite.data.formatting import apply_chat_template_override
 from verlite.engine import gpu_warmup, graph_step, ulysses
-from verlite.engine.memory import apply_memory_cap, oom_recompute
+from verlite.engine.memory import GIB, apply_memory_cap, gpu_capacity_gib, oom_recompute
 from verlite.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from verlite.engine.optim import build_optimizer, build_scheduler
 from verlite.engine.prefetch import prefetch
@@ -215,22 +215,15 @@ class Trainer:
             largest = self.plan.largest_step_tokens(max(1, self.total_steps))
             self.graphs.fix_max_seqlen(min(largest, self.plan.token_budget or largest))
         self.timeline.add("model loading", time.perf_counter() - started)
+        capacity = gpu_capacity_gib(cfg, self.device) * GIB if self.device.type == "cuda" else 0.0
         self.saver = async_checkpoint.Checkpointer(
             cfg.trainer.async_save, dist_info.is_main,
-            async_checkpoint.checkpoint_buffers(self.model, dist_info.world_size, self._gpu_capacity_bytes())
+            async_checkpoint.checkpoint_buffers(self.model, dist_info.world_size, capacity)
             if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
             self._on_saved)  # copy buffers only when a periodic (background) save will come
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
 
     # ---- set-up helpers -------------------------------------------------------------
-    def _gpu_capacity_bytes(self) -> float:
-        """What this run may use of its GPU: trainer.gpu_mem_gb, else the card (0 off a GPU)."""
-        if self.device.type != "cuda":
-            return 0.0
-        if self.cfg.trainer.gpu_mem_gb:
-            return float(self.cfg.trainer.gpu_mem_gb) * (1 << 30)
-        return float(torch.cuda.get_device_properties(self.device).total_memory)
-
     def _build_plan(self) -> StepPlan:
         d = self.cfg.data
         from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
@@ -408,11 +401,11 @@ class Trainer:
                 try:
                     return self.graphs.step(batches.micro_batches, self.scheduler)
                 except graph_step.GraphsOff as e:
-                    reason = str(e)
+                    reason, oom = str(e), isinstance(e.__cause__, torch.OutOfMemoryError)
                 except torch.OutOfMemoryError:
-                    reason = "out of GPU memory with graphs on (they keep the gradients between steps)"
+                    reason, oom = "out of GPU memory with graphs on (they keep the gradients between steps)", True
                 # Outside the except block: the failed attempt's frames (and tensors) are gone.
-                if "out of GPU memory" in reason and self.saver.release_device_copies():
+                if oom and self.saver.release_device_copies():
                     # The checkpoint copies were in the way: the graphs start over (each shape
                     # eager once, then captured), the step runs again; no weight has moved.
                     self.graphs.release()
@@ -467,8 +460,9 @@ class Trainer:
         return flag.item() > 0
 
     def _validate_or_free_graphs(self, global_step: int, metrics: MetricsLogger) -> float:
-        """Validation; out of memory with CUDA graphs on (their pool and the gradients they
-        keep), it frees them and validates again instead of ending a run that fits without."""
+        """Validation; out of memory, it frees the checkpoint copies kept on the GPU, then the CUDA
+        graphs (their pool and the gradients they keep), and validates again instead of ending
+        a run that fits without them."""
         for attempt in range(2):
             try:
                 return self._validate(global_step, metrics)
