@@ -22,11 +22,12 @@
 #   bash bench/gpu_runbook.sh Q "$OUT"    # issue 14: warm start on the GPU (NVML during the helper's imports), TRL beside
 #   bash bench/gpu_runbook.sh R "$OUT"    # issue 14: Q with checkpoint copies on the GPU, then host copies; a cold launch profiled
 #   bash bench/gpu_runbook.sh S "$OUT"    # issue 14: start-up of a second launch without the helper (bytecode cache, import index)
+#   bash bench/gpu_runbook.sh T "$OUT"    # issue 14: the eager step's activations in bf16, Liger's kernels; GPU tests
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to S}
+part=${1:?part A to T}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -181,5 +182,30 @@ for l in sys.stdin:
   S)  VERLITE_WARM=0 step startup_cached 160 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 12 \
           --out "$out/startup_cached.jsonl"
       ls "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache" >> "$out/startup_cached.txt" ;;
-  *)  echo "unknown part $part (A to S)" >&2; exit 2 ;;
+  T)  # The eager graphed step on GSM8K (120 steps, no periodic checkpoints, fresh Triton cache each):
+      # fp32 residual stream (the code before) against bf16 (models/compute_dtype.py), then Liger's
+      # RoPE + SwiGLU (+ RMSNorm) on top; the bf16 run launched twice without the helper (its second
+      # start-up reads the bytecode cache and the import index); every first launch's start-up has
+      # the bytecode compiled on the side but one (no_precompile). Then the GPU tests of the step.
+      variant() {  # name, env assignments...
+        local name=$1; shift
+        rm -rf /tmp/triton_T; env TRITON_CACHE_DIR=/tmp/triton_T VERLITE_WARM=0 "$@" \
+          timeout 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps "${N:-120}" --launches "${L:-1}" \
+          --set trainer.save_freq=-1 --out "$out/$name.jsonl" > "$out/$name.txt" 2>&1
+        echo "== $name rc=$?"; python - "$out/$name.jsonl" <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    print(r.get("wall_s"), r.get("first_step_s"), r.get("tokens_per_s"), r.get("logged_rates"), (r.get("done") or r.get("error", ""))[-420:])
+PY
+      }
+      N=12 variant no_precompile VERLITE_PRECOMPILE_WORKERS=0
+      variant fp32_stream VERLITE_FP32_STREAM=1
+      L=2 variant bf16_stream VERLITE_LIGER_KERNELS=
+      variant liger_rope_swiglu VERLITE_LIGER_KERNELS=rope,swiglu
+      variant liger_all VERLITE_LIGER_KERNELS=rope,swiglu,rms_norm
+      variant fp32_liger VERLITE_FP32_STREAM=1 VERLITE_LIGER_KERNELS=rope,swiglu
+      step gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_graph_step.py tests/test_fused_norm.py \
+          tests/test_compute_dtype.py ;;
+  *)  echo "unknown part $part (A to T)" >&2; exit 2 ;;
 esac

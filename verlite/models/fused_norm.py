@@ -11,7 +11,9 @@ eager steps `model.compile: auto` keeps when compiling would not pay.)
 Only modules whose forward is exactly the common formula are switched: the source of their
 class's forward is compared with it (142 of transformers 5.24's RMSNorm classes, Llama,
 Qwen2/3 and Mistral among them; Gemma's `1 + weight` and OLMo's cast order differ and are
-left alone), and only where weight and input share a dtype, so the output dtype is the same.
+left alone), and only where weight and input share a dtype, so the output dtype is the same
+-- or where autocast computes in the input's dtype (a bf16 stream, models/compute_dtype.py),
+where the weight's bf16 copy is used, as FSDP's bf16 compute weights are on several GPUs.
 The formula is the same maths in fp32; for bf16 inputs the weight is applied before the one
 rounding to bf16 instead of after it.
 """
@@ -45,9 +47,17 @@ def is_standard(cls: type) -> bool:
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.dtype != self.weight.dtype:
-        return type(self).forward(self, hidden_states)
-    return torch.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
+    weight = self.weight
+    if hidden_states.dtype != weight.dtype:
+        device = hidden_states.device.type
+        if not (torch.is_autocast_enabled(device) and hidden_states.dtype == torch.get_autocast_dtype(device)):
+            return type(self).forward(self, hidden_states)
+        # A bf16 stream under autocast (models/compute_dtype.py): the weight's bf16 copy, as
+        # FSDP's bf16 compute weights give on several GPUs; the output stays bf16.
+        with torch.autocast(device, enabled=False):  # bf16 in, bf16 out, whatever autocast's lists say
+            return torch.rms_norm(hidden_states, (hidden_states.shape[-1],), weight.to(hidden_states.dtype),
+                                  self.variance_epsilon)
+    return torch.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, self.variance_epsilon)
 
 
 def use_fused_rms_norm(model: torch.nn.Module) -> int:

@@ -34,7 +34,10 @@ from verlite.engine.step import StepResult, train_step
 from verlite.errors import VerliteError
 from verlite.models import lean_imports
 from verlite.models.attention import pick_single_sequence_backends, supports_varlen
+from verlite.models.compute_dtype import stream_in_compute_dtype
 from verlite.models.fused_norm import use_fused_rms_norm
+from verlite.models.liger import use_liger_kernels
+from verlite.models.liger import wanted_kinds as liger_kinds
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
@@ -180,6 +183,8 @@ class Trainer:
         pick_single_sequence_backends(self.device, hf_model.config)  # before anything compiles
         if self.device.type == "cuda":
             use_fused_rms_norm(hf_model)  # one kernel instead of five a norm (models/fused_norm.py)
+            stream_in_compute_dtype(hf_model)  # bf16 between layers, as under FSDP (models/compute_dtype.py)
+            use_liger_kernels(hf_model, liger_kinds())
         if sp > 1:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
