@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -313,7 +314,38 @@ def test_final_save_prunes_while_it_writes_and_keeps_one_checkpoint_throughout(t
     run = tmp_path / "run"
     assert seen[-1] == (5, [4])  # 2 went before the final write; 4 stayed
     assert [s for s, _ in ckpt.step_dirs(run)] == [4, 5]
-    assert not list(run.glob(ckpt.DISCARDED_PREFIX + "*")) and not list(run.glob("*.tmp"))
+    assert not list(run.glob("*.tmp"))
+    # A deletion still going when the run ended was handed to a detached process: it finishes.
+    deadline = time.monotonic() + 30
+    while list(run.glob(ckpt.DISCARDED_PREFIX + "*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(run.glob(ckpt.DISCARDED_PREFIX + "*"))
+
+
+def test_deletions_still_going_at_the_end_are_finished_by_a_detached_process(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    big = root / "global_step_1"
+    (big / "huggingface").mkdir(parents=True)
+    for i in range(50):
+        (big / "huggingface" / f"part{i}.bin").write_bytes(b"x" * 1000)
+    started, release = threading.Event(), threading.Event()
+    real = shutil.rmtree
+
+    def slow_rmtree(path, **kw):  # this process's deletion gets nowhere before it "ends"
+        started.set()
+        release.wait(60)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", slow_rmtree)
+    ckpt.discard(big)
+    assert started.wait(10) and not big.exists()
+    ckpt.hand_off_discards()
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    deadline = time.monotonic() + 30
+    while list(root.glob(ckpt.DISCARDED_PREFIX + "*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(root.glob(ckpt.DISCARDED_PREFIX + "*"))
+    release.set()
+    ckpt.wait_for_discards()  # nothing left to wait for here
 
 
 # ---- resume ------------------------------------------------------------------------------

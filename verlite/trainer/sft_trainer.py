@@ -361,10 +361,10 @@ class Trainer:
                     closing = time.perf_counter()
                     self.saver.close()
                     released = time.perf_counter()
-                    ckpt.wait_for_discards()  # old checkpoints, deleted while the final one was written
+                    ckpt.hand_off_discards()  # old checkpoints still being deleted: a detached process ends it
                     if self.dist.is_main:  # where the phase's seconds went
                         log.info("final checkpoint: saved in %.2f s, checkpoint copy buffers released in %.2f s, then %.2f s "
-                                 "waiting for old checkpoints' deletion", closing - saving, released - closing,
+                                 "handing old checkpoints' deletion over", closing - saving, released - closing,
                                  time.perf_counter() - released)
             except torch.OutOfMemoryError:
                 raise VerliteError(self._oom_advice()) from None
