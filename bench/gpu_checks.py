@@ -64,26 +64,26 @@ def check_ce_kernel() -> None:
 
 
 def check_liger(hf) -> None:
-    """model.use_liger: Liger's fused linear cross-entropy against verlite's, loss and grads."""
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        print("liger-kernel not installed: model.use_liger not checked")
-        return
+    """model.use_liger: Liger's RoPE, RMSNorm and SwiGLU kernels against transformers' layers, loss and grads."""
+    import copy
+
+    from verlite.models.liger import KINDS, use_liger_kernels
+
     ds = random_samples(1, 4)
     mb = collate(ds, list(range(4)), True, 0).to("cuda")
-    results = {}
-    for liger in (False, True):
-        model = SFTModel(hf, use_liger=liger).cuda()
-        model.zero_grad(set_to_none=True)
+    results = []
+    for liger in (False, True):  # the reference first: Liger's RoPE patch is module-wide
+        model = SFTModel(copy.deepcopy(hf)).cuda()
+        if liger and not use_liger_kernels(model.hf, KINDS):
+            print("liger-kernel not installed: model.use_liger not checked")
+            return
         loss = model(mb)
         loss.backward()
-        grad = model.causal_lm.get_output_embeddings().weight.grad.float().clone()
-        results[liger] = loss.item(), grad
-    (a, ga), (b, gb) = results[False], results[True]
+        results.append((loss.item(), model.causal_lm.get_input_embeddings().weight.grad.float().clone()))
+    (a, ga), (b, gb) = results
     grad_err = ((ga - gb).norm() / ga.norm()).item()
-    print(f"liger loss {b:.4f} verlite {a:.4f} rel {abs(a - b) / a:.2e}; LM-head grad rel err {grad_err:.2e}")
-    assert abs(a - b) / a < 1e-2 and grad_err < 2e-2
+    print(f"liger loss {b:.4f} transformers' layers {a:.4f} rel {abs(a - b) / a:.2e}; embedding grad rel err {grad_err:.2e}")
+    assert abs(a - b) / a < 1e-2 and grad_err < 5e-2
 
 
 if __name__ == "__main__":

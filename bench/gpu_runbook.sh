@@ -23,11 +23,12 @@
 #   bash bench/gpu_runbook.sh R "$OUT"    # issue 14: Q with checkpoint copies on the GPU, then host copies; a cold launch profiled
 #   bash bench/gpu_runbook.sh S "$OUT"    # issue 14: start-up of a second launch without the helper (bytecode cache, import index)
 #   bash bench/gpu_runbook.sh T "$OUT"    # issue 14: the eager step's activations in bf16, Liger's kernels; GPU tests
+#   bash bench/gpu_runbook.sh U "$OUT"    # issue 14: gsm8k_cli defaults with TRL beside (after T's changes); warm, GPU tests
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to T}
+part=${1:?part A to U}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -184,9 +185,9 @@ for l in sys.stdin:
       ls "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache" >> "$out/startup_cached.txt" ;;
   T)  # The eager graphed step on GSM8K (120 steps, no periodic checkpoints, fresh Triton cache each):
       # fp32 residual stream (the code before) against bf16 (models/compute_dtype.py), then Liger's
-      # RoPE + SwiGLU (+ RMSNorm) on top; the bf16 run launched twice without the helper (its second
-      # start-up reads the bytecode cache and the import index); every first launch's start-up has
-      # the bytecode compiled on the side but one (no_precompile). Then the GPU tests of the step.
+      # RoPE + SwiGLU on top; the bf16 run launched twice without the helper (its second start-up
+      # reads the bytecode cache and the import index); every first launch's start-up has the
+      # bytecode compiled on the side but one (no_precompile).
       variant() {  # name, env assignments...
         local name=$1; shift
         rm -rf /tmp/triton_T; env TRITON_CACHE_DIR=/tmp/triton_T VERLITE_WARM=0 "$@" \
@@ -203,9 +204,18 @@ PY
       variant fp32_stream VERLITE_FP32_STREAM=1
       L=2 variant bf16_stream VERLITE_LIGER_KERNELS=
       variant liger_rope_swiglu VERLITE_LIGER_KERNELS=rope,swiglu
-      variant liger_all VERLITE_LIGER_KERNELS=rope,swiglu,rms_norm
-      variant fp32_liger VERLITE_FP32_STREAM=1 VERLITE_LIGER_KERNELS=rope,swiglu
+      # Which the next part runs with: Liger where it beat the bf16 stream alone by 3 % or more.
+      python - "$out" > "$out/pick.txt" <<'PY'
+import json, sys
+rate = lambda n: json.loads(open(f"{sys.argv[1]}/{n}.jsonl").readline()).get("tokens_per_s") or 0
+print("rope,swiglu" if rate("liger_rope_swiglu") >= 1.03 * rate("bf16_stream") else "")
+PY
+      echo "pick: liger=[$(cat "$out/pick.txt")]" ;;
+  U)  VERLITE_WARM_DEBUG=1 step gsm8k_default 380 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
+          --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
+      cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
+      step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py
       step gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_graph_step.py tests/test_fused_norm.py \
-          tests/test_compute_dtype.py ;;
-  *)  echo "unknown part $part (A to T)" >&2; exit 2 ;;
+          tests/test_compute_dtype.py tests/test_liger.py ;;
+  *)  echo "unknown part $part (A to U)" >&2; exit 2 ;;
 esac

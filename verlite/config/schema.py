@@ -103,6 +103,9 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
+    # verl's key: Liger's Triton kernels for RoPE, RMSNorm and SwiGLU inside the decoder layers
+    # (models/liger.py; what verl's SFT trainer gets from it, its loss being computed from logits).
+    # The loss stays verlite's own (model.fused_loss). Needs liger-kernel and a CUDA GPU.
     use_liger: bool = False
     fused_loss: bool = True  # chunked linear + cross-entropy: never builds [tokens x vocab] logits
     attn_implementation: str = "sdpa"

@@ -106,7 +106,6 @@ def why_not(cfg, device: torch.device, fsdp: bool, sp_size: int, packed: bool, o
         (not optimizer.defaults.get("fused"), f"optimizer {cfg.optim.optimizer_impl}.{cfg.optim.optimizer} is not "
                                               "torch's fused AdamW on the GPU"),
         (m.enable_activation_offload, "model.enable_activation_offload copies to host memory"),
-        (m.use_liger, "model.use_liger's loss takes no padded rows"),
         (m.quantization is not None, "an NF4 base is not measured with graphs yet"),
     ]
     return next((why for bad, why in checks if bad), None)

@@ -7,8 +7,6 @@ norm and LM head, so one `fully_shard` on it covers everything the decoder layer
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -22,11 +20,10 @@ def unwrap_peft(model):
 
 
 class SFTModel(nn.Module):
-    def __init__(self, hf_model, fused_loss: bool = True, use_liger: bool = False):
+    def __init__(self, hf_model, fused_loss: bool = True):
         super().__init__()
         self.hf = hf_model
         self.fused_loss = fused_loss
-        self.liger = _liger_loss() if use_liger else None
 
     @property
     def causal_lm(self):
@@ -51,25 +48,6 @@ class SFTModel(nn.Module):
         targets = labels.index_select(0, where)
         weight = lm.get_output_embeddings().weight
         if mb.loss_weight is not None:  # rows padded to a fixed shape: weight 0, any valid target
-            if self.liger is not None:
-                raise ValueError("model.use_liger takes no weighted loss rows (CUDA graphs pad them; they are off with Liger)")
             return linear_cross_entropy_sum(h, weight, targets.clamp(min=0), fused=self.fused_loss,
                                             row_weight=mb.loss_weight)
-        if self.liger is not None:
-            return self.liger(h, weight, targets)
         return linear_cross_entropy_sum(h, weight, targets, fused=self.fused_loss)
-
-
-def _liger_loss():
-    """Liger's fused linear cross-entropy (sum reduction), or None when not installed."""
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        logging.getLogger("verlite.model").warning(
-            "model.use_liger is set but liger-kernel is not installed; using verlite's own fused loss")
-        return None
-
-    def loss(h, weight, targets):
-        return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum").float()
-
-    return loss

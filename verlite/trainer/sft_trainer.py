@@ -184,13 +184,15 @@ class Trainer:
         if self.device.type == "cuda":
             use_fused_rms_norm(hf_model)  # one kernel instead of five a norm (models/fused_norm.py)
             stream_in_compute_dtype(hf_model)  # bf16 between layers, as under FSDP (models/compute_dtype.py)
-            use_liger_kernels(hf_model, liger_kinds())
+            use_liger_kernels(hf_model, liger_kinds(cfg.model.use_liger))
+        elif cfg.model.use_liger:
+            log.warning("model.use_liger: Liger's kernels run on CUDA GPUs only; off on %s", self.device.type)
         if sp > 1:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
         gpu_warmup.finish(warming)
-        self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss, cfg.model.use_liger), cfg.model, dist_info)
+        self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss), cfg.model, dist_info)
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,52 @@
+"""model.use_liger (models/liger.py): which of Liger's kernels a run asks for, the error where
+liger-kernel is missing, and on a GPU the patched layers against transformers' own."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import transformers
+
+from verlite.errors import VerliteError
+from verlite.models.liger import KINDS, use_liger_kernels, wanted_kinds
+
+HAVE_LIGER = importlib.util.find_spec("liger_kernel") is not None
+
+
+def test_use_liger_asks_for_every_layer_kernel_and_the_knob_for_some(monkeypatch):
+    monkeypatch.delenv("VERLITE_LIGER_KERNELS", raising=False)
+    assert wanted_kinds(True) == KINDS == ("rope", "swiglu", "rms_norm")
+    assert wanted_kinds(False) == ()
+    monkeypatch.setenv("VERLITE_LIGER_KERNELS", "rope, swiglu")
+    assert wanted_kinds(False) == ("rope", "swiglu")
+    monkeypatch.setenv("VERLITE_LIGER_KERNELS", "rope,geglu")
+    with pytest.raises(VerliteError, match="geglu"):
+        wanted_kinds(False)
+
+
+@pytest.mark.skipif(HAVE_LIGER, reason="liger-kernel is installed here")
+def test_a_clear_error_where_liger_is_not_installed():
+    with pytest.raises(VerliteError, match="pip install liger-kernel"):
+        use_liger_kernels(torch.nn.Linear(2, 2), KINDS)
+    assert use_liger_kernels(torch.nn.Linear(2, 2), ()) is False  # nothing asked: nothing imported
+
+
+@pytest.mark.skipif(not (HAVE_LIGER and torch.cuda.is_available()), reason="Liger's kernels need a CUDA GPU")
+def test_liger_layers_follow_transformers_layers_on_a_gpu():
+    cfg = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).cuda()
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    results = []
+    for liger in (False, True):  # the reference first: Liger's RoPE patch is module-wide
+        model = copy.deepcopy(ref)
+        if liger:
+            assert use_liger_kernels(model, KINDS)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), model.model.embed_tokens.weight.grad.float()))
+    (a, ga), (b, gb) = results
+    assert abs(a - b) / a < 1e-2 and ((ga - gb).norm() / ga.norm()).item() < 5e-2
