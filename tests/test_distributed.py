@@ -82,6 +82,7 @@ def test_two_processes_follow_the_one_process_curve(tmp_path, tiny_model, lora):
     assert ca == cb
 
 
+@pytest.mark.slow  # ~26 s of torchrun on two cores; the two-process curve test stays in the default run
 def test_two_process_checkpoint_resumes_on_one_process(tmp_path, tiny_model):
     import shutil
 
@@ -117,6 +118,7 @@ def test_article_single_gpu_torchrun_flags(tmp_path, tiny_model):
     assert "Step 2/2" in torchrun.stdout and "Step 2/2" in plain.stdout
 
 
+@pytest.mark.slow  # ~20 s of torchrun on two cores
 def test_two_processes_with_activation_offload_follow_the_curve(tmp_path, tiny_model):
     """Recomputing from host copies of the layer inputs under FSDP2 changes nothing."""
     one = run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")

@@ -132,6 +132,7 @@ def _answer_loss(model, tokenizer, samples: list[dict]) -> float:
         return model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
 
 
+@pytest.mark.slow  # a real-weights training run (~1 min on two cores); test_first_step_loss_equals_transformers_forward keeps real weights in the default run
 def test_generate_peft_and_merged_agree_and_held_out_loss_falls(short_run, gguf):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -167,6 +168,7 @@ def test_generate_peft_and_merged_agree_and_held_out_loss_falls(short_run, gguf)
     assert generate(model, tok, question, max_new_tokens=32) == answer
 
 
+@pytest.mark.slow  # shares the real-weights run above
 def test_eval_compare_puts_base_and_fine_tuned_in_one_table(short_run, gguf):
     tmp, ckpt, held = short_run
     result = run_cli("eval", "--checkpoint", str(ckpt), "--compare", gguf, "--data", str(held), "--device", "cpu",

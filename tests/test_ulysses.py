@@ -49,6 +49,7 @@ def test_two_ranks_sp2_full_finetune_follow_the_one_process_curve(tmp_path, tiny
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # ~21 s; the full fine-tune SP test stays in the default run
 def test_two_ranks_sp2_lora_follow_the_one_process_curve(tmp_path, tiny_model):
     extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-2"]
     run(tmp_path / "one", tiny_model, 1, 4, *extra)
