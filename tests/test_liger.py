@@ -32,8 +32,22 @@ def test_a_clear_error_where_liger_is_not_installed():
     assert use_liger_kernels(torch.nn.Linear(2, 2), ()) is False  # nothing asked: nothing imported
 
 
+@pytest.fixture
+def qwen2_module_restored():
+    """Liger patches transformers' Qwen2 module itself (RoPE, norm and MLP classes): put it back
+    for the tests that run after this one in the same process."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = dict(vars(modeling_qwen2))
+    yield
+    for name in [n for n in vars(modeling_qwen2) if n not in saved]:
+        delattr(modeling_qwen2, name)
+    for name, value in saved.items():
+        setattr(modeling_qwen2, name, value)
+
+
 @pytest.mark.skipif(not (HAVE_LIGER and torch.cuda.is_available()), reason="Liger's kernels need a CUDA GPU")
-def test_liger_layers_follow_transformers_layers_on_a_gpu():
+def test_liger_layers_follow_transformers_layers_on_a_gpu(qwen2_module_restored):
     cfg = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128)
     torch.manual_seed(0)

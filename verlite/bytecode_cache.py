@@ -15,9 +15,9 @@ The first launch that finds the cache empty would still compile everything itsel
 after the other as it imports them. Where the machine has cores to spare (8 or more), it
 starts Python's own `compileall` on the side, detached and niced, over the packages a run
 imports (PRECOMPILE, their tests and transformers' model folders other than `auto` left out),
-with one worker per spare core: ~4,000 files in parallel while the launch imports, which then
-finds most of its modules compiled already (bench/RESULTS.md, ninth session).
-`VERLITE_PRECOMPILE_WORKERS=N` sets the workers (0: none).
+with one worker per spare core (at most 16): ~4,000 files in parallel while the launch imports,
+which then finds most of its modules compiled already. Once per cache (a marker file), and
+under torchrun only from local rank 0. `VERLITE_PRECOMPILE_WORKERS=N` sets the workers (0: none).
 
 Where `.pyc` files sit beside torch's and transformers' sources, or Python can write them
 there itself, nothing changes. A PYTHONPYCACHEPREFIX the user set is kept;
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -38,10 +40,8 @@ PACKAGES = ("torch", "transformers", "omegaconf", "hydra")  # what a launch spen
 PRECOMPILE = ("torch", "numpy", "sympy", "mpmath", "networkx", "jinja2", "transformers", "huggingface_hub",
               "tokenizers", "safetensors", "omegaconf", "hydra", "yaml", "antlr4", "fsspec", "filelock",
               "packaging", "tqdm", "regex", "peft", "accelerate", "psutil", "typing_extensions")
-# Folders no run imports: tests, and the ~400 model families of transformers but its auto classes
-# (the one a run loads is compiled by the run itself: a few files).
-SKIP = r"[/\\](tests?|testing|benchmarks?)[/\\]|[/\\]transformers[/\\]models[/\\](?!auto[/\\])[^/\\]+[/\\]"
 MIN_CORES = 8
+MAX_WORKERS = 16
 
 
 def _recompiled_every_launch(name: str) -> bool:
@@ -76,23 +76,51 @@ def _precompile_workers() -> int:
     setting = os.environ.get("VERLITE_PRECOMPILE_WORKERS")
     if setting is not None:
         return max(0, int(setting)) if setting.strip().isdigit() else 0
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return 0  # under torchrun one process per machine compiles; the others read what it wrote
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores - 2 if cores >= MIN_CORES else 0  # the launch itself and its tokenizer keep two
+    return min(MAX_WORKERS, cores - 2) if cores >= MIN_CORES else 0  # the launch and its tokenizer keep two
 
 
-def _precompile_in_background(packages: tuple[str, ...]) -> subprocess.Popen | None:
-    """Start compileall over `packages` (those Python keeps no bytecode for) into the prefix."""
+def skip_pattern(folders: list[str]) -> str:
+    """What no run imports, inside `folders` only (compileall matches it against whole paths):
+    test folders, and the ~400 model families of transformers but its auto classes (the one a
+    run loads is compiled by the run itself: a few files)."""
+    sep = r"[/\\]"
+    parts = []
+    for folder in folders:
+        root = re.escape(folder.rstrip("/\\"))
+        parts.append(rf"^{root}{sep}(?:[^/\\]+{sep})*?(?:tests?|benchmarks?){sep}")
+        if os.path.basename(folder.rstrip("/\\")) == "transformers":
+            parts.append(rf"^{root}{sep}models{sep}(?!auto{sep})[^/\\]+{sep}")
+    return "|".join(parts)
+
+
+_started: list[subprocess.Popen] = []  # kept: a dropped Popen of a running process warns
+
+
+def _precompile_in_background(folders: list[str], prefix: str) -> None:
+    """Start compileall over `folders` into `prefix`: once per cache (a marker file taken with
+    O_EXCL keeps concurrent first launches from each starting one), niced, detached."""
     workers = _precompile_workers()
-    folders = [f for f in (_source_folder(n) for n in packages if _recompiled_every_launch(n)) if f]
     if workers < 1 or not folders:
-        return None
+        return
     try:
-        return subprocess.Popen([sys.executable, "-m", "compileall", "-q", "-j", str(workers), "-x", SKIP, *folders],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True,  # outlives a short launch; no terminal signals
-                                preexec_fn=(lambda: os.nice(5)) if hasattr(os, "nice") else None)
+        os.makedirs(prefix, exist_ok=True)
+        os.close(os.open(os.path.join(prefix, ".precompile-started"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except OSError:
-        return None
+        return  # started by another launch already, or the cache cannot be written
+    # -I: not this folder's modules first on the path, nor the environment's settings; the
+    # prefix goes explicitly.
+    cmd = [sys.executable, "-I", "-X", f"pycache_prefix={prefix}", "-m", "compileall", "-q", "-j", str(workers),
+           "-x", skip_pattern(folders), *folders]
+    nice = shutil.which("nice")
+    try:
+        _started.append(subprocess.Popen([nice, "-n", "5", *cmd] if nice else cmd, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True))  # outlives a short launch; no terminal signals
+    except (OSError, subprocess.SubprocessError):
+        pass
 
 
 def enable(packages: tuple[str, ...] = PACKAGES, precompile: tuple[str, ...] = PRECOMPILE) -> bool:
@@ -103,6 +131,8 @@ def enable(packages: tuple[str, ...] = PACKAGES, precompile: tuple[str, ...] = P
         return False
     if not any(_recompiled_every_launch(name) for name in packages):
         return False
+    # Which packages get no bytecode of their own: decided before the prefix changes the answer.
+    folders = [f for f in (_source_folder(n) for n in precompile if _recompiled_every_launch(n)) if f]
     prefix = str(cache_root() / "pycache")
     sys.pycache_prefix = prefix
     sys.dont_write_bytecode = False
@@ -111,5 +141,5 @@ def enable(packages: tuple[str, ...] = PACKAGES, precompile: tuple[str, ...] = P
     first = _source_folder(packages[0])
     init = os.path.join(first, "__init__.py") if first and os.path.isdir(first) else first
     if init and not os.path.exists(importlib.util.cache_from_source(init)):  # an empty cache: its first launch
-        _precompile_in_background(precompile)
+        _precompile_in_background(folders, prefix)
     return True

@@ -144,8 +144,10 @@ def master_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype):
-    """The HF model on CPU in `dtype`, with LoRA and gradient checkpointing applied."""
+def load_model(cfg: ModelConfig, dtype: torch.dtype, liger_kinds: tuple[str, ...] = ()):
+    """The HF model on CPU in `dtype`, with LoRA and gradient checkpointing applied (and Liger's
+    kernels of `liger_kinds` before either, as verl does: Liger patches the plain model's
+    layers, and the tiled MLP must wrap Liger's MLP rather than be replaced by it)."""
     from verlite.models.quant import quiet_torchao_import
 
     quiet_torchao_import()  # transformers' model code imports torchao (when installed): keep its warnings out
@@ -169,6 +171,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype):
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.partial_pretrain, e, "weights") from None
     model.config.use_cache = False
+    if liger_kinds:
+        from verlite.models.liger import use_liger_kernels
+
+        use_liger_kernels(model, liger_kinds)
     if cfg.enable_gradient_checkpointing is True:  # auto is resolved by the trainer's plan; unresolved: off
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload, cfg.keep_attention_layers)
     if cfg.lora_rank > 0:

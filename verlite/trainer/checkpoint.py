@@ -393,12 +393,19 @@ def hand_off_discards() -> None:
     if not pending:
         return
     try:
-        subprocess.Popen([sys.executable, "-I", "-S", "-c", _RMTREE, *(str(path) for _, path in pending)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    except OSError:
+        _handed.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", _RMTREE, *(str(p) for _, p in pending)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True))
+    except (OSError, subprocess.SubprocessError):
         for thread, _ in pending:
             thread.join()
+        return
+    # A job scheduler that kills the whole job at its end may stop that process too: the next
+    # run in this folder deletes what is left (discard_leftovers).
+    log.info("still deleting %s in a detached process", ", ".join(p.name for _, p in pending))
+
+
+_handed: list[subprocess.Popen] = []  # kept: a dropped Popen of a running process warns
 
 
 def discard_leftovers(root: str | Path) -> None:

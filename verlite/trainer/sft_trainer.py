@@ -36,7 +36,6 @@ from verlite.models import lean_imports
 from verlite.models.attention import pick_single_sequence_backends, supports_varlen
 from verlite.models.compute_dtype import stream_in_compute_dtype
 from verlite.models.fused_norm import use_fused_rms_norm
-from verlite.models.liger import use_liger_kernels
 from verlite.models.liger import wanted_kinds as liger_kinds
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
@@ -67,7 +66,9 @@ def run_sft(cfg: SFTConfig, after_setup: Optional[Callable[[], None]] = None) ->
                     after_setup()  # the model is loaded: e.g. the CLI's warm-start helper (verlite/warm.py)
                 return trainer.fit()
             finally:
-                ckpt.wait_for_discards()  # no half-deleted folder left behind
+                # No half-deleted folder left behind by a run that failed; one that ended handed
+                # its last deletions to a detached process (ckpt.hand_off_discards).
+                ckpt.wait_for_discards()
     finally:
         shutdown()
 
@@ -179,14 +180,15 @@ class Trainer:
         resume_state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
         if resume_state is not None:
             check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
-        hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device))
+        liger = liger_kinds(cfg.model.use_liger) if self.device.type == "cuda" else ()
+        if cfg.model.use_liger and self.device.type != "cuda":
+            log.warning("model.use_liger: Liger's kernels run on CUDA GPUs only; off on %s", self.device.type)
+        hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device), liger)
         pick_single_sequence_backends(self.device, hf_model.config)  # before anything compiles
         if self.device.type == "cuda":
-            use_fused_rms_norm(hf_model)  # one kernel instead of five a norm (models/fused_norm.py)
+            if "rms_norm" not in liger:
+                use_fused_rms_norm(hf_model)  # one kernel instead of five a norm (models/fused_norm.py)
             stream_in_compute_dtype(hf_model)  # bf16 between layers, as under FSDP (models/compute_dtype.py)
-            use_liger_kernels(hf_model, liger_kinds(cfg.model.use_liger))
-        elif cfg.model.use_liger:
-            log.warning("model.use_liger: Liger's kernels run on CUDA GPUs only; off on %s", self.device.type)
         if sp > 1:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
