@@ -64,3 +64,24 @@ def test_liger_layers_follow_transformers_layers_on_a_gpu(qwen2_module_restored)
         results.append((loss.item(), model.model.embed_tokens.weight.grad.float()))
     (a, ga), (b, gb) = results
     assert abs(a - b) / a < 1e-2 and ((ga - gb).norm() / ga.norm()).item() < 5e-2
+
+
+def test_liger_patches_the_plain_model_before_lora_and_the_tiled_mlp(tiny_model, monkeypatch):
+    """Liger looks up the decoder by the model's own attributes (a PEFT wrapper has none) and
+    replaces each MLP's forward (which would undo the tiling): it must come first."""
+    import verlite.models.liger as liger
+    from verlite.config.schema import ModelConfig
+    from verlite.models.load import load_model
+
+    seen = []
+
+    def record(model, kinds):
+        seen.append((type(model).__name__, kinds, type(model.model.layers[0].mlp.forward).__name__))
+        return True
+
+    monkeypatch.setattr(liger, "use_liger_kernels", record)
+    cfg = ModelConfig(partial_pretrain=str(tiny_model), lora_rank=4, target_modules=["q_proj", "v_proj"],
+                      enable_gradient_checkpointing=False, tiled_mlp=True)
+    model = load_model(cfg, torch.float32, ("swiglu",))
+    assert seen == [("Qwen2ForCausalLM", ("swiglu",), "method")]  # plain model, MLP not tiled yet
+    assert type(model).__name__.startswith("Peft")
