@@ -98,6 +98,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path, tiny_model):
     assert "Step 6/6" in straight.stdout
 
 
+@pytest.mark.slow  # ~16 s of FSDP2 with offload on two cores
 def test_cpu_offload_runs_fsdp2_and_matches(tmp_path, tiny_model):
     """Offload goes through FSDP2's CPUOffloadPolicy even with one process; same curve."""
     plain = run(tmp_path / "plain", tiny_model, 1, 4, "model.lora_rank=0")

@@ -65,6 +65,7 @@ def test_second_import_reads_the_index_and_sees_the_same_exports(runs):
     assert entries and all(key.startswith(os.path.join(package, "transformers") + os.sep) for key in entries)
 
 
+@pytest.mark.slow  # ~12 s: three cold transformers imports
 def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
     cache, _, _, plain = runs
     path = index_file(cache)
