@@ -202,13 +202,6 @@ def main() -> None:
         data.write_text("".join(gsm8k.read_text(encoding="utf-8").splitlines(keepends=True)[:64]), encoding="utf-8")
     model = build_model(Path(a.models) / ("tiny_gsm8k" if a.smoke else "qwen0.5b_gsm8k"), gsm8k, a.smoke)
     cache = work / "cache"  # cold for the first launch, warm for the second
-    # The first process on a fresh machine reads torch's and transformers' files from disk (the
-    # H100 call of 2026-12-07: start-up 9.5 s against 3.9 s for the same cold-cache launch later
-    # in that machine's life); TRL, run after verlite, would find them in the OS page cache. One
-    # import of both with no bytecode written puts the files in that cache for both sides alike,
-    # and leaves verlite's own caches (bytecode, token cache, warm helper) cold.
-    subprocess.run([sys.executable, "-c", "import torch, transformers"], check=False,
-                   env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     rows = []
     for i in range(1, a.launches + 1):
         lora = ["model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[q_proj,v_proj]"] if a.lora else []
