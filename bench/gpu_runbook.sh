@@ -24,11 +24,13 @@
 #   bash bench/gpu_runbook.sh S "$OUT"    # issue 14: start-up of a second launch without the helper (bytecode cache, import index)
 #   bash bench/gpu_runbook.sh T "$OUT"    # issue 14: the eager step's activations in bf16, Liger's kernels; GPU tests
 #   bash bench/gpu_runbook.sh U "$OUT"    # issue 14: gsm8k_cli defaults with TRL beside (after T's changes); warm, GPU tests
+#   bash bench/gpu_runbook.sh V "$OUT"    # issue 14: defaults of the eleventh session (Liger auto, final fsync detached), TRL beside
+#   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to U}
+part=${1:?part A to W}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -159,6 +161,19 @@ for l in sys.stdin:
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
+  V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
+      # handed to a detached process, a one-process group left to the exit. TRL's best beside.
+      VERLITE_WARM_DEBUG=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
+          --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
+      tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
+      step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_liger.py tests/test_warm.py ;;
+  W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
+      step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \
+          --set model.compile=true --out "$out/compiled_liger.jsonl"
+      step lora_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 --launches 1 \
+          --set trainer.save_freq=-1 --out "$out/lora_liger.jsonl"
+      VERLITE_LIGER_KERNELS= step lora_no_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 \
+          --launches 1 --set trainer.save_freq=-1 --out "$out/lora_no_liger.jsonl" ;;
   R)  VERLITE_WARM_DEBUG=1 step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
@@ -221,5 +236,18 @@ PY
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
+  V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
+      # handed to a detached process, a one-process group left to the exit. TRL's best beside.
+      VERLITE_WARM_DEBUG=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
+          --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
+      tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
+      step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_liger.py tests/test_warm.py ;;
+  W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
+      step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \
+          --set model.compile=true --out "$out/compiled_liger.jsonl"
+      step lora_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 --launches 1 \
+          --set trainer.save_freq=-1 --out "$out/lora_liger.jsonl"
+      VERLITE_LIGER_KERNELS= step lora_no_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 \
+          --launches 1 --set trainer.save_freq=-1 --out "$out/lora_no_liger.jsonl" ;;
   *)  echo "unknown part $part (A to U)" >&2; exit 2 ;;
 esac

@@ -161,20 +161,22 @@ def test_background_checkpoint_is_byte_identical_to_synchronous(tmp_path, tiny_m
         for staging in (staged, no_room):
             staging.want([ac._spec(p) for p in t.params for _ in range(3)])
         paths = []
+        # The final save's write without fsync (its flush is left to a detached process): same bytes.
         for name, pool in (("plain", None), ("cold", buffers), ("warm", buffers), ("in_line", buffers),
-                           ("staged", staged), ("staged_again", staged), ("no_room", no_room)):
+                           ("unflushed", buffers), ("staged", staged), ("staged_again", staged), ("no_room", no_room)):
             if name == "warm":
                 while not buffers.ready():
                     time.sleep(0.01)
             saver = ac.Checkpointer(background=True, is_main=True, buffers=pool,
                                     on_saved=lambda path, *times: saved.append(path))
-            assert saver.save(tmp_path / name, 3, *args, in_line=name == "in_line")
-            if name != "in_line":  # training goes on while the writer runs; the snapshot must not see it
+            in_line = name in ("in_line", "unflushed")
+            assert saver.save(tmp_path / name, 3, *args, in_line=in_line, durable=name != "unflushed")
+            if not in_line:  # training goes on while the writer runs; the snapshot must not see it
                 before = _training_state(t)
                 t._step(t._micro_batches(3))
                 assert any(not torch.equal(a, p) for a, p in zip(before[0], t.params))
             paths.append(saver.wait())
-            if name != "in_line":  # back to step 3 for the next save
+            if not in_line:  # back to step 3 for the next save
                 _restore_training_state(t, before)
         assert staged.on_device and staged.lease_held() and not no_room.on_device
         for pool in (buffers, staged, no_room):
@@ -322,6 +324,44 @@ def test_final_save_prunes_while_it_writes_and_keeps_one_checkpoint_throughout(t
     assert not list(run.glob(ckpt.DISCARDED_PREFIX + "*"))
 
 
+def test_final_checkpoint_is_flushed_by_a_detached_process_and_keep_one_waits_for_it(tmp_path, tiny_model,
+                                                                                      monkeypatch):
+    """The final save is written without fsync, complete and in place; a detached process
+    flushes it, and only then deletes the checkpoint before it (max_ckpt_to_keep=1), so a
+    flushed checkpoint exists throughout. Periodic saves stay flushed in line."""
+    from verlite.config import load_config
+    from verlite.trainer.sft_trainer import run_sft
+
+    fsyncs, per_step = [0], {}
+    real_fsync, real_write = os.fsync, ac.write_snapshot
+
+    def counting_fsync(fd):
+        fsyncs[0] += 1
+        return real_fsync(fd)
+
+    def watch(snap, background=False):
+        before = fsyncs[0]
+        out = real_write(snap, background)
+        per_step[snap.step] = (snap.durable, fsyncs[0] - before)
+        return out
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    monkeypatch.setattr(ac, "write_snapshot", watch)
+    handed = len(ckpt._handed)
+    run_sft(load_config(None, sft_args(tmp_path, tiny_model, 5, "trainer.save_freq=2", "trainer.max_ckpt_to_keep=1")))
+    run = tmp_path / "run"
+    assert per_step[5] == (False, 0) and all(d and n > 0 for d, n in (per_step[2], per_step[4])), per_step
+    # Complete and in place before the run returns; the flush goes on in its own process.
+    assert (run / ckpt.LATEST).read_text() == "5" and ckpt.load_trainer_state(run / "global_step_5")["global_step"] == 5
+    assert len(ckpt._handed) == handed + 1
+    proc = ckpt._handed[-1]
+    args = proc.args[proc.args.index("-c") + 2:]
+    assert args == [str(run / "global_step_5"), "--", str(run / "global_step_4")]
+    assert proc.wait(60) == 0
+    assert [s for s, _ in ckpt.step_dirs(run)] == [5] and not list(run.glob(ckpt.DISCARDED_PREFIX + "*"))
+    assert ckpt.load_trainer_state(run / "global_step_5")["global_step"] == 5
+
+
 def test_deletions_still_going_at_the_end_are_finished_by_a_detached_process(tmp_path, monkeypatch):
     root = tmp_path / "run"
     big = root / "global_step_1"
@@ -338,7 +378,7 @@ def test_deletions_still_going_at_the_end_are_finished_by_a_detached_process(tmp
     monkeypatch.setattr(ckpt.shutil, "rmtree", slow_rmtree)
     ckpt.discard(big)
     assert started.wait(10) and not big.exists()
-    ckpt.hand_off_discards()
+    ckpt.hand_off()
     monkeypatch.setattr(ckpt.shutil, "rmtree", real)
     deadline = time.monotonic() + 30
     while list(root.glob(ckpt.DISCARDED_PREFIX + "*")) and time.monotonic() < deadline:
@@ -409,11 +449,11 @@ import sys, time
 from pathlib import Path
 from verlite.trainer import checkpoint as ckpt
 real = ckpt._replace_dir
-def slow(tmp, final):
+def slow(tmp, final, durable=True):
     if ckpt.latest_checkpoint(tmp.parent) is not None:  # the second checkpoint: written, not yet renamed
         Path(sys.argv[1]).write_text(tmp.name)
         time.sleep(300)
-    real(tmp, final)
+    real(tmp, final, durable)
 ckpt._replace_dir = slow
 from verlite.trainer import async_checkpoint
 async_checkpoint.DEFER_WHEN_BUSY_ON = ("cuda", "cpu")  # as on a GPU: a save due meanwhile is put off

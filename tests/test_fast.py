@@ -136,6 +136,7 @@ def test_short_cpu_run_logs_compile_off_and_the_time_breakdown(tmp_path, tiny_mo
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
     assert "compile: model.compile=auto: off on CPU" in out
+    assert "model.use_liger=auto: Liger's kernels run on CUDA GPUs only; off on cpu" in out
     done = next(line for line in out.splitlines() if "Done: 4 steps" in line)
     for part in ("training", "compiling off", "token cache miss", "model loading", "1 checkpoint(s): training paused",
                  "in the background"):

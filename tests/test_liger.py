@@ -3,26 +3,83 @@ liger-kernel is missing, and on a GPU the patched layers against transformers' o
 
 import copy
 import importlib.util
+import logging
+import sys
 
 import pytest
 import torch
 import transformers
 
 from verlite.errors import VerliteError
-from verlite.models.liger import KINDS, use_liger_kernels, wanted_kinds
+from verlite.models import liger
+from verlite.models.liger import AUTO_KINDS, KINDS, use_liger_kernels, wanted_kinds
 
 HAVE_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
+
+
 def test_use_liger_asks_for_every_layer_kernel_and_the_knob_for_some(monkeypatch):
     monkeypatch.delenv("VERLITE_LIGER_KERNELS", raising=False)
-    assert wanted_kinds(True) == KINDS == ("rope", "swiglu", "rms_norm")
-    assert wanted_kinds(False) == ()
+    assert wanted_kinds(True, CUDA) == KINDS == ("rope", "swiglu", "rms_norm")
+    assert wanted_kinds(False, CUDA) == ()
     monkeypatch.setenv("VERLITE_LIGER_KERNELS", "rope, swiglu")
-    assert wanted_kinds(False) == ("rope", "swiglu")
+    assert wanted_kinds(False, CUDA) == wanted_kinds("auto", CUDA) == ("rope", "swiglu")
+    assert wanted_kinds(True, CUDA) == KINDS  # true asks for all of them whatever the knob says
     monkeypatch.setenv("VERLITE_LIGER_KERNELS", "rope,geglu")
     with pytest.raises(VerliteError, match="geglu"):
-        wanted_kinds(False)
+        wanted_kinds(False, CUDA)
+
+
+def test_auto_takes_rope_and_swiglu_on_a_gpu_with_liger_and_says_why_not_elsewhere(monkeypatch, caplog):
+    monkeypatch.delenv("VERLITE_LIGER_KERNELS", raising=False)
+    monkeypatch.setattr(liger, "installed", lambda: True)
+    assert wanted_kinds("auto", CUDA) == AUTO_KINDS == ("rope", "swiglu")  # RMSNorm stays PyTorch's fused one
+    with caplog.at_level(logging.INFO, logger="verlite.models"):
+        assert wanted_kinds("auto", CPU) == ()
+        assert wanted_kinds(True, CPU) == ()
+        monkeypatch.setattr(liger, "installed", lambda: False)
+        assert wanted_kinds("auto", CUDA) == ()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "model.use_liger=auto: Liger's kernels run on CUDA GPUs only; off on cpu") in said
+    assert ("WARNING", "model.use_liger=true: Liger's kernels run on CUDA GPUs only; off on cpu") in said
+    assert any(level == "INFO" and "liger-kernel is not installed (pip install liger-kernel" in m for level, m in said)
+
+
+def test_the_side_thread_import_hands_its_error_to_the_waiting_thread(monkeypatch):
+    monkeypatch.setattr(liger, "installed", lambda: True)
+    monkeypatch.setattr(liger, "_ENTRY", "json")
+    liger.start_import(("rope",))
+    liger.finish_import()  # joined, imported
+    liger.finish_import()  # nothing started: returns at once
+    liger.start_import(())  # nothing asked: no thread
+    assert liger._import_thread is None
+    monkeypatch.setattr(liger, "_ENTRY", "verlite_no_such_module")
+    liger.start_import(("rope",))
+    with pytest.raises(ModuleNotFoundError, match="verlite_no_such_module"):
+        liger.finish_import()  # retried on this thread, where the error surfaces
+    assert liger._import_thread is None and liger._import_error is None
+
+
+def test_auto_goes_on_without_liger_where_it_does_not_import(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # an import that fails
+    with caplog.at_level(logging.WARNING, logger="verlite.models"):
+        assert use_liger_kernels(torch.nn.Linear(2, 2), AUTO_KINDS, required=False) is False
+    assert "model.use_liger=auto: liger-kernel did not import" in caplog.text
+    with pytest.raises(VerliteError, match="pip install liger-kernel"):
+        use_liger_kernels(torch.nn.Linear(2, 2), KINDS)
+
+
+def test_use_liger_defaults_to_auto_but_verl_commands_keep_verls_false():
+    from verlite.config import load_config
+
+    assert load_config(None, ["model.partial_pretrain=/m"]).model.use_liger == "auto"
+    with pytest.raises(VerliteError, match="'model.use_liger' is 'maybe'; use true, false or auto"):
+        load_config(None, ["model.partial_pretrain=/m", "model.use_liger=maybe"])
+    assert load_config(None, ["model.partial_pretrain=/m"], dialect="verl").model.use_liger is False
+    assert load_config(None, ["model.path=/m"], dialect="verl_engine").model.use_liger is False
+    assert load_config(None, ["model.partial_pretrain=/m", "model.use_liger=true"], dialect="verl").model.use_liger is True
 
 
 @pytest.mark.skipif(HAVE_LIGER, reason="liger-kernel is installed here")
@@ -75,7 +132,7 @@ def test_liger_patches_the_plain_model_before_lora_and_the_tiled_mlp(tiny_model,
 
     seen = []
 
-    def record(model, kinds):
+    def record(model, kinds, required=True):
         seen.append((type(model).__name__, kinds, type(model.model.layers[0].mlp.forward).__name__))
         return True
 

@@ -141,7 +141,8 @@ def _cmd_sft(args) -> int:
 
     timeline.note("imports (torch, verlite)")
 
-    run_sft(cfg, after_setup=warm.start_helper)  # a helper for the next launch, once the model is loaded
+    # A helper for the next launch once the model is loaded; the process exits after the run (run_and_exit).
+    run_sft(cfg, after_setup=warm.start_helper, exiting=True)
     return 0
 
 

@@ -208,7 +208,7 @@ def _check_values(cfg: SFTConfig, source: str) -> None:
         value = get_key(cfg, key)
         if value is not None and value not in DTYPES:
             raise VerliteError(f"{source}: '{key}' is {value!r}; use one of fp32, bf16, fp16")
-    for key in ("model.enable_gradient_checkpointing", "optim.fused_backward"):
+    for key in ("model.enable_gradient_checkpointing", "optim.fused_backward", "model.use_liger"):
         if get_key(cfg, key) not in (True, False, "auto"):
             raise VerliteError(f"{source}: '{key}' is {get_key(cfg, key)!r}; use true, false or auto")
     mb = cfg.data.micro_batch_size_per_gpu

@@ -103,10 +103,12 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
-    # verl's key: Liger's Triton kernels for RoPE, RMSNorm and SwiGLU inside the decoder layers
-    # (models/liger.py; what verl's SFT trainer gets from it, its loss being computed from logits).
-    # The loss stays verlite's own (model.fused_loss). Needs liger-kernel and a CUDA GPU.
-    use_liger: bool = False
+    # verl's key: Liger's Triton kernels inside the decoder layers (models/liger.py). true: RoPE,
+    # RMSNorm and SwiGLU (what verl's SFT trainer gets from it, its loss computed from logits);
+    # auto (verlite's default): RoPE and SwiGLU wherever they can run (a CUDA GPU, liger-kernel
+    # installed, a model type Liger knows), RMSNorm staying verlite's fused one; false: none
+    # (verl commands keep verl's false). The loss stays verlite's own (model.fused_loss).
+    use_liger: Union[bool, str] = "auto"
     fused_loss: bool = True  # chunked linear + cross-entropy: never builds [tokens x vocab] logits
     attn_implementation: str = "sdpa"
     # torch.compile each decoder layer (GPU only): true | false | auto (when the planned steps

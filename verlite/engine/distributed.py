@@ -73,8 +73,10 @@ def init_distributed(requested_device: str) -> DistInfo:
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not launched and dist.is_initialized() and dist.get_backend() != backend:
+        dist.destroy_process_group()  # a group an earlier run in this process kept (shutdown(exiting)) for another device
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=30)  # checkpoint gathers of large models take a while
         if launched:
             dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
@@ -95,7 +97,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(exiting: bool = False) -> None:
+    """Leave the process group. `exiting` (the process ends next, without Python's teardown):
+    a world of one keeps it, since destroying an NCCL group waits for its watchdog threads,
+    a cost the end of every GPU run would pay for nothing."""
+    if exiting and dist.is_initialized() and dist.get_world_size() == 1:
+        return
     if dist.is_initialized():
         # Ranks leave together: one tearing gloo down while another still talks to it aborts
         # the process at exit ("terminate called without an active exception").

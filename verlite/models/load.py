@@ -174,7 +174,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, liger_kinds: tuple[str, ...
     if liger_kinds:
         from verlite.models.liger import use_liger_kernels
 
-        use_liger_kernels(model, liger_kinds)
+        use_liger_kernels(model, liger_kinds, required=cfg.use_liger != "auto")
     if cfg.enable_gradient_checkpointing is True:  # auto is resolved by the trainer's plan; unresolved: off
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload, cfg.keep_attention_layers)
     if cfg.lora_rank > 0:

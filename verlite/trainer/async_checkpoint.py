@@ -3,7 +3,11 @@ thread (the only pause), then write it on a background thread while the next ste
 
 The write is atomic: `global_step_N.tmp`, fsync, rename, then `latest_checkpointed_iteration.txt`;
 a process killed mid-write leaves a `.tmp` folder that nothing reads, and every earlier
-checkpoint whole. A save written in line (the final one, one before an exit, or
+checkpoint whole. The final save of a finished run skips the fsyncs (Snapshot.durable) and
+leaves them to a detached process (checkpoint.hand_off), as the run's last act: they are
+the disk's time (2.6 s of a 3.1 s final save for 6 GB on the H100), and the files are
+complete and in place for every reader meanwhile; an earlier, flushed checkpoint stays until
+that flush is done. A save written in line (the final one, one before an exit, or
 `Checkpointer(background=False)`) runs the same two halves back to back: the same bytes.
 
 The writer stays out of the way of the training loop, which on a GPU is bound by Python
@@ -91,6 +95,9 @@ class Snapshot:
     state: dict  # optimizer, scheduler, rng and the trainer's extra keys
     is_lora: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)  # set: a newer save supersedes it
+    # False: no fsync; the files are complete and renamed into place, the flush is left to
+    # checkpoint.hand_off (the final save of a finished run: nothing trains after it).
+    durable: bool = True
 
     @property
     def final(self) -> Path:
@@ -528,16 +535,19 @@ def _write_hf(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None:
                 host[k] = v.cpu()
         model.save_pretrained(folder, state_dict=host, safe_serialization=True)
     snap.tokenizer.save_pretrained(folder)
-    ckpt.fsync_files(folder.rglob("*"))
+    if snap.durable:
+        ckpt.fsync_files(folder.rglob("*"))
     if own_weights:
-        ckpt.write_tensor_file(folder / "model.safetensors", snap.weights, {"format": "pt"}, pool, cancel=snap.cancel)
+        ckpt.write_tensor_file(folder / "model.safetensors", snap.weights, {"format": "pt"}, pool, cancel=snap.cancel,
+                               durable=snap.durable)
 
 
 def _write_state(snap: Snapshot, folder: Path, pool: ThreadPoolExecutor) -> None:
     data, tensors = ckpt.split_tensors(snap.state)
-    ckpt.write_tensor_file(folder / ckpt.STATE_TENSORS, tensors, None, pool, cancel=snap.cancel)
+    ckpt.write_tensor_file(folder / ckpt.STATE_TENSORS, tensors, None, pool, cancel=snap.cancel, durable=snap.durable)
     torch.save(data, folder / ckpt.STATE)  # small: no tensor bigger than a few bytes remains
-    ckpt.fsync_files([folder / ckpt.STATE])
+    if snap.durable:
+        ckpt.fsync_files([folder / ckpt.STATE])
 
 
 def _background_writer() -> None:
@@ -571,10 +581,11 @@ def write_snapshot(snap: Snapshot, background: bool = False) -> Optional[Path]:
                 job.result()
         if snap.cancel.is_set():
             raise ckpt.WriteCancelled()
-        ckpt._fsync_dir(tmp / ckpt.HF_DIR)
-        ckpt._fsync_dir(tmp)
-        ckpt._replace_dir(tmp, final)
-        ckpt._write_atomic(root / ckpt.LATEST, str(snap.step))
+        if snap.durable:
+            ckpt._fsync_dir(tmp / ckpt.HF_DIR)
+            ckpt._fsync_dir(tmp)
+        ckpt._replace_dir(tmp, final, snap.durable)
+        ckpt._write_atomic(root / ckpt.LATEST, str(snap.step), snap.durable)
     except ckpt.WriteCancelled:
         ckpt.discard(tmp)  # deleting a partial 6 GB folder takes seconds: not on the final save's path
         log.info("step %d: checkpoint superseded by a newer one before it was written; not kept", snap.step)
@@ -626,8 +637,10 @@ class Checkpointer:
         self._pending: Optional[Snapshot] = None
 
     def save(self, root: Path, step: int, sft_model, tokenizer, optimizer, scheduler, extra: dict,
-             is_lora: bool, in_line: bool = False, before_write: Optional[Callable[[], None]] = None) -> bool:
-        """Snapshot now; write now (`in_line`, or not `background`) or in the background.
+             is_lora: bool, in_line: bool = False, before_write: Optional[Callable[[], None]] = None,
+             durable: bool = True) -> bool:
+        """Snapshot now; write now (`in_line`, or not `background`) or in the background;
+        not `durable`: without fsync (Snapshot.durable).
         False (reported) when the weights hold NaN/inf: nothing is written, and the previous
         checkpoint has landed. Collective: every rank calls it. `before_write` (rank 0) runs once
         the previous save is settled and this one's snapshot is taken, just before its write."""
@@ -646,6 +659,7 @@ class Checkpointer:
             return False
         snap = take_snapshot(root, step, sft_model, tokenizer, optimizer, scheduler, extra, is_lora, self.is_main,
                              self.buffers, in_line)
+        snap.durable = durable
         self._pending = snap
         paused = time.perf_counter() - start
         if before_write is not None and self.is_main:

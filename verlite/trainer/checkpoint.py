@@ -61,19 +61,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def _replace_dir(tmp: Path, final: Path, durable: bool = True) -> None:
     replace_dir(tmp, final)  # re-saving the same step (e.g. after a resume) swaps the old one out
-    _fsync_dir(final.parent)
+    if durable:
+        _fsync_dir(final.parent)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -172,10 +175,11 @@ def safetensors_layout(tensors: dict[str, torch.Tensor], metadata: Optional[dict
     return struct.pack("<Q", len(raw)) + raw, [(start + off, t) for off, t in placed]
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, writeback: bool = True) -> None:
     while len(data):
         n = os.pwrite(fd, data[:_CHUNK], offset)
-        start_writeback(fd, offset, n)
+        if writeback:
+            start_writeback(fd, offset, n)
         data, offset = data[n:], offset + n
 
 
@@ -256,11 +260,11 @@ class WriteCancelled(Exception):
 
 
 def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False,
-                   cancel: Optional[threading.Event] = None) -> None:
+                   cancel: Optional[threading.Event] = None, durable: bool = True) -> None:
     if cancel is not None and cancel.is_set():
         raise WriteCancelled()
     if t.device.type == "cpu" and not staged:
-        _pwrite_all(fd, _byte_view(t), offset)
+        _pwrite_all(fd, _byte_view(t), offset, durable)
         return
     flat, stage = t.detach().reshape(-1).view(torch.uint8), _staging()
     with copy_context(t.device):
@@ -271,12 +275,14 @@ def _pwrite_tensor(fd: int, t: torch.Tensor, offset: int, staged: bool = False,
             # On the default stream: after the training's kernels (an in-line save of live
             # weights); on a writer's own stream: at once. Either way the host waits for the copy.
             stage[:part.numel()].copy_(part)
-            _pwrite_all(fd, _byte_view(stage[:part.numel()]), offset + start)
+            _pwrite_all(fd, _byte_view(stage[:part.numel()]), offset + start, durable)
 
 
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
-                      pool=None, staged: bool = False, cancel: Optional[threading.Event] = None) -> None:
-    """A safetensors file, fsynced. The bytes go out through os.pwrite, which releases the
+                      pool=None, staged: bool = False, cancel: Optional[threading.Event] = None,
+                      durable: bool = True) -> None:
+    """A safetensors file, fsynced (unless not `durable`: then left to the page cache, for a
+    detached flush, hand_off). The bytes go out through os.pwrite, which releases the
     GIL; with `pool` (a concurrent.futures executor) tensors are written in parallel. Tensors
     may be on the host or a device (copied through a staging buffer; `staged` does that for
     host tensors too, for tests). Setting `cancel` stops it between tensors (WriteCancelled)."""
@@ -284,19 +290,22 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Op
         from safetensors.torch import save_file
 
         save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-        _fsync_file(path)
+        if durable:
+            _fsync_file(path)
         return
     head, placed = safetensors_layout(tensors, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _pwrite_all(fd, memoryview(head), 0)
+        _pwrite_all(fd, memoryview(head), 0, durable)
         if pool is None:
             for offset, t in placed:
-                _pwrite_tensor(fd, t, offset, staged, cancel)
+                _pwrite_tensor(fd, t, offset, staged, cancel, durable)
         else:
-            for future in [pool.submit(_pwrite_tensor, fd, t, offset, staged, cancel) for offset, t in placed]:
+            for future in [pool.submit(_pwrite_tensor, fd, t, offset, staged, cancel, durable)
+                           for offset, t in placed]:
                 future.result()
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -312,21 +321,26 @@ def fsync_files(paths: Iterable[Path]) -> None:
             _fsync_file(path)
 
 
-def prune_checkpoints(root: str | Path, keep: Optional[int], below: Optional[int] = None) -> None:
+def prune_checkpoints(root: str | Path, keep: Optional[int], below: Optional[int] = None,
+                      defer: bool = False) -> list[Path]:
     """Remove all but the newest `keep` checkpoints (renamed aside now, deleted in the background).
     `below`: only among steps before it (the one being written), and never the step that
-    latest_checkpointed_iteration.txt names (a folder of an earlier run may hold later steps)."""
+    latest_checkpointed_iteration.txt names (a folder of an earlier run may hold later steps).
+    `defer`: remove nothing yet, return the folders to remove (hand_off deletes them once the
+    newest checkpoint is flushed to disk)."""
     if not keep or keep < 1:
-        return
+        return []
     dirs, latest = step_dirs(root), None
     if below is not None:
         latest = _read_latest(Path(root))
         dirs = [(step, path) for step, path in dirs if step < below]
-    for step, path in dirs[:-keep]:
-        if step == latest:
-            continue
+    surplus = [path for step, path in dirs[:-keep] if step != latest]
+    if defer:
+        return surplus
+    for path in surplus:
         discard(path)
         log.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, keep)
+    return surplus
 
 
 def _read_latest(root: Path) -> Optional[int]:
@@ -340,7 +354,7 @@ def _read_latest(root: Path) -> Optional[int]:
 # session), in the final checkpoint's time when pruning ran there. A folder to delete is renamed
 # aside at once (one atomic rename: nothing reads it after that, and no reader can mistake it for
 # a checkpoint), then deleted on a background thread while the run goes on. A run that ends
-# while one is still going hands it to a detached process (hand_off_discards: 0.7 s of the GPU
+# while one is still going hands it to a detached process (hand_off: 0.7 s of the GPU
 # launch's end, bench/RESULTS.md ninth session). Leftovers of a killed process are deleted by
 # the next run in the same folder (discard_leftovers).
 _discarding: list[tuple[threading.Thread, Path]] = []
@@ -381,28 +395,79 @@ def wait_for_discards() -> None:
         thread.join()
 
 
-_RMTREE = "import shutil, sys\nfor path in sys.argv[1:]:\n    shutil.rmtree(path, ignore_errors=True)\n"
-
-
-def hand_off_discards() -> None:
-    """Leave the deletions still going to a detached process, so that this one can end now
-    (the folders are renamed aside already: nothing mistakes them for checkpoints meanwhile)."""
-    with _discard_lock:
-        pending = [(thread, path) for thread, path in _discarding if thread.is_alive()]
-        _discarding.clear()
-    if not pending:
+# The detached process's whole program (`python -I -S`: no site packages, it starts in
+# milliseconds). Arguments: checkpoint folders to flush, "--", folders to delete after that.
+# A folder to flush: every file, then every folder bottom-up, then the run folder's pointer
+# file and the run folder itself (what write_snapshot fsyncs when it writes durably). A folder
+# to delete that still has its checkpoint name is renamed aside first (nothing reads it then).
+_FINISH = """
+import os, shutil, sys
+args = sys.argv[1:]
+flush, delete = args[:args.index("--")], args[args.index("--") + 1:]
+def sync(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return
     try:
-        _handed.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", _RMTREE, *(str(p) for _, p in pending)],
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+for top in flush:
+    for folder, _, files in os.walk(top, topdown=False):
+        for name in files:
+            sync(os.path.join(folder, name))
+        sync(folder)
+    sync(os.path.join(os.path.dirname(top), "%s"))
+    sync(os.path.dirname(top))
+for path in delete:
+    name = os.path.basename(path)
+    if not name.startswith("%s"):
+        aside = os.path.join(os.path.dirname(path), "%s" + name + "-" + str(os.getpid()))
+        try:
+            os.rename(path, aside)
+            path = aside
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+""" % (LATEST, DISCARDED_PREFIX, DISCARDED_PREFIX)
+
+
+def hand_off(flush: Optional[Path] = None, delete_after: Iterable[Path] = ()) -> None:
+    """Leave to a detached process what would otherwise keep this one from ending now: the
+    fsync of `flush` (a checkpoint written with durable=False: complete and in place, its bytes
+    still in the page cache), then the deletion of `delete_after` (checkpoints that must stay
+    until then) and of the discarded folders still being deleted (renamed aside already:
+    nothing mistakes them for checkpoints meanwhile)."""
+    with _discard_lock:
+        pending = [path for thread, path in _discarding if thread.is_alive()]
+        _discarding.clear()
+    delete = [*delete_after, *pending]
+    if flush is None and not delete:
+        return
+    try:
+        _handed.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", _FINISH,
+                                         *([str(flush)] if flush is not None else []), "--", *map(str, delete)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True))
-    except (OSError, subprocess.SubprocessError):
-        for thread, _ in pending:
-            thread.join()
+    except (OSError, subprocess.SubprocessError):  # no process: finish here, as durably
+        if flush is not None:
+            fsync_files(flush.rglob("*"))
+            for folder in (*[p for p in flush.rglob("*") if p.is_dir()], flush, flush.parent):
+                _fsync_dir(folder)
+        for path in delete_after:
+            discard(path)
+        wait_for_discards()
         return
-    # A job scheduler that kills the whole job at its end may stop that process too: the next
-    # run in this folder deletes what is left (discard_leftovers).
-    log.info("still deleting %s in a detached process", ", ".join(p.name for _, p in pending))
+    # A job scheduler that kills the whole job at its end may stop that process too: the kernel
+    # still writes the page cache back on its own (within ~30 s on Linux defaults), and the next
+    # run in this folder deletes what is left renamed aside (discard_leftovers).
+    if flush is not None:
+        log.info("final checkpoint in place; its fsync goes on in a detached process (pid %d)", _handed[-1].pid)
+    if delete:
+        log.info("still deleting %s in a detached process", ", ".join(p.name for p in delete))
 
 
 _handed: list[subprocess.Popen] = []  # kept: a dropped Popen of a running process warns

@@ -36,7 +36,7 @@ from verlite.models import lean_imports
 from verlite.models.attention import pick_single_sequence_backends, supports_varlen
 from verlite.models.compute_dtype import stream_in_compute_dtype
 from verlite.models.fused_norm import use_fused_rms_norm
-from verlite.models.liger import wanted_kinds as liger_kinds
+from verlite.models import liger
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
@@ -51,8 +51,10 @@ from verlite.trainer.timeline import Timeline, launch_time
 log = logging.getLogger("verlite.trainer")
 
 
-def run_sft(cfg: SFTConfig, after_setup: Optional[Callable[[], None]] = None) -> dict:
-    """Train as `cfg` says; returns the run summary. Safe to call more than once per process."""
+def run_sft(cfg: SFTConfig, after_setup: Optional[Callable[[], None]] = None, exiting: bool = False) -> dict:
+    """Train as `cfg` says; returns the run summary. Safe to call more than once per process.
+    `exiting`: the process ends right after (the CLI), so a one-process run leaves its process
+    group to the exit (engine/distributed.shutdown says why)."""
     dist_info = init_distributed(cfg.trainer.device)
     timeline.note("device init")  # CUDA's context (torch.cuda.set_device), the process group
     try:
@@ -67,10 +69,10 @@ def run_sft(cfg: SFTConfig, after_setup: Optional[Callable[[], None]] = None) ->
                 return trainer.fit()
             finally:
                 # No half-deleted folder left behind by a run that failed; one that ended handed
-                # its last deletions to a detached process (ckpt.hand_off_discards).
+                # its last deletions (and its final checkpoint's fsync) to a detached process (ckpt.hand_off).
                 ckpt.wait_for_discards()
     finally:
-        shutdown()
+        shutdown(exiting)
 
 
 class StepHealth:
@@ -158,6 +160,8 @@ class Trainer:
             log.info("start-up: %.1f s since launch (%s)", now - self.timeline.launch,
                      ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
         self.start_up_split = split
+        liger_kinds = liger.wanted_kinds(cfg.model.use_liger, self.device)
+        liger.start_import(liger_kinds)  # on a side thread while the data is read (models/liger.py)
         with self.timeline.phase("data"):
             cache = TokenCache.for_config(cfg.data, self.tokenizer) if not cfg.data.custom_cls.path else None
             self.train_ds = train_ds if train_ds is not None else \
@@ -180,13 +184,11 @@ class Trainer:
         resume_state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
         if resume_state is not None:
             check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
-        liger = liger_kinds(cfg.model.use_liger) if self.device.type == "cuda" else ()
-        if cfg.model.use_liger and self.device.type != "cuda":
-            log.warning("model.use_liger: Liger's kernels run on CUDA GPUs only; off on %s", self.device.type)
-        hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device), liger)
+        liger.finish_import()  # before transformers imports the model's modules here: one importer at a time
+        hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device), liger_kinds)
         pick_single_sequence_backends(self.device, hf_model.config)  # before anything compiles
         if self.device.type == "cuda":
-            if "rms_norm" not in liger:
+            if "rms_norm" not in liger_kinds:
                 use_fused_rms_norm(hf_model)  # one kernel instead of five a norm (models/fused_norm.py)
             stream_in_compute_dtype(hf_model)  # bf16 between layers, as under FSDP (models/compute_dtype.py)
         if sp > 1:
@@ -231,6 +233,10 @@ class Trainer:
             if cfg.trainer.async_save and 0 < cfg.trainer.save_freq < self.total_steps - self.start_step else None,
             self._on_saved)  # copy buffers only when a periodic (background) save will come
         self.oom_splits = 0  # each OOM halves every micro-batch from then on
+        # The final checkpoint, written without fsync, and what is deleted once it is flushed.
+        self.final_path: Optional[Path] = None
+        self.unflushed: Optional[Path] = None
+        self.after_flush: list[Path] = []
 
     # ---- set-up helpers -------------------------------------------------------------
     def _build_plan(self) -> StepPlan:
@@ -365,11 +371,12 @@ class Trainer:
                     closing = time.perf_counter()
                     self.saver.close()
                     released = time.perf_counter()
-                    ckpt.hand_off_discards()  # old checkpoints still being deleted: a detached process ends it
+                    # Its fsync, and old checkpoints still being deleted: a detached process ends them.
+                    ckpt.hand_off(self.unflushed, self.after_flush)
                     if self.dist.is_main:  # where the phase's seconds went
                         log.info("final checkpoint: saved in %.2f s, checkpoint copy buffers released in %.2f s, then %.2f s "
-                                 "handing old checkpoints' deletion over", closing - saving, released - closing,
-                                 time.perf_counter() - released)
+                                 "handing its fsync and old checkpoints' deletion over", closing - saving,
+                                 released - closing, time.perf_counter() - released)
             except torch.OutOfMemoryError:
                 raise VerliteError(self._oom_advice()) from None
             finally:
@@ -513,7 +520,10 @@ class Trainer:
 
     def _save(self, global_step: int, final: bool = False, wait: bool = False) -> Path:
         """Checkpoint `global_step`. The write goes on in the background unless this is the
-        final save or `wait` is set (the process is about to exit)."""
+        final save or `wait` is set (the process is about to exit). The final save is written
+        without fsync (async_checkpoint.Snapshot.durable): the run hands its flush to a detached
+        process at the end. One before an exit on a stop request (a preempted job, Ctrl-C)
+        stays durable: the machine may be going down."""
         extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
         keep = self.cfg.trainer.max_ckpt_to_keep
@@ -522,9 +532,11 @@ class Trainer:
         # checkpoint stays throughout (never with keep=1, which waits for the new one to land).
         early = (final or wait) and keep and keep > 1 and self.dist.is_main
         before_write = (lambda: ckpt.prune_checkpoints(self.run_dir, keep - 1, below=global_step)) if early else None
+        if final:
+            self.final_path = self.run_dir / f"global_step_{global_step}"
         if not self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                               extra, self.is_lora, in_line=final or wait,
-                               before_write=before_write):  # False: NaN/inf weights (logged)
+                               extra, self.is_lora, in_line=final or wait, before_write=before_write,
+                               durable=not final):  # False: NaN/inf weights (logged)
             return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
         path = self.run_dir / f"global_step_{global_step}"
         if final or wait:
@@ -539,7 +551,13 @@ class Trainer:
         """Rank 0, once a checkpoint is in place (on the writer thread when saving in the background)."""
         how = "in the background" if self.cfg.trainer.async_save else "in line"
         log.info("Checkpoint saved to %s (training paused %.2f s; written in %.1f s %s)", path, paused_s, write_s, how)
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
+        keep = self.cfg.trainer.max_ckpt_to_keep
+        if path == self.final_path:  # written without fsync: flushed by ckpt.hand_off at the end
+            self.unflushed = path
+            if keep == 1:  # the checkpoint before stays until that flush is done
+                self.after_flush = ckpt.prune_checkpoints(self.run_dir, keep, defer=True)
+                return
+        ckpt.prune_checkpoints(self.run_dir, keep)
 
     def _oom_advice(self) -> str:
         d, m = self.cfg.data, self.cfg.model
