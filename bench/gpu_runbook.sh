@@ -163,8 +163,13 @@ for l in sys.stdin:
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
   V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
       # handed to a detached process, a one-process group left to the exit. TRL's best beside.
-      VERLITE_WARM_DEBUG=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
-          --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
+      # Every second: the load and the busiest processes (was launch 1 on a fresh machine short of CPU?).
+      (while :; do echo "-- $(date +%s.%N | cut -c1-14) $(cut -d' ' -f1-4 /proc/loadavg)"
+         ps -eo pcpu,ni,etimes,args --sort=-pcpu | head -7 | cut -c1-150; sleep 1; done) > "$out/load.txt" 2>&1 &
+      sampler=$!
+      VERLITE_WARM_DEBUG=1 VERLITE_TRACE_EXIT=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --trl --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
+      kill $sampler
       tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
       step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_liger.py tests/test_warm.py ;;
   W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
@@ -238,8 +243,13 @@ PY
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
   V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
       # handed to a detached process, a one-process group left to the exit. TRL's best beside.
-      VERLITE_WARM_DEBUG=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
-          --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
+      # Every second: the load and the busiest processes (was launch 1 on a fresh machine short of CPU?).
+      (while :; do echo "-- $(date +%s.%N | cut -c1-14) $(cut -d' ' -f1-4 /proc/loadavg)"
+         ps -eo pcpu,ni,etimes,args --sort=-pcpu | head -7 | cut -c1-150; sleep 1; done) > "$out/load.txt" 2>&1 &
+      sampler=$!
+      VERLITE_WARM_DEBUG=1 VERLITE_TRACE_EXIT=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --trl --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
+      kill $sampler
       tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
       step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_liger.py tests/test_warm.py ;;
   W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)

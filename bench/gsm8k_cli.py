@@ -133,7 +133,8 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
                   exit_after_done_s=round(wall - result["done_line_s"], 2) if result["done_line_s"] else None,
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
                   final_checkpoint_line=next((x.strip() for x in out.splitlines() if "final checkpoint: saved" in x), None),
-                  final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")))
+                  final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")),
+                  traces=[x.strip() for x in out.splitlines() if x.startswith("verlite trace:")])
     return result
 
 
@@ -201,6 +202,8 @@ def summary(rows: list[dict]) -> str:
         if parts:
             out.append("  since launch: " + ", ".join(f"{k} {v} s" for k, v in parts.items()) +
                        f"; exit {r.get('exit_after_done_s')} s after the Done line")
+        if r.get("traces"):
+            out.append("  " + "; ".join(t.removeprefix("verlite trace: ") for t in r["traces"]))
         start_up = (r.get("start_up") or {}).get("parts_s")
         if start_up:
             out.append("  start-up: " + ", ".join(f"{k} {v} s" for k, v in start_up.items()))

@@ -159,3 +159,19 @@ def test_without_a_helper_the_command_runs_itself(monkeypatch):
     before = {s: signal.getsignal(s) for s in warm._FORWARDED}
     assert warm.run_in_helper(["sft"]) is None
     assert {s: signal.getsignal(s) for s in warm._FORWARDED} == before  # handlers given back
+
+
+def test_the_environment_name_ignores_bytecode_folders_but_not_installs(tmp_path, monkeypatch):
+    """A first launch writing site-packages/__pycache__ (a top-level module's bytecode) must not
+    give the next launch another environment (and so no helper); installing a package must."""
+    from verlite import warm
+
+    site = tmp_path / "lib" / "site-packages"
+    (site / "torch").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "project"), str(site)])
+    before = warm._path_stamp()
+    (site / "__pycache__").mkdir()
+    (site / "__pycache__" / "six.cpython-311.pyc").write_bytes(b"x")
+    assert warm._path_stamp() == before
+    (site / "liger_kernel-0.8.5.dist-info").mkdir()
+    assert warm._path_stamp() != before

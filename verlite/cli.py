@@ -373,6 +373,10 @@ def exit_now(code: int, before_exit=None) -> None:
     import os
     import threading
 
+    from verlite.trainer.timeline import trace
+
+    trace("exiting; threads to join: " + (", ".join(t.name for t in threading.enumerate()
+                                                     if t is not threading.current_thread() and not t.daemon) or "none"))
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is not None and threading.current_thread() is threading.main_thread():
         # What the interpreter's exit does first: the hooks of threading._register_atexit tell
@@ -386,7 +390,9 @@ def exit_now(code: int, before_exit=None) -> None:
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and not thread.daemon:
                 thread.join()
+    trace("threads joined")
     atexit._run_exitfuncs()  # e.g. wandb's or tensorboard's flush; logging.shutdown
+    trace("exit handlers run")
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

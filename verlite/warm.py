@@ -84,14 +84,18 @@ def _source_stamp() -> str:
 
 
 def _path_stamp() -> str:
-    """sys.path, and the modification times of the folders packages are installed into
-    (installing or removing one changes its folder's); other entries (the working folder, a
-    project on PYTHONPATH) change with every file written there, so they count by name only."""
+    """sys.path, and what the folders packages are installed into hold (installing, upgrading
+    or removing a package changes its name or its .dist-info folder's name there); other entries
+    (the working folder, a project on PYTHONPATH) change with every file written there, so they
+    count by name only. Not the folders' modification times: Python creating
+    site-packages/__pycache__ for a top-level module changes it (the first launch on a fresh
+    GPU machine did, and the next launch found no helper for its "new" environment)."""
     out = []
     for entry in sys.path:
         if os.path.basename(os.path.normpath(entry)) in ("site-packages", "dist-packages"):
             try:
-                entry = f"{entry}:{os.stat(entry).st_mtime_ns}"
+                names = sorted(n for n in os.listdir(entry) if n != "__pycache__")
+                entry = f"{entry}:{hashlib.sha256(chr(0).join(names).encode('utf-8', 'surrogateescape')).hexdigest()}"
             except OSError:
                 pass
         out.append(entry)

@@ -70,9 +70,13 @@ def run_sft(cfg: SFTConfig, after_setup: Optional[Callable[[], None]] = None, ex
             finally:
                 # No half-deleted folder left behind by a run that failed; one that ended handed
                 # its last deletions (and its final checkpoint's fsync) to a detached process (ckpt.hand_off).
+                timeline.trace("run over")
                 ckpt.wait_for_discards()
+                timeline.trace("deletions waited for")
     finally:
+        timeline.trace("run folder released")
         shutdown(exiting)
+        timeline.trace("process group left")
 
 
 class StepHealth:

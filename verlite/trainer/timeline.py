@@ -35,6 +35,17 @@ def process_age() -> Optional[float]:
         return None
 
 
+def trace(label: str) -> None:
+    """With VERLITE_TRACE_EXIT=1, print `label` and the seconds since launch to stderr: where a
+    run's last seconds go between its Done line and the process's exit (bench/gsm8k_cli.py)."""
+    if os.environ.get("VERLITE_TRACE_EXIT") == "1":
+        import sys
+
+        age = process_age()
+        print(f"verlite trace: {label} at {age:.2f} s" if age is not None else f"verlite trace: {label}",
+              file=sys.stderr, flush=True)
+
+
 def set_launch_epoch(epoch: float) -> None:
     """The command was launched in another process at `epoch` (time.time()): a warm helper's
     child runs it (verlite/warm.py), and the run counts from that process's start."""
