@@ -110,6 +110,7 @@ def test_cpu_offload_runs_fsdp2_and_matches(tmp_path, tiny_model):
     assert "Step 4/4" in plain.stdout and "Step 4/4" in offload.stdout
 
 
+@pytest.mark.slow  # ~16 s of torchrun on two cores; test_cli_e2e runs the article's flags through `python -m` by default
 def test_article_single_gpu_torchrun_flags(tmp_path, tiny_model):
     """Section 2.2's launch: torchrun with one process, a static rendezvous on localhost."""
     launcher = ["--nproc_per_node=1", "--rdzv_backend=static", f"--rdzv_endpoint=localhost:{free_port()}"]

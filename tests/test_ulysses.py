@@ -29,6 +29,7 @@ def val_losses(run_dir) -> list[float]:
             if "val/loss" in r]
 
 
+@pytest.mark.slow  # ~21 s of two ranks on two cores; the split itself is tested by default (test_shard_micro_batch_*)
 def test_two_ranks_sp2_full_finetune_follow_the_one_process_curve(tmp_path, tiny_model):
     val = write_jsonl(tmp_path / "val.jsonl", ROWS[:5])  # 5 samples: the last micro-batch holds one
     extra = ["model.lora_rank=0", f"data.val_files={val}", "trainer.test_freq=2"]
@@ -49,7 +50,7 @@ def test_two_ranks_sp2_full_finetune_follow_the_one_process_curve(tmp_path, tiny
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # ~21 s; the full fine-tune SP test stays in the default run
+@pytest.mark.slow  # ~21 s
 def test_two_ranks_sp2_lora_follow_the_one_process_curve(tmp_path, tiny_model):
     extra = ["model.lora_rank=4", "model.target_modules=[q_proj,v_proj]", "optim.lr=1e-2"]
     run(tmp_path / "one", tiny_model, 1, 4, *extra)
@@ -77,7 +78,7 @@ def test_token_budget_is_per_gpu(tmp_path, tiny_model, capsys):
     assert_same_curve(losses(tmp_path / "one" / "run"), losses(tmp_path / "sp" / "run"), 3)
 
 
-@pytest.mark.slow  # four processes; the two-rank SP tests run by default
+@pytest.mark.slow  # four processes
 def test_four_ranks_dp2_sp2_follow_the_one_process_curve(tmp_path, tiny_model):
     run(tmp_path / "one", tiny_model, 1, 3, "model.lora_rank=0")
     run(tmp_path / "dpsp", tiny_model, 4, 3, "model.lora_rank=0", SP2)
