@@ -163,6 +163,12 @@ for l in sys.stdin:
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
   V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
       # handed to a detached process, a one-process group left to the exit. TRL's best beside.
+      # ENV_PYC=1: both sides read bytecode compiled beforehand, as after a normal pip install
+      # (bench/compile_env.py); otherwise every process compiles from source what it imports.
+      if [ "${ENV_PYC:-0}" = 1 ]; then
+        export PYTHONPYCACHEPREFIX=/tmp/pycache_env
+        python bench/compile_env.py | tee "$out/compile_env.txt"
+      fi
       # Every second: the load and the busiest processes (was launch 1 on a fresh machine short of CPU?).
       (while :; do echo "-- $(date +%s.%N | cut -c1-14) $(cut -d' ' -f1-4 /proc/loadavg)"
          ps -eo pcpu,ni,etimes,args --sort=-pcpu | head -7 | cut -c1-150; sleep 1; done) > "$out/load.txt" 2>&1 &
@@ -243,6 +249,12 @@ PY
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
   V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
       # handed to a detached process, a one-process group left to the exit. TRL's best beside.
+      # ENV_PYC=1: both sides read bytecode compiled beforehand, as after a normal pip install
+      # (bench/compile_env.py); otherwise every process compiles from source what it imports.
+      if [ "${ENV_PYC:-0}" = 1 ]; then
+        export PYTHONPYCACHEPREFIX=/tmp/pycache_env
+        python bench/compile_env.py | tee "$out/compile_env.txt"
+      fi
       # Every second: the load and the busiest processes (was launch 1 on a fresh machine short of CPU?).
       (while :; do echo "-- $(date +%s.%N | cut -c1-14) $(cut -d' ' -f1-4 /proc/loadavg)"
          ps -eo pcpu,ni,etimes,args --sort=-pcpu | head -7 | cut -c1-150; sleep 1; done) > "$out/load.txt" 2>&1 &
