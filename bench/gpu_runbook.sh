@@ -161,30 +161,6 @@ for l in sys.stdin:
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
       step warm_tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_warm.py ;;
-  V)  # Defaults now: Liger's RoPE + SwiGLU (model.use_liger=auto), the final checkpoint's fsync
-      # handed to a detached process, a one-process group left to the exit. TRL's best beside.
-      # ENV_PYC=1: both sides read bytecode compiled beforehand, as after a normal pip install
-      # (bench/compile_env.py); otherwise every process compiles from source what it imports.
-      if [ "${ENV_PYC:-0}" = 1 ]; then
-        export PYTHONPYCACHEPREFIX=/tmp/pycache_env
-        python bench/compile_env.py | tee "$out/compile_env.txt"
-      fi
-      # Every second: the load and the busiest processes (was launch 1 on a fresh machine short of CPU?).
-      (while :; do echo "-- $(date +%s.%N | cut -c1-14) $(cut -d' ' -f1-4 /proc/loadavg)"
-         ps -eo pcpu,ni,etimes,args --sort=-pcpu | head -7 | cut -c1-150; sleep 1; done) > "$out/load.txt" 2>&1 &
-      sampler=$!
-      VERLITE_WARM_DEBUG=1 VERLITE_TRACE_EXIT=1 step gsm8k_default 420 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
-          --trl --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
-      kill $sampler
-      tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
-      step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_liger.py tests/test_warm.py ;;
-  W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
-      step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \
-          --set model.compile=true --out "$out/compiled_liger.jsonl"
-      step lora_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 --launches 1 \
-          --set trainer.save_freq=-1 --out "$out/lora_liger.jsonl"
-      VERLITE_LIGER_KERNELS= step lora_no_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 \
-          --launches 1 --set trainer.save_freq=-1 --out "$out/lora_no_liger.jsonl" ;;
   R)  VERLITE_WARM_DEBUG=1 step gsm8k_default 330 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --trl \
           --trl_dtypes bfloat16 --out "$out/gsm8k_default.jsonl"
       cp "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" "$out/" 2>/dev/null
@@ -271,5 +247,5 @@ PY
           --set trainer.save_freq=-1 --out "$out/lora_liger.jsonl"
       VERLITE_LIGER_KERNELS= step lora_no_liger 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --lora --steps 120 \
           --launches 1 --set trainer.save_freq=-1 --out "$out/lora_no_liger.jsonl" ;;
-  *)  echo "unknown part $part (A to U)" >&2; exit 2 ;;
+  *)  echo "unknown part $part (A to W)" >&2; exit 2 ;;
 esac
