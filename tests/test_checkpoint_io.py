@@ -312,9 +312,15 @@ def test_final_save_prunes_while_it_writes_and_keeps_one_checkpoint_throughout(t
         return real(snap, background)
 
     monkeypatch.setattr(ac, "write_snapshot", watch)
+    handed = len(ckpt._handed)
     run_sft(load_config(None, sft_args(tmp_path, tiny_model, 5, "trainer.save_freq=2", "trainer.max_ckpt_to_keep=2")))
     run = tmp_path / "run"
-    assert seen[-1] == (5, [4])  # 2 went before the final write; 4 stayed
+    assert seen[-1] == (5, [4])  # 2 went aside before the final write; 4 stayed
+    # The folder set aside is deleted by the detached process that flushes the final checkpoint.
+    assert len(ckpt._handed) == handed + 1
+    args = ckpt._handed[-1].args
+    assert args[args.index("--") - 1] == str(run / "global_step_5")
+    assert [Path(a).name.startswith(ckpt.DISCARDED_PREFIX + "global_step_2-") for a in args[args.index("--") + 1:]] == [True]
     assert [s for s, _ in ckpt.step_dirs(run)] == [4, 5]
     assert not list(run.glob("*.tmp"))
     # A deletion still going when the run ended was handed to a detached process: it finishes.
@@ -368,24 +374,36 @@ def test_deletions_still_going_at_the_end_are_finished_by_a_detached_process(tmp
     (big / "huggingface").mkdir(parents=True)
     for i in range(50):
         (big / "huggingface" / f"part{i}.bin").write_bytes(b"x" * 1000)
-    started, release = threading.Event(), threading.Event()
-    real = shutil.rmtree
+    started, stopped = threading.Event(), threading.Event()
 
-    def slow_rmtree(path, **kw):  # this process's deletion gets nowhere before it "ends"
+    def slow_remove(path, stop):  # this process's deletion gets nowhere before it "ends"
         started.set()
-        release.wait(60)
+        if stop.wait(60):  # hand_off tells it to stop: the detached process takes over
+            stopped.set()
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", slow_rmtree)
+    monkeypatch.setattr(ckpt, "_remove_tree", slow_remove)
     ckpt.discard(big)
     assert started.wait(10) and not big.exists()
     ckpt.hand_off()
-    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    assert stopped.wait(10)
     deadline = time.monotonic() + 30
     while list(root.glob(ckpt.DISCARDED_PREFIX + "*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not list(root.glob(ckpt.DISCARDED_PREFIX + "*"))
-    release.set()
     ckpt.wait_for_discards()  # nothing left to wait for here
+
+
+def test_an_in_process_deletion_stops_between_files(tmp_path):
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.bin").write_bytes(b"x")
+    stop = threading.Event()
+    stop.set()
+    ckpt._remove_tree(tmp_path / "a", stop)
+    assert len(list(folder.iterdir())) == 3  # stopped before the first file
+    ckpt._remove_tree(tmp_path / "a", threading.Event())
+    assert not (tmp_path / "a").exists()
 
 
 # ---- resume ------------------------------------------------------------------------------

@@ -375,8 +375,8 @@ def exit_now(code: int, before_exit=None) -> None:
 
     from verlite.trainer.timeline import trace
 
-    trace("exiting; threads to join: " + (", ".join(t.name for t in threading.enumerate()
-                                                     if t is not threading.current_thread() and not t.daemon) or "none"))
+    trace("exiting; other threads: " + (", ".join(t.name + ("" if t.daemon else " (joined)") for t in threading.enumerate()
+                                                   if t is not threading.current_thread()) or "none"))
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is not None and threading.current_thread() is threading.main_thread():
         # What the interpreter's exit does first: the hooks of threading._register_atexit tell

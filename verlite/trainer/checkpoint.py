@@ -357,13 +357,14 @@ def _read_latest(root: Path) -> Optional[int]:
 # while one is still going hands it to a detached process (hand_off: 0.7 s of the GPU
 # launch's end, bench/RESULTS.md ninth session). Leftovers of a killed process are deleted by
 # the next run in the same folder (discard_leftovers).
-_discarding: list[tuple[threading.Thread, Path]] = []
+_discarding: list[tuple[threading.Thread, Path, threading.Event]] = []
 _discard_lock = threading.Lock()
 _discard_count = 0
 
 
-def discard(path: str | Path) -> None:
-    """Delete the folder `path` without waiting for it."""
+def set_aside(path: str | Path) -> Path:
+    """Rename the folder `path` aside (never read as a checkpoint again); its new path, or
+    `path` itself where it cannot be renamed (gone already, or a file system without rename)."""
     global _discard_count
     path = Path(path)
     with _discard_lock:
@@ -371,18 +372,40 @@ def discard(path: str | Path) -> None:
         aside = path.with_name(f"{DISCARDED_PREFIX}{path.name}-{os.getpid()}-{_discard_count}")
     try:
         os.rename(path, aside)
-    except OSError:  # gone already, or a file system that cannot rename it: delete it here
+    except OSError:
+        return path
+    return aside
+
+
+def discard(path: str | Path) -> None:
+    """Delete the folder `path` without waiting for it."""
+    aside = set_aside(path)
+    if aside == Path(path):  # not renamed: delete it here
         shutil.rmtree(path, ignore_errors=True)
         return
     _delete_in_background(aside)
 
 
+def _remove_tree(path: Path, stop: threading.Event) -> None:
+    """shutil.rmtree that gives up between files once `stop` is set (hand_off: a detached
+    process finishes it). A thread still unlinking when the process exits holds the exit
+    up until that unlink returns, and unlinking a big file waits for the disk."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            if stop.is_set():
+                return
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 def _delete_in_background(path: Path) -> None:
-    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
-                              name="verlite-discard", daemon=True)
+    stop = threading.Event()
+    thread = threading.Thread(target=_remove_tree, args=(path, stop), name="verlite-discard", daemon=True)
     thread.start()
     with _discard_lock:
-        _discarding.append((thread, path))
+        _discarding.append((thread, path, stop))
 
 
 def wait_for_discards() -> None:
@@ -391,7 +414,7 @@ def wait_for_discards() -> None:
         with _discard_lock:
             if not _discarding:
                 return
-            thread, _ = _discarding.pop()
+            thread, _, _ = _discarding.pop()
         thread.join()
 
 
@@ -439,10 +462,13 @@ def hand_off(flush: Optional[Path] = None, delete_after: Iterable[Path] = ()) ->
     """Leave to a detached process what would otherwise keep this one from ending now: the
     fsync of `flush` (a checkpoint written with durable=False: complete and in place, its bytes
     still in the page cache), then the deletion of `delete_after` (checkpoints that must stay
-    until then) and of the discarded folders still being deleted (renamed aside already:
-    nothing mistakes them for checkpoints meanwhile)."""
+    until then, or folders set aside) and of the discarded folders still being deleted
+    (renamed aside already: nothing mistakes them for checkpoints meanwhile; this process's
+    threads deleting them stop)."""
     with _discard_lock:
-        pending = [path for thread, path in _discarding if thread.is_alive()]
+        pending = [path for thread, path, _ in _discarding if thread.is_alive()]
+        for _, _, stop in _discarding:
+            stop.set()  # this process's threads stop between files; the detached process finishes
         _discarding.clear()
     delete = [*delete_after, *pending]
     if flush is None and not delete:
@@ -457,9 +483,8 @@ def hand_off(flush: Optional[Path] = None, delete_after: Iterable[Path] = ()) ->
             fsync_files(flush.rglob("*"))
             for folder in (*[p for p in flush.rglob("*") if p.is_dir()], flush, flush.parent):
                 _fsync_dir(folder)
-        for path in delete_after:
-            discard(path)
-        wait_for_discards()
+        for path in delete:
+            shutil.rmtree(path, ignore_errors=True)
         return
     # A job scheduler that kills the whole job at its end may stop that process too: the kernel
     # still writes the page cache back on its own (within ~30 s on Linux defaults), and the next

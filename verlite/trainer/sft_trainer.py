@@ -531,11 +531,19 @@ class Trainer:
         extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
         keep = self.cfg.trainer.max_ckpt_to_keep
-        # The last save's surplus checkpoints are deleted while it is written, not after: all but
-        # keep-1 go first (the one being written is the keep-th), so at least one complete
-        # checkpoint stays throughout (never with keep=1, which waits for the new one to land).
+        # The last save's surplus checkpoints go before it is written: all but keep-1 (the one
+        # being written is the keep-th), so at least one complete checkpoint stays throughout
+        # (never with keep=1, which waits for the new one to land). Before an exit on a stop
+        # request they are deleted meanwhile; before the final save, set aside and left to the
+        # detached process of the run's end, so that no deletion holds up this process's exit.
         early = (final or wait) and keep and keep > 1 and self.dist.is_main
-        before_write = (lambda: ckpt.prune_checkpoints(self.run_dir, keep - 1, below=global_step)) if early else None
+
+        def prune_early() -> None:
+            surplus = ckpt.prune_checkpoints(self.run_dir, keep - 1, below=global_step, defer=final)
+            if final:
+                self.after_flush.extend(map(ckpt.set_aside, surplus))
+
+        before_write = prune_early if early else None
         if final:
             self.final_path = self.run_dir / f"global_step_{global_step}"
         if not self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
@@ -559,7 +567,7 @@ class Trainer:
         if path == self.final_path:  # written without fsync: flushed by ckpt.hand_off at the end
             self.unflushed = path
             if keep == 1:  # the checkpoint before stays until that flush is done
-                self.after_flush = ckpt.prune_checkpoints(self.run_dir, keep, defer=True)
+                self.after_flush.extend(ckpt.prune_checkpoints(self.run_dir, keep, defer=True))
                 return
         ckpt.prune_checkpoints(self.run_dir, keep)
 
