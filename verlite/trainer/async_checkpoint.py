@@ -75,10 +75,6 @@ DEFER_WHEN_BUSY_ON = ("cuda",)
 # Threads writing tensor bytes (os.pwrite releases the GIL; page-cache copies scale with cores),
 # leaving most cores to the training process.
 WRITE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
-# The final save without fsync (Snapshot.durable=False) copies into the page cache and nothing
-# trains meanwhile: memory bandwidth, not the disk, is the limit there (1.8 s for 6 GB with 4
-# threads on the H100 host), so it takes twice the threads.
-MEMORY_WRITE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 WRITER_NICENESS = 10
 # Buffers at least this large are page-locked one by one (each on pages of its own: cudaHostRegister
 # works on whole pages); smaller ones stay ordinary memory (copied in microseconds).
@@ -578,8 +574,9 @@ def write_snapshot(snap: Snapshot, background: bool = False) -> Optional[Path]:
         nice = _background_writer if background else None
         # More threads for the final (in-line) write measured no faster on the H200 (2026-12-01:
         # 9.2-10.5 s with 8 threads against 8.3-8.6 s with 4 for 6 GB): the disk is the limit.
-        threads = WRITE_THREADS if snap.durable else MEMORY_WRITE_THREADS
-        with ThreadPoolExecutor(threads, "verlite-ckpt-io", initializer=nice) as pool, \
+        # Without fsync too (the final save), 8 threads wrote its 6 GB no faster than 4 (2.1-2.3 s
+        # against 1.8-1.9 s on the H100 host, bench/RESULTS.md eleventh session).
+        with ThreadPoolExecutor(WRITE_THREADS, "verlite-ckpt-io", initializer=nice) as pool, \
                 ThreadPoolExecutor(2, "verlite-ckpt-file", initializer=nice) as files:
             jobs = [files.submit(_write_hf, snap, tmp / ckpt.HF_DIR, pool), files.submit(_write_state, snap, tmp, pool)]
             for job in jobs:
