@@ -91,18 +91,18 @@ def start_import(kinds: tuple[str, ...]) -> None:
 
 
 def finish_import() -> None:
-    """Wait for start_import's thread; an import that failed there is retried here, where its
-    error surfaces."""
+    """Wait for start_import's thread. An import that failed there is not raised here: Python
+    forgets a module whose import failed, so use_liger_kernels imports it again and meets the
+    error where it decides what a missing Liger means."""
     global _import_thread, _import_error
     thread, _import_thread = _import_thread, None
     if thread is None:
         return
     waited = time.perf_counter()
     thread.join()
-    if _import_error is not None:
-        _import_error = None
-        importlib.import_module(_ENTRY)
-    log.debug("Liger's import: %.2f s on a side thread, %.2f s waited for", _import_s, time.perf_counter() - waited)
+    error, _import_error = _import_error, None
+    log.debug("Liger's import: %.2f s on a side thread, %.2f s waited for%s", _import_s,
+              time.perf_counter() - waited, f" (failed: {error!r})" if error is not None else "")
 
 
 def use_liger_kernels(model: torch.nn.Module, kinds: tuple[str, ...], required: bool = True) -> bool:
@@ -115,11 +115,14 @@ def use_liger_kernels(model: torch.nn.Module, kinds: tuple[str, ...], required: 
     try:
         finish_import()
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
-    except ImportError as e:
-        if required:
+    except Exception as e:  # noqa: BLE001 - auto goes on without Liger whatever broke its import
+        if required and isinstance(e, ImportError):
             raise VerliteError("model.use_liger=true needs liger-kernel: pip install liger-kernel "
                                "(or set model.use_liger=false)") from None
-        log.warning("model.use_liger=auto: liger-kernel did not import (%s); layers stay transformers' own", e)
+        if required:
+            raise
+        log.warning("model.use_liger=auto: liger-kernel did not import (%s: %s); layers stay transformers' own",
+                    type(e).__name__, e)
         return False
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
