@@ -239,7 +239,7 @@ PY
           --trl --trl_dtypes bfloat16 --prime --out "$out/gsm8k_default.jsonl"
       kill $sampler
       tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
-      [ "${V_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_liger.py \
+      [ "${V_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' tests/test_liger.py \
           tests/test_warm.py ;;
   W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
       step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \

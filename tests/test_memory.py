@@ -94,6 +94,7 @@ def test_plan_command(tmp_path, tiny_model):
     assert "-> fits" in out and "fastest plan that fits:" in out
 
 
+@pytest.mark.slow  # ~14 s; test_plan_command runs the command by default
 def test_plan_command_with_the_data(tmp_path, tiny_model):
     """Named data: the plan tokenizes it (through the token cache, as `verlite sft` does) and
     says what a run on one GPU would choose for the largest micro-batch the data forms."""

@@ -75,6 +75,7 @@ def test_run_sft_e2e_script_full_finetune_and_merger_test(verl_home, tmp_path):
     assert "weights match" in result.stdout
 
 
+@pytest.mark.slow  # ~16 s; the legacy trainer's script and its model merger stay in the default run
 def test_engine_trainer_with_verls_default_config(verl_home, tmp_path):
     """`python -m verlite.trainer.sft_trainer model.path=...`: sft_trainer_engine.yaml's defaults
     (train_files ~/data/gsm8k/train.parquet as messages, dynamic batch of 8192 tokens, 4 epochs)."""

@@ -71,6 +71,7 @@ def _start_long_run(tmp: Path, model: Path, env: dict) -> tuple[subprocess.Popen
     return proc, child
 
 
+@pytest.mark.slow  # ~37 s on two cores; run on the GPU machine by runbook V (warm start is on only where a GPU is)
 def test_second_launch_runs_in_the_warm_helper(tmp_path, tiny_model):
     env = _env(tmp_path)
     spawned: list[int] = []  # every helper and command started here, killed at the end whatever happens
