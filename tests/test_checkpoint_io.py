@@ -366,6 +366,12 @@ def test_final_checkpoint_is_flushed_by_a_detached_process_and_keep_one_waits_fo
     assert proc.wait(60) == 0
     assert [s for s, _ in ckpt.step_dirs(run)] == [5] and not list(run.glob(ckpt.DISCARDED_PREFIX + "*"))
     assert ckpt.load_trainer_state(run / "global_step_5")["global_step"] == 5
+    # trainer.async_save=false: every save in line and fsynced, the final one too; nothing handed over.
+    per_step.clear()
+    handed = len(ckpt._handed)
+    run_sft(load_config(None, sft_args(tmp_path / "sync", tiny_model, 3, "trainer.save_freq=2",
+                                       "trainer.async_save=false")))
+    assert per_step[3][0] is True and per_step[3][1] > 0 and len(ckpt._handed) == handed
 
 
 def test_deletions_still_going_at_the_end_are_finished_by_a_detached_process(tmp_path, monkeypatch):

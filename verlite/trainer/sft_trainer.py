@@ -527,7 +527,8 @@ class Trainer:
         final save or `wait` is set (the process is about to exit). The final save is written
         without fsync (async_checkpoint.Snapshot.durable): the run hands its flush to a detached
         process at the end. One before an exit on a stop request (a preempted job, Ctrl-C)
-        stays durable: the machine may be going down."""
+        stays durable: the machine may be going down; so does every save with
+        trainer.async_save=false (saves in line, as the user asked)."""
         extra = {"global_step": global_step, "config": dataclasses.asdict(self.cfg), "settings": self.settings,
                  "data": {"samples": len(self.train_ds), "steps_per_epoch": self.plan.steps_per_epoch}}
         keep = self.cfg.trainer.max_ckpt_to_keep
@@ -544,11 +545,11 @@ class Trainer:
                 self.after_flush.extend(map(ckpt.set_aside, surplus))
 
         before_write = prune_early if early else None
-        if final:
+        if final and self.cfg.trainer.async_save:
             self.final_path = self.run_dir / f"global_step_{global_step}"
         if not self.saver.save(self.run_dir, global_step, self.model, self.tokenizer, self.optimizer, self.scheduler,
                                extra, self.is_lora, in_line=final or wait, before_write=before_write,
-                               durable=not final):  # False: NaN/inf weights (logged)
+                               durable=not (final and self.cfg.trainer.async_save)):  # False: NaN/inf weights (logged)
             return ckpt.latest_checkpoint(self.run_dir) or self.run_dir
         path = self.run_dir / f"global_step_{global_step}"
         if final or wait:
