@@ -558,3 +558,24 @@ def test_background_copy_of_torchao_8bit_state_shares_no_memory():
     p.grad = torch.randn_like(p)
     opt.step()
     assert not torch.equal(live.dequantize(), before) and torch.equal(snap.dequantize(), before)
+
+
+def test_without_a_detached_process_the_hand_off_finishes_in_line(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    new, old = root / "global_step_2", root / "global_step_1"
+    for folder in (new, old):
+        (folder / ckpt.HF_DIR).mkdir(parents=True)
+        (folder / ckpt.STATE).write_bytes(b"x")
+    (root / ckpt.LATEST).write_text("2")
+    synced = []
+    real = ckpt._fsync_file
+    monkeypatch.setattr(ckpt, "_fsync_file", lambda path: (synced.append(path), real(path)))
+
+    def no_process(*args, **kwargs):
+        raise OSError("no process here")
+
+    monkeypatch.setattr(ckpt.subprocess, "Popen", no_process)
+    handed = len(ckpt._handed)
+    ckpt.hand_off(new, [old])
+    assert len(ckpt._handed) == handed and not old.exists() and (new / ckpt.STATE).is_file()
+    assert {new / ckpt.STATE, root / ckpt.LATEST} <= set(synced)

@@ -478,9 +478,9 @@ def hand_off(flush: Optional[Path] = None, delete_after: Iterable[Path] = ()) ->
                                          *([str(flush)] if flush is not None else []), "--", *map(str, delete)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True))
-    except (OSError, subprocess.SubprocessError):  # no process: finish here, as durably
+    except (OSError, subprocess.SubprocessError):  # no process: finish here what _FINISH would
         if flush is not None:
-            fsync_files(flush.rglob("*"))
+            fsync_files([*flush.rglob("*"), flush.parent / LATEST])
             for folder in (*[p for p in flush.rglob("*") if p.is_dir()], flush, flush.parent):
                 _fsync_dir(folder)
         for path in delete:
