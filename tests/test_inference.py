@@ -162,6 +162,7 @@ def test_bad_paths_give_one_line_errors(lora_run, tmp_path, tokenizer_chat):
     assert result.returncode == 2 and result.stderr.startswith("verlite: error:") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # ~15 s of three CLI subprocesses; export, merge and eval stay in the default run
 def test_generate_chat_and_plot_commands(full_run):
     step = str(full_run[0] / "global_step_300")
     result = run_cli("generate", "--checkpoint", step, ROWS[2]["question"], "--max_new_tokens", "24", "--device", "cpu")

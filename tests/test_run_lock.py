@@ -127,6 +127,7 @@ def test_a_run_won_in_a_race_resumes_exactly(tmp_path, tiny_model):
     assert not (run / LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # ~15 s of killed subprocesses; the two-concurrent-runs case stays in the default run
 def test_lock_of_a_killed_run_is_taken_over_and_sigterm_releases_it(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     run = tmp_path / "run"
