@@ -79,6 +79,9 @@ def start_up_parts(out: str) -> dict:
     return {"total_s": float(found.group(1)), "parts_s": parts}
 
 
+FRESH_TRITON = False
+
+
 def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, timeout: int, extra: list[str],
            steps: int | None = None) -> dict:
     """One `verlite sft` subprocess; wall time, time to the first step, steady tokens/s."""
@@ -90,6 +93,8 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
         args.append(f"trainer.total_training_steps={steps}")
     args += extra
     env = dict(os.environ, VERLITE_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
+    if FRESH_TRITON:  # Triton's kernel cache as cold as a fresh machine's, the rest as it is
+        env["TRITON_CACHE_DIR"] = str(cache / "triton")
     metrics = run_dir / "metrics.jsonl"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "verlite.cli", *args], env=env, stdout=subprocess.PIPE,
@@ -132,6 +137,8 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
                   done=done, done_parts=done_parts(done), start_up=start_up_parts(out),
                   exit_after_done_s=round(wall - result["done_line_s"], 2) if result["done_line_s"] else None,
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
+                  kernel_warmup=next((x.strip() for x in out.splitlines() if "kernel warm-up" in x), None),
+                  kernel_warmup_times=[p.read_text() for p in (cache / "kernels").glob("*.done")],
                   final_checkpoint_line=next((x.strip() for x in out.splitlines() if "final checkpoint: saved" in x), None),
                   final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")),
                   traces=[x.strip() for x in out.splitlines() if x.startswith("verlite trace:")])
@@ -241,7 +248,11 @@ def main() -> None:
                    help="read the Python sources of both sides' packages once before launch 1 (prime_page_cache)")
     p.add_argument("--trl_dtypes", default="float32,bfloat16",
                    help="TRL's weight dtypes to run (full fine-tune); the ratio is against the best")
+    p.add_argument("--fresh_triton", action="store_true",
+                   help="verlite launches get a Triton kernel cache of their own, empty at launch 1")
     a = p.parse_args()
+    global FRESH_TRITON
+    FRESH_TRITON = a.fresh_triton
     gsm8k = Path(a.gsm8k)
     work = Path(tempfile.mkdtemp(prefix="gsm8k_cli_"))
     data = gsm8k

@@ -36,7 +36,7 @@ from verlite.models import lean_imports
 from verlite.models.attention import pick_single_sequence_backends, supports_varlen
 from verlite.models.compute_dtype import stream_in_compute_dtype
 from verlite.models.fused_norm import use_fused_rms_norm
-from verlite.models import liger
+from verlite.models import kernel_warmup, liger
 from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
@@ -147,6 +147,13 @@ class Trainer:
         # Sequence parallelism splits packed rows, so it always packs.
         self.packed_layout = cfg.data.packing or sp > 1 or (self.device.type == "cuda" and supports_varlen(self.device))
 
+        liger_kinds = liger.wanted_kinds(cfg.model.use_liger, self.device)
+        # Liger's Triton kernels compile in a side process on a machine that has not yet
+        # (models/kernel_warmup.py), while this one imports, reads the data and the weights.
+        self.kernel_warmup = kernel_warmup.start_for_run(
+            cfg.model, liger_kinds, self.device, dist_info.local_rank, uses_fsdp(cfg.model, dist_info.world_size),
+            self.packed_layout, cfg.data.micro_batch_size_per_gpu, sp)
+        self.kernel_warmup_started = time.perf_counter()
         # Data first: a bad file fails here, before any model or GPU memory is touched
         # (the kernel may already read the weights from disk meanwhile).
         read_ahead_weights(cfg.model.partial_pretrain)
@@ -164,7 +171,6 @@ class Trainer:
             log.info("start-up: %.1f s since launch (%s)", now - self.timeline.launch,
                      ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
         self.start_up_split = split
-        liger_kinds = liger.wanted_kinds(cfg.model.use_liger, self.device)
         liger.start_import(liger_kinds)  # on a side thread while the data is read (models/liger.py)
         with self.timeline.phase("data"):
             cache = TokenCache.for_config(cfg.data, self.tokenizer) if not cfg.data.custom_cls.path else None
@@ -316,6 +322,7 @@ class Trainer:
             log.info("nothing to do: the checkpoint is already at step %d of %d", self.start_step, self.total_steps)
         log.info("Training %d steps (%d epoch(s)) from step %d on %s", self.total_steps, self.total_epochs,
                  self.start_step, self.device)
+        kernel_warmup.report(self.kernel_warmup, self.kernel_warmup_started)
         batches = prefetch(self._micro_batches, range(self.start_step, self.total_steps))
         self.first_steps_s: list[float] = []  # host time of the first steps: compiling shows there
         tl = self.timeline
