@@ -26,11 +26,12 @@
 #   bash bench/gpu_runbook.sh U "$OUT"    # issue 14: gsm8k_cli defaults with TRL beside (after T's changes); warm, GPU tests
 #   bash bench/gpu_runbook.sh V "$OUT"    # issue 14: defaults of the eleventh session (Liger auto, final fsync detached), TRL beside
 #   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
+#   bash bench/gpu_runbook.sh X "$OUT"    # issue 14: a fresh machine's launch 1 with the kernel warm-up process; TRL with and without the bytecode prefix
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to W}
+part=${1:?part A to X}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -241,6 +242,27 @@ PY
       tail -c 6000 "$(ls -td /tmp/gsm8k_cli_* | head -1)/cache/warm/helper.log" > "$out/helper_tail.log" 2>/dev/null
       [ "${V_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' tests/test_liger.py \
           tests/test_warm.py ;;
+  X)  # Twelfth session. Launch 1 of a fresh machine with Liger's kernels compiled by a side
+      # process (models/kernel_warmup.py); then on the same machine, without the helper and with
+      # an empty Triton cache each, launch 1 without and with that process; the GPU tests; TRL
+      # alone without and with the bytecode prefix (106 s with it in V2/V3, 66-79 s without before).
+      python bench/page_cache_probe.py > "$out/page_cache_fresh.json" 2>&1; cat "$out/page_cache_fresh.json"
+      export PYTHONPYCACHEPREFIX=/tmp/pycache_env
+      python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -2 "$out/compile_env.txt"
+      VERLITE_TRACE_EXIT=1 step x1_launches 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime \
+          --out "$out/x1_launches.jsonl"
+      python bench/page_cache_probe.py > "$out/page_cache_after.json" 2>&1
+      VERLITE_WARM=0 VERLITE_KERNEL_WARMUP=0 step x2_no_warmup 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --launches 1 --fresh_triton --out "$out/x2_no_warmup.jsonl"
+      VERLITE_WARM=0 step x3_warmup 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 --fresh_triton \
+          --out "$out/x3_warmup.jsonl"
+      [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
+          tests/test_kernel_warmup.py tests/test_liger.py
+      unset PYTHONPYCACHEPREFIX
+      [ "${X_TRL:-1}" = 1 ] && step x4_trl_plain 130 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 0 --trl \
+          --trl_dtypes bfloat16 --out "$out/x4_trl_plain.jsonl"
+      [ "${X_TRL:-1}" = 1 ] && PYTHONPYCACHEPREFIX=/tmp/pycache_env step x5_trl_prefixed 150 python bench/gsm8k_cli.py \
+          --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl" ;;
   W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
       step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \
           --set model.compile=true --out "$out/compiled_liger.jsonl"
