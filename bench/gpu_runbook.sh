@@ -244,8 +244,8 @@ PY
           tests/test_warm.py ;;
   X)  # Twelfth session. Launch 1 of a fresh machine with Liger's kernels compiled by a side
       # process (models/kernel_warmup.py); then on the same machine, without the helper and with
-      # an empty Triton cache each, launch 1 without and with that process; the GPU tests; TRL
-      # alone without and with the bytecode prefix (106 s with it in V2/V3, 66-79 s without before).
+      # an empty Triton cache each, launch 1 without and with that process; TRL alone without and
+      # with the bytecode prefix (106 s with it in V2/V3, 66-79 s without before); the GPU tests.
       python bench/page_cache_probe.py > "$out/page_cache_fresh.json" 2>&1; cat "$out/page_cache_fresh.json"
       export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -2 "$out/compile_env.txt"
@@ -256,13 +256,13 @@ PY
           --launches 1 --fresh_triton --out "$out/x2_no_warmup.jsonl"
       VERLITE_WARM=0 step x3_warmup 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 --fresh_triton \
           --out "$out/x3_warmup.jsonl"
-      [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
-          tests/test_kernel_warmup.py tests/test_liger.py
       unset PYTHONPYCACHEPREFIX
       [ "${X_TRL:-1}" = 1 ] && step x4_trl_plain 130 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 0 --trl \
           --trl_dtypes bfloat16 --out "$out/x4_trl_plain.jsonl"
       [ "${X_TRL:-1}" = 1 ] && PYTHONPYCACHEPREFIX=/tmp/pycache_env step x5_trl_prefixed 150 python bench/gsm8k_cli.py \
-          --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl" ;;
+          --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl"
+      [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
+          tests/test_kernel_warmup.py tests/test_liger.py ;;
   W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
       step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \
           --set model.compile=true --out "$out/compiled_liger.jsonl"
