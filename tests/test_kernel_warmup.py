@@ -66,11 +66,12 @@ def test_the_spec_follows_the_runs_dtypes_and_layout(tmp_path, monkeypatch):
     start_for_run(full, ("swiglu",), CUDA, 0, False, False, 32, 1)  # padded rows: the micro batch is the batch
     monkeypatch.setenv("VERLITE_FP32_STREAM", "1")
     start_for_run(full, ("rope",), CUDA, 0, False, True, 32, 1)  # fp32 masters' embedding output: fp32 cos/sin
-    full.fsdp_config.mixed_precision.param_dtype = "float32"
-    start_for_run(full, ("rope",), CUDA, 0, True, True, 32, 1)  # FSDP computes in its param dtype
+    start_for_run(full, ("rope",), CUDA, 0, True, True, 32, 1)  # FSDP computes in its param dtype (bf16)
+    full.fsdp_config.mixed_precision.param_dtype = "fp32"
+    start_for_run(full, ("rope",), CUDA, 0, True, True, 32, 1)
     assert [(s["kinds"], s["compute_dtype"], s["stream_dtype"], s["batch"]) for s in specs] == [
         (["rope", "swiglu"], "bfloat16", "bfloat16", 1), (["swiglu"], "bfloat16", "bfloat16", 32),
-        (["rope"], "bfloat16", "float32", 1), (["rope"], "float32", "float32", 1)]
+        (["rope"], "bfloat16", "float32", 1), (["rope"], "bfloat16", "bfloat16", 1), (["rope"], "float32", "float32", 1)]
 
 
 def test_the_side_process_imports_neither_transformers_nor_dynamo():

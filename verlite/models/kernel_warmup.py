@@ -42,7 +42,6 @@ WARMED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Packed-row lengths the side process runs: Triton specialises an int argument on whether
 # it is a multiple of 16, so one of each covers every length.
 SEQ_LENS = (32, 33)
-_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def model_sizes(model_dir: str, overrides: Optional[dict] = None) -> Optional[dict]:
@@ -74,7 +73,7 @@ def spec_for(sizes: dict, kinds: tuple[str, ...], compute_dtype: str, stream_dty
     the projections' outputs (`compute_dtype`) and of the residual stream that RoPE's cos/sin
     take (`stream_dtype`), and the rows in a micro-batch (1 for packed rows)."""
     return {"sizes": sizes, "kinds": sorted(k for k in kinds if k in ("rope", "swiglu")),
-            "compute_dtype": _DTYPES[compute_dtype], "stream_dtype": _DTYPES[stream_dtype], "batch": int(batch),
+            "compute_dtype": compute_dtype, "stream_dtype": stream_dtype, "batch": int(batch),
             "seq_lens": list(SEQ_LENS)}
 
 
@@ -92,14 +91,17 @@ def start_for_run(model_cfg, kinds: tuple[str, ...], device, local_rank: int, fs
         return None
     import torch
 
-    param = model_cfg.fsdp_config.mixed_precision.param_dtype
-    compute = param if fsdp else "bfloat16"  # one GPU: bf16 autocast (engine/step.py)
-    if fsdp or os.environ.get("VERLITE_FP32_STREAM", "").strip() not in ("1", "true"):
-        stream = compute  # FSDP's bf16 weights, or models/compute_dtype.py's hook on the embedding
-    else:
-        from verlite.models.load import master_dtype
+    from verlite.models.load import DTYPES, master_dtype
 
-        stream = str(master_dtype(model_cfg, device)).removeprefix("torch.")
+    def name(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    # One GPU: bf16 autocast (engine/step.py); FSDP: its param dtype ("bf16", "fp32", ...).
+    compute = name(DTYPES[model_cfg.fsdp_config.mixed_precision.param_dtype]) if fsdp else "bfloat16"
+    if fsdp or os.environ.get("VERLITE_FP32_STREAM", "").strip() not in ("1", "true"):
+        stream = compute  # FSDP's weights, or models/compute_dtype.py's hook on the embedding
+    else:
+        stream = name(master_dtype(model_cfg, device))
     spec = spec_for(sizes, kinds, compute, stream, 1 if packed else micro_batch)
     return start(spec, device.index or 0, torch.cuda.get_device_name(device))
 
