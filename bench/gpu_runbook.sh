@@ -27,11 +27,12 @@
 #   bash bench/gpu_runbook.sh V "$OUT"    # issue 14: defaults of the eleventh session (Liger auto, final fsync detached), TRL beside
 #   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
 #   bash bench/gpu_runbook.sh X "$OUT"    # issue 14: a fresh machine's launch 1 with the kernel warm-up process; TRL with and without the bytecode prefix
+#   bash bench/gpu_runbook.sh Z "$OUT"    # issue 14: X's first launch only (what a short device call can hold)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
 # output) and has its own time limit, so one slow step cannot cost the others.
 set -uo pipefail
-part=${1:?part A to X}
+part=${1:?part A to Z}
 out=${2:?output folder}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -263,6 +264,11 @@ PY
           --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl"
       [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
           tests/test_kernel_warmup.py tests/test_liger.py ;;
+  Z)  export PYTHONPYCACHEPREFIX=/tmp/pycache_env
+      python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"
+      VERLITE_TRACE_EXIT=1 step z1_launch 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime --launches 1 \
+          --out "$out/z1_launch.jsonl"
+      cat "$out/z1_launch.jsonl" | cut -c1-1500 ;;
   W)  # Liger auto where the default run does not go: compiled layers, and LoRA (with and without Liger)
       step compiled_liger 240 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --steps 40 --launches 1 \
           --set model.compile=true --out "$out/compiled_liger.jsonl"
