@@ -102,16 +102,41 @@ def test_a_failed_side_process_leaves_no_marker_and_a_finished_one_is_not_starte
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     spec = spec_for(model_sizes(str(_config(tmp_path / "m"))), ("rope", "swiglu"), "bfloat16", "bfloat16", 1)
     marker = kernel_warmup.marker_for(spec, "GPU")
-    proc = start(spec, 0, "GPU")
-    assert proc is not None and proc.wait(timeout=300) != 0
+    side = start(spec, 0, "GPU")
+    assert side is not None and side.proc.wait(timeout=300) != 0
     assert not marker.exists() and marker.with_suffix(".log").read_text().strip()
     with caplog.at_level(logging.INFO, logger="verlite.models"):
-        kernel_warmup.report(proc, 0.0)
-    assert "failed" in caplog.text
+        kernel_warmup.finish(side)
+    assert "failed (exit" in caplog.text
     (tmp_path / "triton").mkdir()
     marker.write_text("{}")
     assert start(spec, 0, "GPU") is None
     assert kernel_warmup.marker_for(dict(spec, batch=2), "GPU") != marker  # another layout, another warm-up
+
+
+def _sleeper(tmp_path: Path, compiling: bool) -> kernel_warmup.SideProcess:
+    marker = tmp_path / f"{compiling}.done"
+    if compiling:
+        marker.with_suffix(".compiling").touch()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    return kernel_warmup.SideProcess(proc, marker, 0.0)
+
+
+def test_the_first_step_waits_for_a_compiling_side_process_and_stops_the_rest(tmp_path, monkeypatch, caplog):
+    """The side process never runs beside training: one that compiles is waited for (up to
+    WAIT_S), one still importing is stopped at once, one done is only logged."""
+    monkeypatch.setattr(kernel_warmup, "WAIT_S", 1.0)
+    with caplog.at_level(logging.INFO, logger="verlite.models"):
+        importing = _sleeper(tmp_path, compiling=False)
+        kernel_warmup.finish(importing)
+        assert importing.proc.returncode is not None and "stopped before it compiled anything" in caplog.text
+        compiling = _sleeper(tmp_path, compiling=True)
+        kernel_warmup.finish(compiling)
+        assert compiling.proc.returncode is not None and "stopped after 1.0 s of waiting" in caplog.text
+        done = kernel_warmup.SideProcess(subprocess.Popen([sys.executable, "-c", "pass"]), tmp_path / "d.done", 0.0)
+        done.proc.wait()
+        kernel_warmup.finish(done)
+    assert "Liger kernel warm-up in a side process: done at the first step" in caplog.text
 
 
 _LAYERS_STEP = """
@@ -148,7 +173,7 @@ def test_after_the_side_process_the_layers_compile_nothing(tiny_model, tmp_path)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "warmed")
     code = ("import sys, torch; from verlite.config.schema import ModelConfig; from verlite.models import kernel_warmup;"
             "p = kernel_warmup.start_for_run(ModelConfig(partial_pretrain=sys.argv[1]), ('rope', 'swiglu'),"
-            " torch.device('cuda', 0), 0, False, True, 8, 1); assert p is not None and p.wait(600) == 0")
+            " torch.device('cuda', 0), 0, False, True, 8, 1); assert p is not None and p.proc.wait(600) == 0")
     subprocess.run([sys.executable, "-c", code, str(tiny_model)], env=env, check=True, timeout=600)
     before = _entries(tmp_path / "warmed")
     assert before

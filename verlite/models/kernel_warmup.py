@@ -3,8 +3,8 @@
 Triton compiles a kernel the first time a process calls it with a new specialisation and
 keeps the result in its on-disk cache (~/.triton/cache or $TRITON_CACHE_DIR); later processes
 load it from there. So the first run on a machine compiles Liger's RoPE and SwiGLU, forward
-and backward, inside its first training step: ~3 s of launch 1's 4.6 s first step on the
-H100, against 1.2 s for launch 2 (bench/RESULTS.md, eleventh session).
+and backward, inside its first training step: on the H100, launch 1's first step took 4.6 s
+against 1.2 s for launch 2, which found them cached (bench/RESULTS.md, eleventh session).
 
 What a compiled kernel depends on is known before the model is read: the kernel's source,
 the GPU, the dtypes of its tensors, the integers Liger passes as constexpr (head counts, head
@@ -16,10 +16,13 @@ torch, triton and those two modules only: Liger's package `__init__` imports
 torch._dynamo, and its utils peft and with it transformers (~3 s more on a cold machine).
 When it is done it leaves a marker, so that later launches start nothing.
 
-Nothing waits for it: a kernel it has not finished when the trainer first needs one is
-compiled by the trainer as before (Triton writes cache entries atomically), and a side
-process that fails costs nothing but its own log (beside the marker). Only the model types
-whose Liger patch applies these two kernels as written here are warmed up.
+It never overlaps training: when the trainer is about to take its first step, a side process
+that is compiling is waited for (its kernels are the step's: waiting beats compiling them a
+second time), up to WAIT_S; one still importing, or still running after that, is stopped
+(a CUDA context's memory is the run's again; Triton writes cache entries atomically) and the
+trainer compiles what is missing, as without it. A side process that fails costs nothing but
+its own log (beside the marker). Only the model types whose Liger patch applies these two
+kernels as written here are warmed up.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +46,21 @@ WARMED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Packed-row lengths the side process runs: Triton specialises an int argument on whether
 # it is a multiple of 16, so one of each covers every length.
 SEQ_LENS = (32, 33)
+# How long the trainer waits, at its first step, for a side process that is compiling; and
+# how long a side process may live at all (a hung compile must not hold a GPU context).
+WAIT_S = 20.0
+LIFETIME_S = 300
+
+
+@dataclass
+class SideProcess:
+    proc: subprocess.Popen
+    marker: Path
+    started: float
+
+    @property
+    def compiling(self) -> Path:  # written by the side process once CUDA is up and it starts compiling
+        return self.marker.with_suffix(".compiling")
 
 
 def model_sizes(model_dir: str, overrides: Optional[dict] = None) -> Optional[dict]:
@@ -78,7 +97,7 @@ def spec_for(sizes: dict, kinds: tuple[str, ...], compute_dtype: str, stream_dty
 
 
 def start_for_run(model_cfg, kinds: tuple[str, ...], device, local_rank: int, fsdp: bool, packed: bool,
-                  micro_batch: int, sp_size: int) -> Optional[subprocess.Popen]:
+                  micro_batch: int, sp_size: int) -> Optional[SideProcess]:
     """The side process for a run (None where it does not apply): one per machine (local rank
     0), on a GPU, for Liger's rope/swiglu on a model type of WARMED_TYPES read from a local
     folder, without sequence parallelism (which splits the heads)."""
@@ -136,7 +155,7 @@ def marker_for(spec: dict, gpu: str) -> Path:
     return cache_root() / "kernels" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.done"
 
 
-def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[subprocess.Popen]:
+def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[SideProcess]:
     """Start the side process for `spec` unless its marker says it ran (and the Triton cache
     it filled is still there); None when nothing was started."""
     if spec is None or not spec["kinds"]:
@@ -151,23 +170,39 @@ def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[subproc
     except OSError as e:
         log.debug("Liger kernel warm-up not started: %s", e)
         return None
+    marker.with_suffix(".compiling").unlink(missing_ok=True)
     with err:
         proc = subprocess.Popen([sys.executable, "-m", "verlite.models.kernel_warmup", json.dumps(spec),
                                  str(device_index), str(marker)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
     log.debug("Liger kernel warm-up started (pid %d): %s", proc.pid, spec)
-    return proc
+    return SideProcess(proc, marker, time.perf_counter())
 
 
-def report(proc: Optional[subprocess.Popen], started: float) -> None:
-    """Log where the side process stands when training starts (it is not waited for)."""
-    if proc is None:
+def finish(side: Optional[SideProcess]) -> None:
+    """Before the first step: wait for a side process that is compiling (up to WAIT_S), stop
+    one that is not done by then or has not started compiling, and log which."""
+    if side is None:
         return
-    code = proc.poll()
-    state = "still compiling" if code is None else "done" if code == 0 else f"failed (exit {code}, see its log)"
+    arrived = time.perf_counter()
+    code = side.proc.poll()
+    if code is None and side.compiling.exists():
+        try:
+            code = side.proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    waited = time.perf_counter() - arrived
+    if code is None:
+        compiling = side.compiling.exists()
+        side.proc.kill()
+        side.proc.wait()
+        state = f"stopped after {waited:.1f} s of waiting" if compiling else "stopped before it compiled anything"
+    else:
+        state = (f"done{f' after {waited:.1f} s of waiting' if waited >= 0.05 else ''}" if code == 0
+                 else f"failed (exit {code}; its log: {side.marker.with_suffix('.log')})")
     log.info("Liger kernel warm-up in a side process: %s at the first step (%.1f s after it started)",
-             state, time.perf_counter() - started)
+             state, arrived - side.started)
 
 
 # ---- the side process -----------------------------------------------------------------
@@ -203,9 +238,9 @@ def _projection(bs: int, seq: int, width: int, dtype, device):
     return leaf * 1.0
 
 
-def run(spec: dict, device_index: int) -> dict:
+def run(spec: dict, device_index: int, on_compiling=None) -> dict:
     """Call the kernels of `spec`, forward and backward, as the patched layers do; the seconds
-    each part took."""
+    each part took. `on_compiling` is called once CUDA is up, before the first kernel."""
     import torch
 
     times = {}
@@ -217,6 +252,10 @@ def run(spec: dict, device_index: int) -> dict:
     s = spec["sizes"]
     compute, stream = getattr(torch, spec["compute_dtype"]), getattr(torch, spec["stream_dtype"])
     bs = spec["batch"]
+    torch.empty(1, device=device)  # the CUDA context
+    times["cuda"] = time.perf_counter() - start - times["import"]
+    if on_compiling is not None:
+        on_compiling()
     for seq in spec["seq_lens"]:
         if "rope" in spec["kinds"]:
             t = time.perf_counter()
@@ -242,7 +281,10 @@ def run(spec: dict, device_index: int) -> dict:
 
 def main(argv: list[str]) -> int:
     spec, device_index, marker = json.loads(argv[0]), int(argv[1]), Path(argv[2])
-    times = run(spec, device_index)
+    import signal
+
+    signal.alarm(LIFETIME_S)  # SIGALRM's default action ends the process
+    times = run(spec, device_index, on_compiling=lambda: marker.with_suffix(".compiling").touch())
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({"spec": spec, "seconds": {k: round(v, 3) for k, v in times.items()}}))
     os.replace(tmp, marker)

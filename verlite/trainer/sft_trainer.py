@@ -153,7 +153,6 @@ class Trainer:
         self.kernel_warmup = kernel_warmup.start_for_run(
             cfg.model, liger_kinds, self.device, dist_info.local_rank, uses_fsdp(cfg.model, dist_info.world_size),
             self.packed_layout, cfg.data.micro_batch_size_per_gpu, sp)
-        self.kernel_warmup_started = time.perf_counter()
         # Data first: a bad file fails here, before any model or GPU memory is touched
         # (the kernel may already read the weights from disk meanwhile).
         read_ahead_weights(cfg.model.partial_pretrain)
@@ -322,7 +321,7 @@ class Trainer:
             log.info("nothing to do: the checkpoint is already at step %d of %d", self.start_step, self.total_steps)
         log.info("Training %d steps (%d epoch(s)) from step %d on %s", self.total_steps, self.total_epochs,
                  self.start_step, self.device)
-        kernel_warmup.report(self.kernel_warmup, self.kernel_warmup_started)
+        kernel_warmup.finish(self.kernel_warmup)  # waited for or stopped: never beside training
         batches = prefetch(self._micro_batches, range(self.start_step, self.total_steps))
         self.first_steps_s: list[float] = []  # host time of the first steps: compiling shows there
         tl = self.timeline
