@@ -100,6 +100,7 @@ def test_a_failed_side_process_leaves_no_marker_and_a_finished_one_is_not_starte
     monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(kernel_warmup, "_hold_device", lambda index: True)  # no GPU here to hold
     spec = spec_for(model_sizes(str(_config(tmp_path / "m"))), ("rope", "swiglu"), "bfloat16", "bfloat16", 1)
     marker = kernel_warmup.marker_for(spec, "GPU")
     side = start(spec, 0, "GPU")
@@ -112,6 +113,16 @@ def test_a_failed_side_process_leaves_no_marker_and_a_finished_one_is_not_starte
     marker.write_text("{}")
     assert start(spec, 0, "GPU") is None
     assert kernel_warmup.marker_for(dict(spec, batch=2), "GPU") != marker  # another layout, another warm-up
+
+
+def test_no_side_process_where_this_process_cannot_hold_the_gpu_first(tmp_path, monkeypatch):
+    """The run's own CUDA context comes first (exclusive-process GPUs admit one); where it
+    cannot be made, as here without a GPU, nothing is started."""
+    monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    spec = spec_for(model_sizes(str(_config(tmp_path / "m"))), ("rope",), "bfloat16", "bfloat16", 1)
+    assert start(spec, 0, "GPU") is None
+    assert not list((tmp_path / "cache" / "kernels").glob("*.compiling"))
 
 
 def _sleeper(tmp_path: Path, compiling: bool) -> kernel_warmup.SideProcess:

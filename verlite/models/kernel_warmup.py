@@ -13,7 +13,7 @@ of 16 (the packed row's length: both cases are compiled). So a process started a
 calls the same two kernel modules on small tensors of the model's sizes, and fills the same
 cache entries while the trainer imports, reads the data and loads the weights. It imports
 torch, triton and those two modules only: Liger's package `__init__` imports
-torch._dynamo, and its utils peft and with it transformers (~3 s more on a cold machine).
+torch._dynamo, and its utils peft and with it transformers (seconds more).
 When it is done it leaves a marker, so that later launches start nothing.
 
 It never overlaps training: when the trainer is about to take its first step, a side process
@@ -171,6 +171,9 @@ def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[SidePro
         log.debug("Liger kernel warm-up not started: %s", e)
         return None
     marker.with_suffix(".compiling").unlink(missing_ok=True)
+    if not _hold_device(device_index):
+        err.close()
+        return None
     with err:
         proc = subprocess.Popen([sys.executable, "-m", "verlite.models.kernel_warmup", json.dumps(spec),
                                  str(device_index), str(marker)],
@@ -178,6 +181,20 @@ def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[SidePro
                                 start_new_session=True)
     log.debug("Liger kernel warm-up started (pid %d): %s", proc.pid, spec)
     return SideProcess(proc, marker, time.perf_counter())
+
+
+def _hold_device(index: int) -> bool:
+    """This process's CUDA context, created before the side process's: on a GPU in
+    exclusive-process mode the side process is then the one refused (and fails harmlessly),
+    never the run. False where it cannot be created (the run will say why itself)."""
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device("cuda", index))
+        return True
+    except Exception as e:  # noqa: BLE001 - the warm-up only saves time
+        log.debug("Liger kernel warm-up not started: %s", e)
+        return False
 
 
 def finish(side: Optional[SideProcess]) -> None:
