@@ -125,6 +125,30 @@ def test_no_side_process_where_this_process_cannot_hold_the_gpu_first(tmp_path, 
     assert not list((tmp_path / "cache" / "kernels").glob("*.compiling"))
 
 
+_FAILING_RUN = """
+import subprocess, sys
+from verlite.models import kernel_warmup as k
+k._hold_device = lambda index: True
+real = subprocess.Popen
+k.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", "import time; time.sleep(120)"])
+side = k.start(k.spec_for(k.model_sizes(sys.argv[1]), ("rope",), "bfloat16", "bfloat16", 1), 0, "GPU")
+print(side.proc.pid, flush=True)
+raise SystemExit("the run failed before its first step")
+"""
+
+
+def test_a_run_that_fails_before_its_first_step_takes_the_side_process_along(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_FAILING_RUN)
+    env = dict(os.environ, VERLITE_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(script), str(_config(tmp_path / "m"))], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "failed before its first step" in out.stderr
+    pid = int(out.stdout.split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone (killed and reaped at the run's exit)
+
+
 def _sleeper(tmp_path: Path, compiling: bool) -> kernel_warmup.SideProcess:
     marker = tmp_path / f"{compiling}.done"
     if compiling:

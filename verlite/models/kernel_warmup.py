@@ -27,6 +27,7 @@ kernels as written here are warmed up.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -179,8 +180,15 @@ def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[SidePro
                                  str(device_index), str(marker)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
+    atexit.register(_stop, proc)  # a run that fails before its first step takes it along
     log.debug("Liger kernel warm-up started (pid %d): %s", proc.pid, spec)
     return SideProcess(proc, marker, time.perf_counter())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _hold_device(index: int) -> bool:
@@ -212,8 +220,7 @@ def finish(side: Optional[SideProcess]) -> None:
     waited = time.perf_counter() - arrived
     if code is None:
         compiling = side.compiling.exists()
-        side.proc.kill()
-        side.proc.wait()
+        _stop(side.proc)
         state = f"stopped after {waited:.1f} s of waiting" if compiling else "stopped before it compiled anything"
     else:
         state = (f"done{f' after {waited:.1f} s of waiting' if waited >= 0.05 else ''}" if code == 0
