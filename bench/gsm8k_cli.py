@@ -214,6 +214,8 @@ def summary(rows: list[dict]) -> str:
         start_up = (r.get("start_up") or {}).get("parts_s")
         if start_up:
             out.append("  start-up: " + ", ".join(f"{k} {v} s" for k, v in start_up.items()))
+        if r.get("kernel_warmup"):
+            out.append("  " + r["kernel_warmup"].split("] ", 1)[-1])
     for r in trl:
         out.append(f"TRL {r.get('setting')}: wall {r['wall_s']} s, steady {r['tokens_per_s']} tokens/s, "
                    f"os.sync() after exit {r.get('sync_after_exit_s')} s")
