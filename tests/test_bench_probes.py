@@ -49,3 +49,20 @@ def test_memory_peak_replays_the_history_to_its_peak(monkeypatch):
     assert lines[0].startswith("allocated when recording began 0.98 GiB; peak 1.42 GiB"), lines[0]
     assert "at event 3 of 6" in lines[0] and "live then: 0.49 GiB" in lines[0]
     assert any("0.391 GiB  n=    2  no model frame, 200.0 MiB blocks" in line for line in lines), lines
+
+
+def test_page_cache_probe_sees_a_file_just_written_as_resident(tmp_path):
+    """bench/page_cache_probe.py asks mincore, reading nothing: a file just written is in the
+    page cache whole; an empty one counts nothing."""
+    import os
+
+    from page_cache_probe import group, resident
+
+    data = tmp_path / "written.bin"
+    data.write_bytes(os.urandom(3 * 4096 + 100))
+    assert resident(data) == (3 * 4096 + 100, 3 * 4096 + 100)
+    (tmp_path / "empty").write_bytes(b"")
+    assert group([data, tmp_path / "empty", tmp_path / "missing"]) == {"files": 3, "mb": 0, "resident_pct": 100.0}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "page_cache_probe.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)[str(tmp_path)]["resident_pct"] == 100.0
