@@ -31,10 +31,15 @@ def _to_autocast_dtype(module: torch.nn.Module, args, output):
     return output if output.dtype == dtype else output.to(dtype)
 
 
+def fp32_stream_requested() -> bool:
+    """VERLITE_FP32_STREAM=1: leave an fp32 embedding's output fp32 (no hook)."""
+    return os.environ.get("VERLITE_FP32_STREAM", "").strip() in ("1", "true")
+
+
 def stream_in_compute_dtype(model: torch.nn.Module) -> bool:
     """Cast the input embedding's output to autocast's dtype whenever autocast is on; True
     when the hook was added."""
-    if os.environ.get("VERLITE_FP32_STREAM", "").strip() in ("1", "true"):
+    if fp32_stream_requested():
         return False
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is None or getattr(embed, "_verlite_compute_stream", False):

@@ -111,6 +111,7 @@ def start_for_run(model_cfg, kinds: tuple[str, ...], device, local_rank: int, fs
         return None
     import torch
 
+    from verlite.models.compute_dtype import fp32_stream_requested
     from verlite.models.load import DTYPES, master_dtype
 
     def name(dtype: torch.dtype) -> str:
@@ -118,7 +119,7 @@ def start_for_run(model_cfg, kinds: tuple[str, ...], device, local_rank: int, fs
 
     # One GPU: bf16 autocast (engine/step.py); FSDP: its param dtype ("bf16", "fp32", ...).
     compute = name(DTYPES[model_cfg.fsdp_config.mixed_precision.param_dtype]) if fsdp else "bfloat16"
-    if fsdp or os.environ.get("VERLITE_FP32_STREAM", "").strip() not in ("1", "true"):
+    if fsdp or not fp32_stream_requested():
         stream = compute  # FSDP's weights, or models/compute_dtype.py's hook on the embedding
     else:
         stream = name(master_dtype(model_cfg, device))
