@@ -53,6 +53,16 @@ WAIT_S = 20.0
 LIFETIME_S = 300
 
 
+def compiling_flag(marker: Path) -> Path:
+    """Written by the side process once CUDA is up and it starts compiling."""
+    return marker.with_suffix(".compiling")
+
+
+def log_file(marker: Path) -> Path:
+    """The side process's stderr."""
+    return marker.with_suffix(".log")
+
+
 @dataclass
 class SideProcess:
     proc: subprocess.Popen
@@ -60,8 +70,8 @@ class SideProcess:
     started: float
 
     @property
-    def compiling(self) -> Path:  # written by the side process once CUDA is up and it starts compiling
-        return self.marker.with_suffix(".compiling")
+    def compiling(self) -> Path:
+        return compiling_flag(self.marker)
 
 
 def model_sizes(model_dir: str, overrides: Optional[dict] = None) -> Optional[dict]:
@@ -168,11 +178,11 @@ def start(spec: Optional[dict], device_index: int, gpu: str) -> Optional[SidePro
         return None
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        err = open(marker.with_suffix(".log"), "w")
+        err = open(log_file(marker), "w")
     except OSError as e:
         log.debug("Liger kernel warm-up not started: %s", e)
         return None
-    marker.with_suffix(".compiling").unlink(missing_ok=True)
+    compiling_flag(marker).unlink(missing_ok=True)
     if not _hold_device(device_index):
         err.close()
         return None
@@ -225,7 +235,7 @@ def finish(side: Optional[SideProcess]) -> None:
         state = f"stopped after {waited:.1f} s of waiting" if compiling else "stopped before it compiled anything"
     else:
         state = (f"done{f' after {waited:.1f} s of waiting' if waited >= 0.05 else ''}" if code == 0
-                 else f"failed (exit {code}; its log: {side.marker.with_suffix('.log')})")
+                 else f"failed (exit {code}; its log: {log_file(side.marker)})")
     log.info("Liger kernel warm-up in a side process: %s at the first step (%.1f s after it started)",
              state, arrived - side.started)
 
@@ -309,7 +319,7 @@ def main(argv: list[str]) -> int:
     import signal
 
     signal.alarm(LIFETIME_S)  # SIGALRM's default action ends the process
-    times = run(spec, device_index, on_compiling=lambda: marker.with_suffix(".compiling").touch())
+    times = run(spec, device_index, on_compiling=lambda: compiling_flag(marker).touch())
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({"spec": spec, "seconds": {k: round(v, 3) for k, v in times.items()}}))
     os.replace(tmp, marker)
