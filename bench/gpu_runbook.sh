@@ -263,7 +263,7 @@ PY
       [ "${X_TRL:-1}" = 1 ] && PYTHONPYCACHEPREFIX=/tmp/pycache_env step x5_trl_prefixed 150 python bench/gsm8k_cli.py \
           --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl"
       [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
-          tests/test_kernel_warmup.py tests/test_liger.py ;;
+          tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
   Z)  export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"
       VERLITE_TRACE_EXIT=1 step z1_launch 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime --launches 1 \

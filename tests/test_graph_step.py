@@ -57,6 +57,14 @@ def test_graph_shapes_of_varying_sample_counts_are_few(tmp_path, tiny_model):
         shutdown()
 
 
+def test_kernel_class_is_what_triton_specialises_on():
+    from verlite.engine.graph_step import kernel_class
+
+    assert kernel_class((256, 96, 34, 1024)) == kernel_class((512, 112, 18, 2048))  # all multiples of 16
+    assert kernel_class((256, 96, 34, 1024)) != kernel_class((264, 96, 34, 1024))  # 264 is not
+    assert kernel_class((1, 16)) != kernel_class((17, 16))  # 1 is a class of its own
+
+
 def test_bucket_grid_is_above_n_and_at_most_one_step_of_padding():
     for per in (4, 8):
         sizes = set()
@@ -178,6 +186,10 @@ def test_graphed_run_follows_the_eager_run(tmp_path, tiny_model, extra):
     assert none is None
     assert still_on, "graphs were turned off during the run"
     assert stats.replays > 0 and stats.captures >= 2, stats.summary()
+    # New shapes of a warm kernel class were captured without an eager run (not for compiled
+    # layers, which may recompile at a new shape), and still follow the eager run below.
+    assert (stats.captured_at_once == 0) if "model.compile=true" in extra else (stats.captured_at_once >= 1), \
+        stats.summary()
     # bf16 compute at another token count (padding) rounds differently: close, not equal.
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=2e-2)
     for name in w_eager:

@@ -18,10 +18,15 @@ How, decided here once:
 - Graphs. One per micro-batch shape (forward and backward, accumulating into gradient
   buffers that live as long as the run) and one for the rest of the step (clip, NaN guard,
   AdamW, zeroing): a step of any number of micro-batches replays the same graphs.
-- Warm-up. A shape runs eagerly the first time it comes (the warm-up CUDA asks for before a
-  capture: lazy initialisation, Triton and compiled kernels, the optimizer's state) and is
-  captured the second time, so a shape seen once costs nothing extra. All of it runs on one
-  side stream, as captures must.
+- Warm-up. The first shapes run eagerly the first time they come (the warm-up CUDA asks for
+  before a capture: lazy initialisation, Triton and compiled kernels, the optimizer's state)
+  and are captured the second time. Once a shape is captured, a new shape whose sizes fall in
+  its kernel class (`kernel_class`) is captured the first time it comes: Triton specialises a
+  kernel's integer arguments only on being 1 and on divisibility by 16, so such a shape needs
+  no new kernel, and the lazy set-up is done. That saves an eager run per shape (~0.2 s of
+  host time for the 0.5B GSM8K step; about 9 shapes an epoch). Compiled layers keep the
+  eager first run (a new shape may recompile them). All of it runs on one side stream, as
+  captures must.
 - Host values. What changes per step enters through device tensors filled before the
   replays: the loss tokens behind the mean, and the learning rate (torch's fused AdamW reads a
   tensor lr when captured; the param groups keep floats for the schedule and checkpoints).
@@ -145,6 +150,12 @@ def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, p
                         varying_counts)
 
 
+def kernel_class(key: tuple[int, ...]) -> tuple[tuple[bool, bool], ...]:
+    """What Triton sees of a shape's sizes when it picks a kernel variant: for each integer,
+    whether it is 1 and whether 16 divides it."""
+    return tuple((n == 1, n % 16 == 0) for n in key)
+
+
 class _Shape:
     """One micro-batch shape: its input buffers on the GPU and, from its second run, its graph."""
 
@@ -169,6 +180,8 @@ class GraphedSteps:
         self.steps = 0
         self.grads: list[torch.Tensor] | None = None  # the gradient buffers the graphs accumulate into
         self.captures, self.capture_s, self.replays = 0, 0.0, 0
+        self.warm_classes: set[tuple] = set()  # kernel classes of the shapes captured so far
+        self.captured_at_once = 0  # shapes captured the first time they came (no eager run)
         with torch.cuda.stream(self.stream):  # made outside any graph's pool
             self.scale = torch.zeros((), device=device)  # 1 / the step's loss tokens
             self.count = torch.zeros((), device=device)
@@ -243,9 +256,16 @@ class GraphedSteps:
     def _forward_backward(self, mb: MicroBatch) -> None:
         key = (mb.input_ids.shape[1], len(mb.loss_index), len(mb.cu_seqlens), mb.max_seqlen)
         shape = self.shapes.get(key)
-        if shape is None:  # first time: eager, into new input buffers
+        if shape is None:  # first time: into new input buffers; eager unless its kernels are warm
             shape = self.shapes[key] = _Shape(mb.to(self.device))
-            self._accumulate(shape.inputs)
+            if self.grads is None or self.compiled_max_seqlen is not None or kernel_class(key) not in self.warm_classes:
+                self._accumulate(shape.inputs)
+                return
+            shape.graph = self._capture(lambda: self._accumulate(shape.inputs))
+            self.warm_classes.add(kernel_class(key))
+            self.captured_at_once += 1
+            shape.graph.replay()
+            self.replays += 1
             return
         for f in fields(mb):
             value = getattr(mb, f.name)
@@ -258,6 +278,7 @@ class GraphedSteps:
             return
         if shape.graph is None:
             shape.graph = self._capture(lambda: self._accumulate(shape.inputs))
+            self.warm_classes.add(kernel_class(key))
         shape.graph.replay()
         self.replays += 1
 
@@ -326,5 +347,5 @@ class GraphedSteps:
         self.loss_sum.zero_()
 
     def summary(self) -> str:
-        return (f"{len(self.shapes)} micro-batch shape(s), {self.captures} capture(s) in {self.capture_s:.1f} s, "
-                f"{self.replays} replay(s)")
+        return (f"{len(self.shapes)} micro-batch shape(s) ({self.captured_at_once} captured the first time they "
+                f"came), {self.captures} capture(s) in {self.capture_s:.1f} s, {self.replays} replay(s)")
