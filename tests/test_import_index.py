@@ -83,3 +83,54 @@ def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
     stale.write_text("not json")
     broken = probe(moved)
     assert broken["scanned"] > 500 and broken["names"] == plain["names"]
+
+
+# transformers 5.17 builds the package -> distribution map as import_utils runs; later versions
+# build it lazily. A stand-in transformers of that layout (first on the path) makes the call.
+FAKE_IMPORT_UTILS = "import importlib.metadata\nPACKAGE_DISTRIBUTION_MAPPING = importlib.metadata.packages_distributions()\n"
+MAP_PROBE = """
+import importlib.metadata, json
+real = importlib.metadata.packages_distributions
+calls = []
+def counted():
+    calls.append(1)
+    return real()
+importlib.metadata.packages_distributions = counted
+from verlite import import_index
+import_index.install()
+import transformers.utils.import_utils as iu
+assert importlib.metadata.packages_distributions is counted  # put back once import_utils has run
+print(json.dumps({"computed": len(calls), "served": iu.PACKAGE_DISTRIBUTION_MAPPING, "real": real()}))
+"""
+
+
+def test_distribution_map_is_kept_until_a_distribution_changes(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "transformers" / "utils").mkdir(parents=True)
+    (fake / "transformers" / "__init__.py").write_text("")
+    (fake / "transformers" / "utils" / "__init__.py").write_text("")
+    (fake / "transformers" / "utils" / "import_utils.py").write_text(FAKE_IMPORT_UTILS)
+    extra = tmp_path / "extra"  # a search-path folder where a distribution gets installed
+    extra.mkdir()
+    cache = tmp_path / "cache"
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, "-c", MAP_PROBE], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "VERLITE_CACHE_DIR": str(cache),
+                                  "PYTHONPATH": os.pathsep.join([str(fake), str(extra), os.environ.get("PYTHONPATH", "")])})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["computed"] == 1 and second["computed"] == 0  # the second launch reads it from disk
+    for r in (first, second):
+        assert r["served"] == r["real"] and "pytest" in r["served"]
+    # A distribution installed since: the stamp differs, the map is computed again and names it.
+    info = extra / "verlite_probe_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: verlite-probe-dist\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("verlite_probe_mod\n")
+    third = run()
+    assert third["computed"] == 1 and third["served"]["verlite_probe_mod"] == ["verlite-probe-dist"]
+    assert third["served"] == third["real"]
+    assert run()["computed"] == 0  # the file was rewritten for the new stamp

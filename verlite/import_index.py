@@ -19,6 +19,16 @@ When the file is trusted: transformers' version, its folder, its install record
 folders inside transformers are served. A transformers that is not installed in a site-packages folder (an editable checkout
 whose files change in place) is never indexed. The file is written atomically; any failure
 to read or write it only costs the next launch the scan. `VERLITE_IMPORT_INDEX=0` turns it off.
+
+The package -> distribution map, too: transformers 5.17's import_utils builds
+`importlib.metadata.packages_distributions()` as it runs, reading every installed
+distribution's top_level.txt, or its RECORD where it ships none (torch's wheels): 2.1 s of a
+cold launch on the H100 machine (bench/results/2026-12-07-h100-cold-launch-cprofile.txt),
+0.8 s warm on a 2-core box. It depends only on which distributions are installed where, so
+while import_utils runs the call is answered from a file stamped with the search path's
+folders and the modification times of their *.dist-info / *.egg-info folders (installing,
+upgrading or removing a distribution replaces its folder). Later transformers versions build
+the map lazily, outside that window, and keep their own call.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import json
 import os
 import sys
@@ -85,18 +96,60 @@ class _Index:
             if self.entries is None:
                 self.entries = self._read()
             self.entries[key] = text
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump({"stamp": self.stamp, "entries": self.entries}, f)
-                    os.replace(tmp, self.path)  # a cache, not a result: no fsync (a lost file costs one scan)
-                except BaseException:
-                    os.unlink(tmp)
-                    raise
-            except Exception:  # noqa: BLE001 - a read-only cache folder only costs later launches the scan
-                pass
+            _write(self.path, {"stamp": self.stamp, "entries": self.entries})
+
+
+def _write(path: Path, data: dict) -> None:
+    """`data` as JSON at `path`, atomically. A cache, not a result: no fsync (a lost file costs
+    one scan), and a read-only cache folder only costs later launches the scan."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except Exception:  # noqa: BLE001 - see above
+        pass
+
+
+def _distributions_stamp() -> list:
+    """What packages_distributions() reads, in stat terms: each search-path folder's
+    distribution folders and their modification times."""
+    stamp = []
+    for entry in sys.path:
+        folder = os.path.abspath(entry or ".")
+        try:
+            with os.scandir(folder) as it:
+                infos = sorted([e.name, e.stat().st_mtime_ns] for e in it
+                               if e.name.endswith((".dist-info", ".egg-info")))
+        except OSError:  # a zip or a missing folder: its own stamp
+            infos = [_stat(Path(folder))]
+        stamp.append([folder, infos])
+    return stamp
+
+
+def _served_packages_distributions(original):
+    """packages_distributions answered from disk while its stamp holds (computed and kept
+    otherwise). Lists come back as lists, as the original gives them."""
+    path = cache_root() / "imports" / f"distributions-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}.json"
+
+    def packages_distributions():
+        stamp = json.loads(json.dumps(_distributions_stamp()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data["stamp"] == stamp:
+                return {k: list(v) for k, v in data["map"].items()}
+        except Exception:  # noqa: BLE001 - missing, unreadable or another layout: compute it
+            pass
+        found = original()
+        _write(path, {"stamp": stamp, "map": found})
+        return found
+
+    return packages_distributions
 
 
 def _encode(value):
@@ -174,7 +227,12 @@ class _Loader(importlib.abc.Loader):
         return self.inner.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self.inner.exec_module(module)
+        original = importlib.metadata.packages_distributions
+        importlib.metadata.packages_distributions = _served_packages_distributions(original)
+        try:
+            self.inner.exec_module(module)
+        finally:  # only import_utils' own run is served
+            importlib.metadata.packages_distributions = original
         try:
             _patch(module)
         except Exception:  # noqa: BLE001 - a speed-up only: transformers works as shipped without it
