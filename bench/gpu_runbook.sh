@@ -27,6 +27,7 @@
 #   bash bench/gpu_runbook.sh V "$OUT"    # issue 14: defaults of the eleventh session (Liger auto, final fsync detached), TRL beside
 #   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
 #   bash bench/gpu_runbook.sh X "$OUT"    # issue 14: a fresh machine's launch 1 with the kernel warm-up process; TRL with and without the bytecode prefix
+#   bash bench/gpu_runbook.sh Y "$OUT"    # issue 14: X's launches 1 and 2 and both TRLs after the capture change; GPU tests first
 #   bash bench/gpu_runbook.sh Z "$OUT"    # issue 14: X's first launch only (what a short device call can hold)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
@@ -263,6 +264,20 @@ PY
       [ "${X_TRL:-1}" = 1 ] && PYTHONPYCACHEPREFIX=/tmp/pycache_env step x5_trl_prefixed 150 python bench/gsm8k_cli.py \
           --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl"
       [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
+          tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
+  Y)  # Thirteenth session: X's fresh-machine launches 1 and 2 and TRL without and with the
+      # bytecode prefix, then the GPU tests (kernel warm-up, Liger, graph shapes captured the
+      # first time they come). At most 8 files come back from a call: compile_env's stays in /tmp.
+      export PYTHONPYCACHEPREFIX=/tmp/pycache_env
+      python bench/compile_env.py > /tmp/compile_env.txt 2>&1; tail -1 /tmp/compile_env.txt
+      VERLITE_TRACE_EXIT=1 step y1_launches 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime \
+          --out "$out/y1_launches.jsonl"
+      unset PYTHONPYCACHEPREFIX
+      step y4_trl_plain 130 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 0 --trl \
+          --trl_dtypes bfloat16 --out "$out/y4_trl_plain.jsonl"
+      PYTHONPYCACHEPREFIX=/tmp/pycache_env step y5_trl_prefixed 150 python bench/gsm8k_cli.py \
+          --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/y5_trl_prefixed.jsonl"
+      [ "${Y_TESTS:-1}" = 1 ] && step gpu_tests 200 python -m pytest -q -x -p no:cacheprovider -m '' \
           tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
   Z)  export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"

@@ -138,6 +138,8 @@ def launch(model: Path, data: Path, run_dir: Path, cache: Path, smoke: bool, tim
                   exit_after_done_s=round(wall - result["done_line_s"], 2) if result["done_line_s"] else None,
                   compile=next((x.strip() for x in out.splitlines() if "compile:" in x), None),
                   kernel_warmup=next((x.strip() for x in out.splitlines() if "kernel warm-up" in x), None),
+                  graphs=next((x.strip() for x in out.splitlines() if "cuda graphs:" in x and "capture(s)" in x), None),
+                  log=out[-12000:],
                   kernel_warmup_times=[p.read_text() for p in (cache / "kernels").glob("*.done")],
                   final_checkpoint_line=next((x.strip() for x in out.splitlines() if "final checkpoint: saved" in x), None),
                   final_checkpoint=any(run_dir.glob("global_step_*/trainer_state.pt")),
@@ -216,6 +218,8 @@ def summary(rows: list[dict]) -> str:
             out.append("  start-up: " + ", ".join(f"{k} {v} s" for k, v in start_up.items()))
         if r.get("kernel_warmup"):
             out.append("  " + r["kernel_warmup"].split("] ", 1)[-1])
+        if r.get("graphs"):
+            out.append("  " + r["graphs"].split("] ", 1)[-1])
     for r in trl:
         out.append(f"TRL {r.get('setting')}: wall {r['wall_s']} s, steady {r['tokens_per_s']} tokens/s, "
                    f"os.sync() after exit {r.get('sync_after_exit_s')} s")

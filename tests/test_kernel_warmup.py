@@ -117,11 +117,10 @@ def test_a_failed_side_process_leaves_no_marker_and_a_finished_one_is_not_starte
 
 def test_no_side_process_where_this_process_cannot_hold_the_gpu_first(tmp_path, monkeypatch):
     """The run's own CUDA context comes first (exclusive-process GPUs admit one); where it
-    cannot be made, as here without a GPU, nothing is started."""
+    cannot be made, as for a GPU index that is not there (with or without GPUs), nothing is started."""
     monkeypatch.setenv("VERLITE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     spec = spec_for(model_sizes(str(_config(tmp_path / "m"))), ("rope",), "bfloat16", "bfloat16", 1)
-    assert start(spec, 0, "GPU") is None
+    assert start(spec, 99, "GPU") is None
     assert not list((tmp_path / "cache" / "kernels").glob("*.compiling"))
 
 
