@@ -77,6 +77,19 @@ def shape_config(folder: Path, shape: str, max_position_embeddings: int) -> Path
     return path
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Bad input (data, settings) must stop the run before its model is taken: the weights may
+    be read beside the data (models/early_read.py), but a read that fails there surfaces only
+    when the trainer takes the model, after every check."""
+    import verlite.trainer.sft_trainer as trainer
+
+    def fail(*a, **k):
+        raise AssertionError("the model was taken before the input was checked")
+
+    monkeypatch.setattr(trainer, "read_model", fail)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -46,17 +46,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Bad data must stop the run before any model (or GPU memory) is touched."""
-    import verlite.trainer.sft_trainer as trainer
-
-    def fail(*a, **k):
-        raise AssertionError("the model was loaded before the data was checked")
-
-    monkeypatch.setattr(trainer, "load_model", fail)
-
-
 @pytest.mark.parametrize("name, extra, fragments", CASES, ids=[c[0] for c in CASES])
 def test_bad_data_file(name, extra, fragments, tiny_model, tmp_path, capsys, no_model_load):
     code = cli.main(["sft", f"data.train_files={BAD / name}", f"model.partial_pretrain={tiny_model}",

@@ -20,16 +20,6 @@ QLORA = ["model.lora_rank=4", "model.quantization=nf4", "optim.lr=1e-2"]
 NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import verlite.trainer.sft_trainer as trainer
-
-    def fail(*a, **k):
-        raise AssertionError("the model was loaded before the settings were checked")
-
-    monkeypatch.setattr(trainer, "load_model", fail)
-
-
 def sft(tmp: Path, model: Path, steps: int, *extra: str, run_dir: str = "run") -> None:
     """`verlite sft` through the CLI entry point, in this process (no interpreter start-up)."""
     data = write_jsonl(tmp / "train.jsonl", ROWS)

@@ -101,16 +101,6 @@ def model_12_heads_4_kv(tmp_path_factory, tokenizer_chat):
                        heads=12, kv_heads=4)
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import verlite.trainer.sft_trainer as trainer
-
-    def fail(*a, **k):
-        raise AssertionError("the model was loaded before the SP size was checked")
-
-    monkeypatch.setattr(trainer, "load_model", fail)
-
-
 @pytest.mark.parametrize("sp, model, fragment", [
     (3, "tiny", "ulysses_sequence_parallel_size=3 does not divide the model's 4 attention heads"),
     (2, "tiny", "ulysses_sequence_parallel_size=2 does not divide the 1 process(es)"),

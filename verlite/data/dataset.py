@@ -15,6 +15,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -28,6 +29,18 @@ log = logging.getLogger("verlite.data")
 
 PARALLEL_MIN_ROWS = 4000  # below this a worker pool costs more than it saves
 MAX_WORKERS = 32
+
+
+class Beside(Protocol):
+    """Work another thread of this process does while the data loads, kept clear of the forks
+    of the tokenizing workers (a forked child inherits the locks other threads hold); the
+    trainer's model read (models/early_read.py) is one."""
+
+    def before_fork(self) -> None:
+        """A worker pool is about to be forked: the work must not be running."""
+
+    def may_run(self) -> None:
+        """No fork is under way (the workers exist, or none are needed): the work may run."""
 
 
 @dataclass
@@ -76,14 +89,17 @@ class SFTDataset:
 
 
 def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files", workers: int | None = None,
-                 cache: TokenCache | None | bool = True) -> SFTDataset:
+                 cache: TokenCache | None | bool = True, beside: Optional[Beside] = None) -> SFTDataset:
     """`cache`: a TokenCache built for this config and tokenizer (train and val share one),
-    True to build it here, or None/False for none."""
+    True to build it here, or None/False for none. `beside`: work to let run while the
+    workers tokenize (and to hold before any fork)."""
     limit = cfg.val_max_samples if key == "data.val_files" else cfg.train_max_samples
     paths = resolve_files(files, key)
     if cfg.custom_cls.path:
         from verlite.data.custom import load_custom_dataset
 
+        if beside is not None:  # the user's class may fork workers of its own
+            beside.before_fork()
         return checked(load_custom_dataset(paths, cfg, tokenizer, limit), cfg, key)
     ds = SFTDataset()
     if cache is True:
@@ -96,11 +112,13 @@ def load_dataset(files, cfg: DataConfig, tokenizer, key: str = "data.train_files
         entry = cache.entry_for(path, left) if cache else None
         tokens = cache.load(entry) if entry is not None else None
         if tokens is None:
-            tokens = tokenize_file(path, cfg, tokenizer, workers, left)
+            tokens = tokenize_file(path, cfg, tokenizer, workers, left, beside)
             if entry is not None:
                 cache.store(entry, path, tokens)
         else:
             hits += 1
+            if beside is not None:
+                beside.may_run()
         ds.extend(tokens)
         if left is not None:
             left -= tokens.rows
@@ -121,19 +139,26 @@ def checked(ds: SFTDataset, cfg: DataConfig, key: str) -> SFTDataset:
 
 
 def tokenize_file(path: str, cfg: DataConfig, tokenizer, workers: int | None = None,
-                  limit: int | None = None) -> FileTokens:
+                  limit: int | None = None, beside: Optional[Beside] = None) -> FileTokens:
     rows = read_rows(path)
     if limit is not None:
         rows = rows[:limit]
     workers = available_cores() if workers is None else workers
     if workers < 2 or len(rows) < PARALLEL_MIN_ROWS:
+        if beside is not None:
+            beside.may_run()
         return tokenize_rows(rows, cfg, tokenizer)
     workers = min(workers, MAX_WORKERS)
     chunk = -(-len(rows) // (workers * 4))  # a few chunks per worker evens out their speed
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    if beside is not None:
+        beside.before_fork()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method()),
                              initializer=_init_worker, initargs=(cfg, tokenizer)) as pool:
+        # With the fork start method the pool forks every worker at the first submit.
         futures = [pool.submit(_tokenize_chunk, rows[i:i + chunk]) for i in range(0, len(rows), chunk)]
+        if beside is not None:
+            beside.may_run()
         parts = [f.result() for f in futures]  # in file order: the first bad row raises first
     return FileTokens(np.concatenate([p.ids for p in parts]), np.concatenate([p.mask for p in parts]),
                       _join_offsets([p.offsets for p in parts]), sum(p.truncated for p in parts),

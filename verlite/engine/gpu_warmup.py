@@ -5,8 +5,8 @@ its kernels, and the first backward starts autograd's device thread: a few hundr
 milliseconds that otherwise land in the first training step. They run in C++ with the GIL
 released, so they overlap the model build (from_pretrained on the CPU) at no cost. Handles
 go back to PyTorch's per-device pool when the thread ends, and the training thread takes
-them from there. Started only after the data is loaded: no worker process is forked while
-the thread is in the CUDA driver.
+them from there. Started by the trainer's model read (models/early_read.py), which no worker
+process fork crosses: none is forked while the thread is in the CUDA driver.
 """
 
 from __future__ import annotations

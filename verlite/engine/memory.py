@@ -59,10 +59,10 @@ class Estimate:
 def model_shape(cfg: SFTConfig) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
-    from verlite.models.load import linear_module_names, load_hf_config
+    from verlite.models.load import MODEL_BUILD_LOCK, linear_module_names, load_hf_config
 
     hf_config = load_hf_config(cfg.model)
-    with torch.device("meta"):
+    with MODEL_BUILD_LOCK, torch.device("meta"):  # the weights may be read meanwhile (models/early_read.py)
         model = AutoModelForCausalLM.from_config(hf_config)
     params = sum(p.numel() for p in model.parameters())
     layers = list(model.get_decoder().layers)

@@ -64,10 +64,9 @@ def wanted_kinds(use_liger: Union[bool, str], device: torch.device) -> tuple[str
 
 # Importing Liger takes ~1.2 s on the H100 machine (triton, and transformers' modules of every
 # model family Liger patches). The trainer starts it on a side thread once the tokenizer is
-# loaded and waits for it just before building the model, so that it overlaps reading and
-# tokenizing the data (tokenizers encode with the GIL released). The main thread imports
-# nothing of transformers' meanwhile, so no two threads take the same modules' import locks
-# in opposite orders.
+# loaded, and the model read (on its own side thread, models/early_read.py) waits for it
+# just before building the model, so that it overlaps reading and tokenizing the data
+# (tokenizers encode with the GIL released): one importer of the model's modules at a time.
 _import_thread: Optional[threading.Thread] = None
 _import_error: Optional[BaseException] = None
 _import_s = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ from verlite.models.checkpointing import enable_checkpointing
 from verlite.models.gguf import find_gguf, hf_folder_for
 
 log = logging.getLogger("verlite.model")
+
+# Held while building a transformers model: its construction switches process-wide state
+# (from_pretrained's no-init context patches torch.nn.init's functions for the whole process),
+# and the trainer reads the weights on a side thread (models/early_read.py) while the memory
+# plan builds a weightless copy (engine/memory.model_shape). Re-entrant: read_model's own
+# weightless check runs inside it.
+MODEL_BUILD_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -148,6 +156,13 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, liger_kinds: tuple[str, ...
     """The HF model on CPU in `dtype`, with LoRA and gradient checkpointing applied (and Liger's
     kernels of `liger_kinds` before either, as verl does: Liger patches the plain model's
     layers, and the tiled MLP must wrap Liger's MLP rather than be replaced by it)."""
+    return prepare_model(read_model(cfg, dtype, liger_kinds), cfg)
+
+
+def read_model(cfg: ModelConfig, dtype: torch.dtype, liger_kinds: tuple[str, ...] = ()):
+    """load_model's first half, which no memory-plan setting changes: the weights read into
+    the HF model on CPU in `dtype`, Liger's kernels in (the trainer runs it beside the data,
+    models/early_read.py)."""
     from verlite.models.quant import quiet_torchao_import
 
     quiet_torchao_import()  # transformers' model code imports torchao (when installed): keep its warnings out
@@ -157,24 +172,31 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, liger_kinds: tuple[str, ...
 
     hf_config = load_hf_config(cfg)
     path = resolve_model_path(cfg.partial_pretrain)
-    if cfg.lora_rank > 0:
-        check_lora_targets(cfg, hf_config)  # before reading gigabytes of weights
-    if cfg.quantization:
-        from verlite.models.quant import check_quantizable
+    with MODEL_BUILD_LOCK:
+        if cfg.lora_rank > 0:
+            check_lora_targets(cfg, hf_config)  # before reading gigabytes of weights
+        if cfg.quantization:
+            from verlite.models.quant import check_quantizable
 
-        check_quantizable(hf_config, cfg.trust_remote_code)
-    attention.register()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
-                                                     trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=attention.NAME)
-    except (OSError, ValueError) as e:
-        raise _hub_error(cfg.partial_pretrain, e, "weights") from None
-    model.config.use_cache = False
-    if liger_kinds:
-        from verlite.models.liger import use_liger_kernels
+            check_quantizable(hf_config, cfg.trust_remote_code)
+        attention.register()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
+                                                         trust_remote_code=cfg.trust_remote_code,
+                                                         attn_implementation=attention.NAME)
+        except (OSError, ValueError) as e:
+            raise _hub_error(cfg.partial_pretrain, e, "weights") from None
+        model.config.use_cache = False
+        if liger_kinds:
+            from verlite.models.liger import use_liger_kernels
 
-        use_liger_kernels(model, liger_kinds, required=cfg.use_liger != "auto")
+            use_liger_kernels(model, liger_kinds, required=cfg.use_liger != "auto")
+    return model
+
+
+def prepare_model(model, cfg: ModelConfig):
+    """load_model's second half, after the memory plan (engine/memory.py) has turned `auto`
+    settings into values: gradient checkpointing, LoRA, NF4 base weights, tiled MLP."""
     if cfg.enable_gradient_checkpointing is True:  # auto is resolved by the trainer's plan; unresolved: off
         enable_checkpointing(model, cfg.checkpoint_layers, cfg.enable_activation_offload, cfg.keep_attention_layers)
     if cfg.lora_rank > 0:

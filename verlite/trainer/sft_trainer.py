@@ -37,7 +37,9 @@ from verlite.models.attention import pick_single_sequence_backends, supports_var
 from verlite.models.compute_dtype import stream_in_compute_dtype
 from verlite.models.fused_norm import use_fused_rms_norm
 from verlite.models import kernel_warmup, liger
-from verlite.models.load import load_hf_config, load_model, load_tokenizer, master_dtype, read_ahead_weights
+from verlite.models.early_read import EarlyRead
+from verlite.models.load import (load_hf_config, load_tokenizer, master_dtype, prepare_model, read_ahead_weights,
+                                 read_model)
 from verlite.models.sft_model import SFTModel
 from verlite.trainer import checkpoint as ckpt
 from verlite.trainer import async_checkpoint
@@ -171,11 +173,18 @@ class Trainer:
                      ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
         self.start_up_split = split
         liger.start_import(liger_kinds)  # on a side thread while the data is read (models/liger.py)
+        # The weights are read on another side thread while the workers tokenize: nothing the
+        # data decides changes that part (models/early_read.py; the memory plan comes after).
+        model_read = EarlyRead(lambda: self._read_model(liger_kinds))
         with self.timeline.phase("data"):
             cache = TokenCache.for_config(cfg.data, self.tokenizer) if not cfg.data.custom_cls.path else None
+            if train_ds is not None:
+                model_read.may_run()
             self.train_ds = train_ds if train_ds is not None else \
-                load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files", cache=cache)
-            self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files", cache=cache)
+                load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files", cache=cache,
+                             beside=model_read)
+            self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files", cache=cache,
+                                        beside=model_read)
                            if cfg.data.val_files else None)
             self.plan = self._build_plan()
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.plan.steps_per_epoch
@@ -186,15 +195,16 @@ class Trainer:
 
         resume_from = self._resume_point()
         started = time.perf_counter()
-        warming = gpu_warmup.start(self.device)  # cuBLAS and autograd set up while the weights are read
         # What gives this run's weights their meaning; checked against the checkpoint before
-        # any weights are read, and saved with every checkpoint.
+        # any weights are used, and saved with every checkpoint.
         self.settings = run_settings(cfg, self.tokenizer, self.train_ds)
         resume_state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
         if resume_state is not None:
             check_resume(resume_state, self.settings, cfg, resume_from, self.plan.steps_per_epoch)
-        liger.finish_import()  # before transformers imports the model's modules here: one importer at a time
-        hf_model = load_model(cfg.model, master_dtype(cfg.model, self.device), liger_kinds)
+        hf_model = prepare_model(model_read.result(), cfg.model)  # the plan's checkpointing, LoRA, ...
+        if model_read.beside:
+            log.info("model: read beside the data in %.1f s (%.1f s of it waited for after the data)",
+                     model_read.seconds, model_read.waited)
         pick_single_sequence_backends(self.device, hf_model.config)  # before anything compiles
         if self.device.type == "cuda":
             if "rms_norm" not in liger_kinds:
@@ -204,7 +214,6 @@ class Trainer:
             ulysses.use_ulysses_attention(hf_model, dist_info.sp_group)
         if resume_from is not None and self._load_contents() & {"model", "hf_model"}:
             ckpt.load_weights_into(hf_model, resume_from, self.is_lora)
-        gpu_warmup.finish(warming)
         self.model = shard_model(SFTModel(hf_model, cfg.model.fused_loss), cfg.model, dist_info)
         # from_pretrained returns eval mode, where HF skips gradient checkpointing (and dropout).
         self.model.train()
@@ -248,6 +257,16 @@ class Trainer:
         self.after_flush: list[Path] = []
 
     # ---- set-up helpers -------------------------------------------------------------
+    def _read_model(self, liger_kinds: tuple[str, ...]):
+        """The weights into the HF model on the host (models/load.read_model), with cuBLAS and
+        autograd set up on the GPU meanwhile (engine/gpu_warmup.py); no fork crosses it."""
+        warming = gpu_warmup.start(self.device)
+        try:
+            liger.finish_import()  # before transformers imports the model's modules here: one importer at a time
+            return read_model(self.cfg.model, master_dtype(self.cfg.model, self.device), liger_kinds)
+        finally:
+            gpu_warmup.finish(warming)
+
     def _build_plan(self) -> StepPlan:
         d = self.cfg.data
         from verlite.engine.memory import resolve_auto_memory  # auto micro-batching, checkpointing, fused step
