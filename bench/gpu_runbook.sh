@@ -27,7 +27,8 @@
 #   bash bench/gpu_runbook.sh V "$OUT"    # issue 14: defaults of the eleventh session (Liger auto, final fsync detached), TRL beside
 #   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
 #   bash bench/gpu_runbook.sh X "$OUT"    # issue 14: a fresh machine's launch 1 with the kernel warm-up process; TRL with and without the bytecode prefix
-#   bash bench/gpu_runbook.sh Y "$OUT"    # issue 14: X's launches 1 and 2 and both TRLs after the capture change; GPU tests first
+#   bash bench/gpu_runbook.sh Y "$OUT/Y"; tar czf "$OUT/Y.tgz" -C "$OUT" Y; rm -rf "$OUT/Y"
+#                                         # issue 14: X's launches 1 and 2, the model read beside the data or not, both TRLs, GPU tests
 #   bash bench/gpu_runbook.sh Z "$OUT"    # issue 14: X's first launch only (what a short device call can hold)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
@@ -265,13 +266,19 @@ PY
           --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl"
       [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
           tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
-  Y)  # Thirteenth session: X's fresh-machine launches 1 and 2 and TRL without and with the
-      # bytecode prefix, then the GPU tests (kernel warm-up, Liger, graph shapes captured the
-      # first time they come). At most 8 files come back from a call: compile_env's stays in /tmp.
+  Y)  # Thirteenth session: X's fresh-machine launches 1 and 2; on that machine, without the
+      # helper, launch 1 with the model read after the data (VERLITE_EARLY_READ=0) and beside it
+      # (default); TRL without and with the bytecode prefix; then the GPU tests (kernel warm-up,
+      # Liger, graph shapes captured the first time they come). A call returns 8 files at most:
+      # tar the folder after the part (see the header).
       export PYTHONPYCACHEPREFIX=/tmp/pycache_env
-      python bench/compile_env.py > /tmp/compile_env.txt 2>&1; tail -1 /tmp/compile_env.txt
+      python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"
       VERLITE_TRACE_EXIT=1 step y1_launches 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime \
           --out "$out/y1_launches.jsonl"
+      VERLITE_WARM=0 VERLITE_EARLY_READ=0 step y2_read_after 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --launches 1 --out "$out/y2_read_after.jsonl"
+      VERLITE_WARM=0 step y3_read_beside 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 \
+          --out "$out/y3_read_beside.jsonl"
       unset PYTHONPYCACHEPREFIX
       step y4_trl_plain 130 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 0 --trl \
           --trl_dtypes bfloat16 --out "$out/y4_trl_plain.jsonl"

@@ -84,12 +84,15 @@ def test_the_read_overlaps_the_workers_and_no_pool_forks_while_it_runs(tmp_path,
     assert [t for t in _forks if t < begin] and [t for t in _forks if t > end]  # ...after pool 1, before pool 2
 
 
-def test_a_run_reads_its_model_beside_the_data(tmp_path, tiny_model, caplog):
+@pytest.mark.parametrize("early", ["1", "0"])
+def test_a_run_reads_its_model_beside_the_data(tmp_path, tiny_model, caplog, monkeypatch, early):
+    """By default; VERLITE_EARLY_READ=0 (a bench knob) reads it after the data, as before."""
+    monkeypatch.setenv("VERLITE_EARLY_READ", early)
     cfg = config(tmp_path, tiny_model, "trainer.total_training_steps=1")
     with caplog.at_level("INFO", logger="verlite"):
         trainer = Trainer(cfg, init_distributed("cpu"))
     try:
-        assert "model: read beside the data in" in caplog.text
+        assert ("model: read beside the data in" in caplog.text) == (early == "1")
         assert trainer.model is not None
     finally:
         shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -176,15 +177,16 @@ class Trainer:
         # The weights are read on another side thread while the workers tokenize: nothing the
         # data decides changes that part (models/early_read.py; the memory plan comes after).
         model_read = EarlyRead(lambda: self._read_model(liger_kinds))
+        beside = model_read if os.environ.get("VERLITE_EARLY_READ", "1") != "0" else None  # 0: a bench knob
         with self.timeline.phase("data"):
             cache = TokenCache.for_config(cfg.data, self.tokenizer) if not cfg.data.custom_cls.path else None
-            if train_ds is not None:
-                model_read.may_run()
+            if train_ds is not None and beside is not None:
+                beside.may_run()
             self.train_ds = train_ds if train_ds is not None else \
                 load_dataset(cfg.data.train_files, cfg.data, self.tokenizer, "data.train_files", cache=cache,
-                             beside=model_read)
+                             beside=beside)
             self.val_ds = (load_dataset(cfg.data.val_files, cfg.data, self.tokenizer, "data.val_files", cache=cache,
-                                        beside=model_read)
+                                        beside=beside)
                            if cfg.data.val_files else None)
             self.plan = self._build_plan()
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.plan.steps_per_epoch
