@@ -285,7 +285,11 @@ PY
       PYTHONPYCACHEPREFIX=/tmp/pycache_env step y5_trl_prefixed 150 python bench/gsm8k_cli.py \
           --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/y5_trl_prefixed.jsonl"
       [ "${Y_TESTS:-1}" = 1 ] && step gpu_tests 200 python -m pytest -q -x -p no:cacheprovider -m '' \
-          tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
+          tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py
+      # Last, if the call has time left: y3 without periodic saves, to size what the background
+      # writes (the first one especially, steps 11-30 at half rate in X) cost the training.
+      VERLITE_WARM=0 step y6_no_periodic_saves 60 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 \
+          --set trainer.save_freq=-1 --out "$out/y6_no_periodic_saves.jsonl" ;;
   Z)  export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"
       VERLITE_TRACE_EXIT=1 step z1_launch 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime --launches 1 \
