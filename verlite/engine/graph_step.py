@@ -256,29 +256,26 @@ class GraphedSteps:
     def _forward_backward(self, mb: MicroBatch) -> None:
         key = (mb.input_ids.shape[1], len(mb.loss_index), len(mb.cu_seqlens), mb.max_seqlen)
         shape = self.shapes.get(key)
-        if shape is None:  # first time: into new input buffers; eager unless its kernels are warm
+        first_time = shape is None
+        if first_time:  # into new input buffers; eager unless its kernels are warm
             shape = self.shapes[key] = _Shape(mb.to(self.device))
             if self.grads is None or self.compiled_max_seqlen is not None or kernel_class(key) not in self.warm_classes:
                 self._accumulate(shape.inputs)
                 return
-            shape.graph = self._capture(lambda: self._accumulate(shape.inputs))
-            self.warm_classes.add(kernel_class(key))
-            self.captured_at_once += 1
-            shape.graph.replay()
-            self.replays += 1
-            return
-        for f in fields(mb):
-            value = getattr(mb, f.name)
-            if isinstance(value, torch.Tensor):
-                getattr(shape.inputs, f.name).copy_(value, non_blocking=True)
-        if shape.graph is None and self.grads is None:
-            # Still the first step: which weights get a gradient is not checked yet, and a
-            # weight whose gradient first appears inside a capture would own pool memory.
-            self._accumulate(shape.inputs)
-            return
+        else:
+            for f in fields(mb):
+                value = getattr(mb, f.name)
+                if isinstance(value, torch.Tensor):
+                    getattr(shape.inputs, f.name).copy_(value, non_blocking=True)
+            if shape.graph is None and self.grads is None:
+                # Still the first step: which weights get a gradient is not checked yet, and a
+                # weight whose gradient first appears inside a capture would own pool memory.
+                self._accumulate(shape.inputs)
+                return
         if shape.graph is None:
             shape.graph = self._capture(lambda: self._accumulate(shape.inputs))
             self.warm_classes.add(kernel_class(key))
+            self.captured_at_once += first_time
         shape.graph.replay()
         self.replays += 1
 
