@@ -24,9 +24,9 @@ log = logging.getLogger("verlite.model")
 # Held while building a transformers model: its construction switches process-wide state
 # (from_pretrained's no-init context patches torch.nn.init's functions for the whole process),
 # and the trainer reads the weights on a side thread (models/early_read.py) while the memory
-# plan builds a weightless copy (engine/memory.model_shape). Re-entrant: read_model's own
-# weightless check runs inside it.
-MODEL_BUILD_LOCK = threading.RLock()
+# plan builds a weightless copy (engine/memory.model_shape). read_model holds it across its
+# own weightless checks (check_lora_targets, check_quantizable), which take it no further.
+MODEL_BUILD_LOCK = threading.Lock()
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

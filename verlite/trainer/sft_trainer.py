@@ -156,8 +156,8 @@ class Trainer:
         self.kernel_warmup = kernel_warmup.start_for_run(
             cfg.model, liger_kinds, self.device, dist_info.local_rank, uses_fsdp(cfg.model, dist_info.world_size),
             self.packed_layout, cfg.data.micro_batch_size_per_gpu, sp)
-        # Data first: a bad file fails here, before any model or GPU memory is touched
-        # (the kernel may already read the weights from disk meanwhile).
+        # Data first: a bad file fails before the model is taken (the weights' files are read
+        # ahead by the kernel meanwhile, and the model itself beside the tokenizing below).
         read_ahead_weights(cfg.model.partial_pretrain)
         from transformers import AutoTokenizer  # noqa: F401 -- its import, timed apart from the tokenizer's load
 
