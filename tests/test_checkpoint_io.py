@@ -540,10 +540,13 @@ def test_ckpt_probe_smoke():
     assert all(x["loop_alone"] > 0 and x["loop_during"] > 0 and x["write_s"] >= 0 for x in rows[1:])
 
 
-def test_background_copy_of_torchao_8bit_state_shares_no_memory():
+def test_background_copy_of_torchao_8bit_state_shares_no_memory(monkeypatch):
     """torchao's OptimState8bit.to(copy=True) hands back the live codes; a background write
     of them would see the next steps' values (found by test_optim_lowmem's resume)."""
     pytest.importorskip("torchao.optim")
+    # AdamW8bit compiles its step with torch.compile: 25 s of inductor on CPU for what this
+    # test checks (the copy's memory), which is the same eagerly.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     from torchao.optim import AdamW8bit
 
     p = torch.nn.Parameter(torch.randn(256, 256))
