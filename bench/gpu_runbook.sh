@@ -27,7 +27,7 @@
 #   bash bench/gpu_runbook.sh V "$OUT"    # issue 14: defaults of the eleventh session (Liger auto, final fsync detached), TRL beside
 #   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
 #   bash bench/gpu_runbook.sh X "$OUT"    # issue 14: a fresh machine's launch 1 with the kernel warm-up process; TRL with and without the bytecode prefix
-#   bash bench/gpu_runbook.sh Y "$OUT/Y"; tar czf "$OUT/Y.tgz" -C "$OUT" Y; rm -rf "$OUT/Y"
+#   TAR_TO=$OUT/Y.tgz bash bench/gpu_runbook.sh Y /tmp/Y
 #                                         # issue 14: X's launches 1 and 2, the model read beside the data or not, both TRLs, GPU tests
 #   bash bench/gpu_runbook.sh Z "$OUT"    # issue 14: X's first launch only (what a short device call can hold)
 #
@@ -47,6 +47,11 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "rc=$?" >> "$out/$name.txt"
   grep -v '^{' "$out/$name.txt" | tail -8 | cut -c1-400
+  # TAR_TO: the output folder tarred into this file after every step, so a call cut short
+  # still brings back every finished step (a call returns 8 files at most).
+  if [ -n "${TAR_TO:-}" ]; then
+    tar czf "$TAR_TO.part" -C "$(dirname "$out")" "$(basename "$out")" && mv "$TAR_TO.part" "$TAR_TO"
+  fi
 }
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 case $part in
