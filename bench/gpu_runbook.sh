@@ -272,7 +272,7 @@ PY
       [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
           tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
   Y)  # Thirteenth session: X's fresh-machine launches 1 and 2; TRL without and with the
-      # bytecode prefix; the GPU tests (kernel warm-up, Liger, graph shapes captured the first
+      # bytecode prefix (the plain one, as a user runs it, first); the GPU tests (kernel warm-up, Liger, graph shapes captured the first
       # time they come); then, on that machine without the helper, launch 1 with the model read
       # beside the data (default) and after it (VERLITE_EARLY_READ=0), and without periodic
       # saves. What the targets need comes first, in case the call is cut short.
@@ -284,10 +284,10 @@ PY
       unset PYTHONPYCACHEPREFIX
       step y4_trl_plain 130 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 0 --trl \
           --trl_dtypes bfloat16 --out "$out/y4_trl_plain.jsonl"
-      PYTHONPYCACHEPREFIX=/tmp/pycache_env step y5_trl_prefixed 150 python bench/gsm8k_cli.py \
-          --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/y5_trl_prefixed.jsonl"
       [ "${Y_TESTS:-1}" = 1 ] && step gpu_tests 200 python -m pytest -q -p no:cacheprovider -m '' \
           tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py
+      PYTHONPYCACHEPREFIX=/tmp/pycache_env step y5_trl_prefixed 150 python bench/gsm8k_cli.py \
+          --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/y5_trl_prefixed.jsonl"
       export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       VERLITE_WARM=0 step y3_read_beside 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 \
           --out "$out/y3_read_beside.jsonl"
