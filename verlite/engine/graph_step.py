@@ -150,6 +150,11 @@ def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, p
                         varying_counts)
 
 
+def shape_key(mb: MicroBatch) -> tuple[int, int, int, int]:
+    """A padded micro-batch's shape: one graph per key."""
+    return (mb.input_ids.shape[1], len(mb.loss_index), len(mb.cu_seqlens), mb.max_seqlen)
+
+
 def kernel_class(key: tuple[int, ...]) -> tuple[tuple[bool, bool], ...]:
     """What Triton sees of a shape's sizes when it picks a kernel variant: for each integer,
     whether it is 1 and whether 16 divides it."""
@@ -254,7 +259,7 @@ class GraphedSteps:
         return StepResult(out[0], out[1], out[2])
 
     def _forward_backward(self, mb: MicroBatch) -> None:
-        key = (mb.input_ids.shape[1], len(mb.loss_index), len(mb.cu_seqlens), mb.max_seqlen)
+        key = shape_key(mb)
         shape = self.shapes.get(key)
         first_time = shape is None
         if first_time:  # into new input buffers; eager unless its kernels are warm
