@@ -178,8 +178,8 @@ def _gpu_run(tmp_path, model, graphs: str, *extra, steps: int = 24):
 @gpu
 @pytest.mark.parametrize("extra", [(), ("model.lora_rank=8", "model.target_modules=all-linear"),
                                    ("model.enable_gradient_checkpointing=true",), ("model.compile=true",),
-                                   ("data.train_batch_size=8",)],
-                         ids=["full", "lora", "recompute", "compiled", "accumulation"])
+                                   ("data.train_batch_size=8",), ("model.use_liger=true",)],
+                         ids=["full", "lora", "recompute", "compiled", "accumulation", "liger_rms_norm"])
 def test_graphed_run_follows_the_eager_run(tmp_path, tiny_model, extra):
     eager, w_eager, none, _ = _gpu_run(tmp_path / "eager", tiny_model, "false", *extra)
     graphed, w_graphed, stats, still_on = _gpu_run(tmp_path / "graphs", tiny_model, "true", *extra)
@@ -187,9 +187,10 @@ def test_graphed_run_follows_the_eager_run(tmp_path, tiny_model, extra):
     assert still_on, "graphs were turned off during the run"
     assert stats.replays > 0 and stats.captures >= 2, stats.summary()
     # New shapes of a warm kernel class were captured without an eager run (not for compiled
-    # layers, which may recompile at a new shape), and still follow the eager run below.
-    assert (stats.captured_at_once == 0) if "model.compile=true" in extra else (stats.captured_at_once >= 1), \
-        stats.summary()
+    # layers, which may recompile at a new shape, nor with Liger's RMSNorm, whose backward takes
+    # an integer the class does not see), and still follow the eager run below.
+    eager_first = {"model.compile=true", "model.use_liger=true"} & set(extra)
+    assert (stats.captured_at_once == 0) if eager_first else (stats.captured_at_once >= 1), stats.summary()
     # bf16 compute at another token count (padding) rounds differently: close, not equal.
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=2e-2)
     for name in w_eager:

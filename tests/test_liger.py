@@ -61,6 +61,24 @@ def test_the_side_thread_import_is_waited_for_and_its_error_left_to_the_patch(mo
     assert liger._import_thread is None and liger._import_error is None
 
 
+def test_every_thread_that_finishes_the_import_waits_for_it(monkeypatch):
+    """The model read and the memory plan's weightless model each wait for Liger's import
+    (both build transformers models): the second caller must not return while it runs."""
+    import threading
+    import time
+
+    done = threading.Event()
+    monkeypatch.setattr(liger, "_import_thread", threading.Thread(target=lambda: (time.sleep(0.3), done.set())))
+    liger._import_thread.start()
+    seen = []
+    callers = [threading.Thread(target=lambda: (liger.finish_import(), seen.append(done.is_set()))) for _ in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert seen == [True, True, True] and liger._import_thread is None
+
+
 def test_auto_goes_on_without_liger_where_it_does_not_import(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # an import that fails
     with caplog.at_level(logging.WARNING, logger="verlite.models"):

@@ -25,8 +25,10 @@ How, decided here once:
   kernel's integer arguments only on being 1 and on divisibility by 16, so such a shape needs
   no new kernel, and the lazy set-up is done. That saves an eager run per shape (~0.2 s of
   host time for the 0.5B GSM8K step; about 9 shapes an epoch). Compiled layers keep the
-  eager first run (a new shape may recompile them). All of it runs on one side stream, as
-  captures must.
+  eager first run (a new shape may recompile them), and so do models with Triton kernels
+  whose integers the shape does not give (Liger's RMSNorm backward takes the rows per SM:
+  AT_ONCE_LIGER_KINDS lists the Liger kernels the class covers). All of it runs on one side
+  stream, as captures must.
 - Host values. What changes per step enters through device tensors filled before the
   replays: the loss tokens behind the mean, and the learning rate (torch's fused AdamW reads a
   tensor lr when captured; the param groups keep floats for the schedule and checkpoints).
@@ -67,6 +69,10 @@ from verlite.errors import VerliteError
 log = logging.getLogger("verlite.engine")
 
 TOKENS_PER_OCTAVE = 8
+# Liger kernels (models/liger.py) whose integer arguments are sizes of the shape key or the
+# model's constants, so that `kernel_class` covers them: RoPE's sequence length, SwiGLU's
+# strides. RMSNorm's backward also takes ceil(rows / SMs), which the class does not see.
+AT_ONCE_LIGER_KINDS = ("rope", "swiglu")
 LOSS_ROWS_PER_OCTAVE = 4
 SAMPLES_PER_OCTAVE = 4
 
@@ -129,9 +135,12 @@ def why_not_auto(cfg) -> str | None:
 
 
 def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, pad_id: int, fsdp: bool,
-          sp_size: int, packed: bool, world_size: int = 1, varying_counts: bool = False) -> "GraphedSteps | None":
+          sp_size: int, packed: bool, world_size: int = 1, varying_counts: bool = False,
+          liger_kinds: tuple[str, ...] = ()) -> "GraphedSteps | None":
     """GraphedSteps when model.cuda_graphs allows it here, else None; the choice is logged.
-    model.cuda_graphs=true on a run that cannot use them is an error (it names what is missing)."""
+    model.cuda_graphs=true on a run that cannot use them is an error (it names what is missing).
+    `liger_kinds`: the Liger kernels patched into the model (first-time captures need them
+    covered by the kernel class)."""
     setting = parse_setting(cfg.model.cuda_graphs)
     if setting is False:
         log.info("cuda graphs: off (model.cuda_graphs=false)")
@@ -144,10 +153,12 @@ def build(cfg, model, optimizer, params, device: torch.device, autocast: bool, p
             raise _refusal(reason)
         log.info("cuda graphs: off (%s)", reason)
         return None
+    at_once = set(liger_kinds) <= set(AT_ONCE_LIGER_KINDS)
     log.info("cuda graphs: on (model.cuda_graphs=%s): steps padded to %d token sizes per octave, each shape "
-             "captured the second time it comes", cfg.model.cuda_graphs, TOKENS_PER_OCTAVE)
+             "captured the second time it comes%s", cfg.model.cuda_graphs, TOKENS_PER_OCTAVE,
+             " (the first time once a shape of its kernel class is captured)" if at_once else "")
     return GraphedSteps(model, optimizer, params, cfg.optim.clip_grad, device, autocast, pad_id, cfg.data.max_length,
-                        varying_counts)
+                        varying_counts, at_once)
 
 
 def shape_key(mb: MicroBatch) -> tuple[int, int, int, int]:
@@ -173,7 +184,7 @@ class GraphedSteps:
     compiled_max_seqlen: int | None = None  # set by fix_max_seqlen when the layers are compiled
 
     def __init__(self, model, optimizer, params, clip_grad: float, device: torch.device, autocast: bool,
-                 pad_id: int, max_length: int, varying_counts: bool = False):
+                 pad_id: int, max_length: int, varying_counts: bool = False, capture_at_once: bool = True):
         self.model, self.optimizer, self.params, self.clip = model, optimizer, params, clip_grad
         self.device, self.pad_id, self.max_length = device, pad_id, max_length
         self.varying_counts = varying_counts  # micro-batches by token budget: their sample counts vary
@@ -187,6 +198,7 @@ class GraphedSteps:
         self.captures, self.capture_s, self.replays = 0, 0.0, 0
         self.warm_classes: set[tuple] = set()  # kernel classes of the shapes captured so far
         self.captured_at_once = 0  # shapes captured the first time they came (no eager run)
+        self.capture_at_once = capture_at_once  # False: every shape runs eagerly the first time
         with torch.cuda.stream(self.stream):  # made outside any graph's pool
             self.scale = torch.zeros((), device=device)  # 1 / the step's loss tokens
             self.count = torch.zeros((), device=device)
@@ -264,7 +276,8 @@ class GraphedSteps:
         first_time = shape is None
         if first_time:  # into new input buffers; eager unless its kernels are warm
             shape = self.shapes[key] = _Shape(mb.to(self.device))
-            if self.grads is None or self.compiled_max_seqlen is not None or kernel_class(key) not in self.warm_classes:
+            if self.grads is None or not self.capture_at_once or self.compiled_max_seqlen is not None \
+                    or kernel_class(key) not in self.warm_classes:
                 self._accumulate(shape.inputs)
                 return
         else:

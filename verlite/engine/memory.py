@@ -59,9 +59,11 @@ class Estimate:
 def model_shape(cfg: SFTConfig) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
+    from verlite.models import liger
     from verlite.models.load import MODEL_BUILD_LOCK, linear_module_names, load_hf_config
 
     hf_config = load_hf_config(cfg.model)
+    liger.finish_import()  # Liger's import (a side thread) and this build both import model code
     with MODEL_BUILD_LOCK, torch.device("meta"):  # the weights may be read meanwhile (models/early_read.py)
         model = AutoModelForCausalLM.from_config(hf_config)
     params = sum(p.numel() for p in model.parameters())

@@ -70,6 +70,7 @@ def wanted_kinds(use_liger: Union[bool, str], device: torch.device) -> tuple[str
 _import_thread: Optional[threading.Thread] = None
 _import_error: Optional[BaseException] = None
 _import_s = 0.0
+_finish_lock = threading.Lock()
 
 
 def _import() -> None:
@@ -90,16 +91,21 @@ def start_import(kinds: tuple[str, ...]) -> None:
 
 
 def finish_import() -> None:
-    """Wait for start_import's thread. An import that failed there is not raised here: Python
-    forgets a module whose import failed, so use_liger_kernels imports it again and meets the
-    error where it decides what a missing Liger means."""
+    """Wait for start_import's thread; every thread that calls it waits (the model read and
+    the memory plan's weightless model both build transformers models). An import that failed
+    there is not raised here: Python forgets a module whose import failed, so
+    use_liger_kernels imports it again and meets the error where it decides what a missing
+    Liger means."""
     global _import_thread, _import_error
-    thread, _import_thread = _import_thread, None
+    thread = _import_thread
     if thread is None:
         return
     waited = time.perf_counter()
     thread.join()
-    error, _import_error = _import_error, None
+    with _finish_lock:
+        if _import_thread is not thread:  # another waiter got here first and logged it
+            return
+        _import_thread, error, _import_error = None, _import_error, None
     log.debug("Liger's import: %.2f s on a side thread, %.2f s waited for%s", _import_s,
               time.perf_counter() - waited, f" (failed: {error!r})" if error is not None else "")
 

@@ -163,16 +163,15 @@ def read_model(cfg: ModelConfig, dtype: torch.dtype, liger_kinds: tuple[str, ...
     """load_model's first half, which no memory-plan setting changes: the weights read into
     the HF model on CPU in `dtype`, Liger's kernels in (the trainer runs it beside the data,
     models/early_read.py)."""
-    from verlite.models.quant import quiet_torchao_import
-
-    quiet_torchao_import()  # transformers' model code imports torchao (when installed): keep its warnings out
-    from transformers import AutoModelForCausalLM
-
     from verlite.models import attention
+    from verlite.models.quant import quiet_torchao_import
 
     hf_config = load_hf_config(cfg)
     path = resolve_model_path(cfg.partial_pretrain)
-    with MODEL_BUILD_LOCK:
+    with MODEL_BUILD_LOCK:  # also over the imports: one thread at a time imports model code
+        quiet_torchao_import()  # transformers' model code imports torchao (when installed): keep its warnings out
+        from transformers import AutoModelForCausalLM
+
         if cfg.lora_rank > 0:
             check_lora_targets(cfg, hf_config)  # before reading gigabytes of weights
         if cfg.quantization:

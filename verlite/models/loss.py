@@ -65,7 +65,10 @@ if triton is not None:
 
 
 def chunk_size_for(vocab: int) -> int:
-    return max(64, min(8192, CHUNK_ELEMENTS // vocab))
+    # A multiple of 16 rows: every chunk's slices of targets and row weights then start
+    # 16-byte aligned, which Triton specialises pointers on (one kernel variant for all
+    # chunks; a CUDA graph captured for a new shape finds it compiled).
+    return max(64, min(8192, CHUNK_ELEMENTS // vocab)) // 16 * 16
 
 
 def _rows_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool,

@@ -173,7 +173,11 @@ class Trainer:
             log.info("start-up: %.1f s since launch (%s)", now - self.timeline.launch,
                      ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
         self.start_up_split = split
-        liger.start_import(liger_kinds)  # on a side thread while the data is read (models/liger.py)
+        # On a side thread while the data is read (models/liger.py). Unlike the model read, it may
+        # still be importing when the tokenizer's workers fork: a child inherits its module locks
+        # held, but the workers import nothing Liger imports (checked on CPU: tokenizing in a
+        # worker imported encodings.unicode_escape only).
+        liger.start_import(liger_kinds)
         # The weights are read on another side thread while the workers tokenize: nothing the
         # data decides changes that part (models/early_read.py; the memory plan comes after).
         model_read = EarlyRead(lambda: self._read_model(liger_kinds))
@@ -235,7 +239,7 @@ class Trainer:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.graphs = graph_step.build(cfg, self.model, self.optimizer, self.params, self.device, self.autocast,
                                        pad_id, fsdp, sp, self.packed_layout, dist_info.world_size,
-                                       varying_counts=self.plan.token_budget is not None)
+                                       varying_counts=self.plan.token_budget is not None, liger_kinds=liger_kinds)
         self.graph_stats = self.graphs
         micro_batches = len(self.plan.rank_micro_batches(0, dist_info.dp_rank))
         self.compile_choice = maybe_compile(self.model, cfg.model.compile, self.device,
