@@ -271,12 +271,12 @@ PY
           --gsm8k "$gsm8k" --launches 0 --trl --trl_dtypes bfloat16 --out "$out/x5_trl_prefixed.jsonl"
       [ "${X_TESTS:-1}" = 1 ] && step gpu_tests 150 python -m pytest -q -x -p no:cacheprovider -m '' \
           tests/test_kernel_warmup.py tests/test_liger.py tests/test_graph_step.py ;;
-  Y)  # Thirteenth session: X's fresh-machine launches 1 and 2; TRL without and with the
-      # bytecode prefix (the plain one, as a user runs it, first); the GPU tests (kernel warm-up, Liger, graph shapes captured the first
-      # time they come); then, on that machine without the helper, launch 1 with the model read
-      # beside the data (default) and after it (VERLITE_EARLY_READ=0), and without periodic
-      # saves. What the targets need comes first, in case the call is cut short.
-      # A call returns 8 files at most: tar the folder after the part (see the header).
+  Y)  # Thirteenth session: X's fresh-machine launches 1 and 2; TRL plain (as a user runs it);
+      # the GPU tests (kernel warm-up, Liger, graph shapes captured the first time they come);
+      # TRL under the bytecode prefix; then, on that machine without the helper, launch 1 with
+      # the model read beside the data (default) and after it (VERLITE_EARLY_READ=0), and
+      # without periodic saves. What the targets need comes first, in case the call is
+      # cut short. A call returns 8 files at most: run it with TAR_TO (see the header).
       export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"
       VERLITE_TRACE_EXIT=1 step y1_launches 200 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime \
@@ -293,8 +293,8 @@ PY
           --out "$out/y3_read_beside.jsonl"
       VERLITE_WARM=0 VERLITE_EARLY_READ=0 step y2_read_after 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
           --launches 1 --out "$out/y2_read_after.jsonl"
-      # y3 without periodic saves: what the background writes (the first one especially, steps
-      # 11-30 at half rate in X) cost the training.
+      # y3 without periodic saves: what the background writes cost the training (in X, ~0.56 s
+      # of steps 21-30 during the first one that graph captures do not explain: RESULTS.md).
       VERLITE_WARM=0 step y6_no_periodic_saves 60 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 \
           --set trainer.save_freq=-1 --out "$out/y6_no_periodic_saves.jsonl" ;;
   Z)  export PYTHONPYCACHEPREFIX=/tmp/pycache_env
