@@ -134,3 +134,75 @@ def test_distribution_map_is_kept_until_a_distribution_changes(tmp_path):
     assert third["computed"] == 1 and third["served"]["verlite_probe_mod"] == ["verlite-probe-dist"]
     assert third["served"] == third["real"]
     assert run()["computed"] == 0  # the file was rewritten for the new stamp
+
+
+# A first launch (empty cache folder) builds the index and the map in a side process while it
+# imports torch (import_index.build_in_background), then reads them as a later launch would.
+BUILD_PROBE = """
+import json, sys
+from verlite import import_index
+import_index.MIN_CORES = 1  # this box may have fewer cores than the side process is started with
+mode = sys.argv[1]
+if mode == "fail":
+    import_index._builder_command = lambda: [sys.executable, "-c", "import sys; sys.exit(3)"]
+elif mode == "hang":
+    import_index._builder_command = lambda: [sys.executable, "-c", "import time; time.sleep(120)"]
+    import_index.BUILDER_WAIT_S = 1.0
+started = import_index.build_in_background()
+builder = import_index._builder
+import torch  # what the launch imports meanwhile
+import_index.install()
+import transformers
+from transformers import AutoTokenizer
+import transformers.models as models
+scan = transformers.utils.import_utils.create_import_structure_from_path
+original = getattr(scan, "verlite_original", scan)
+print(json.dumps({"started": started, "scanned": original.cache_info().misses, "names": sorted(dir(transformers)),
+                  "models": sorted(dir(models)), "waited": import_index.waited_s,
+                  "builder_rc": builder.poll() if builder is not None else None,
+                  "current": import_index.files_current()}))
+"""
+
+
+def build_probe(cache, mode="ok", **env) -> dict:
+    out = subprocess.run([sys.executable, "-c", BUILD_PROBE, mode], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "VERLITE_CACHE_DIR": str(cache), **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_first_launch_reads_the_index_its_side_process_built(runs, tmp_path):
+    plain = runs[3]
+    first = build_probe(tmp_path / "cache")
+    assert first["started"] and first["builder_rc"] == 0
+    assert first["scanned"] < 10  # the models tree came from the side process's files
+    assert first["names"] == plain["names"] and first["models"] == plain["models"]
+    assert first["current"] and (tmp_path / "cache" / "imports").is_dir()
+    second = build_probe(tmp_path / "cache")
+    assert not second["started"] and second["builder_rc"] is None and second["scanned"] < 10
+    off = build_probe(tmp_path / "off", VERLITE_INDEX_BUILDER="0")
+    assert not off["started"] and off["scanned"] > 500
+
+
+def test_a_failed_or_stuck_side_process_costs_only_the_scan(runs, tmp_path):
+    plain = runs[3]
+    failed = build_probe(tmp_path / "failed", "fail")
+    assert failed["started"] and failed["builder_rc"] == 3
+    assert failed["scanned"] > 500 and failed["names"] == plain["names"]
+    assert not failed["current"]  # no marker: the next launch tries again
+    stuck = build_probe(tmp_path / "stuck", "hang")
+    assert stuck["started"] and stuck["builder_rc"] is not None and stuck["builder_rc"] < 0  # stopped
+    assert 1.0 <= stuck["waited"] < 30
+    assert stuck["scanned"] > 500 and stuck["names"] == plain["names"]
+
+
+def test_the_marker_goes_stale_when_a_distribution_is_installed(tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(extra), os.environ.get("PYTHONPATH", "")])}
+    assert build_probe(tmp_path / "cache", **env)["current"]
+    info = extra / "verlite_probe_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: verlite-probe-dist\nVersion: 1.0\n")
+    again = build_probe(tmp_path / "cache", **env)
+    assert again["started"] and again["current"]  # built again for the new stamp

@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         code = warm.run_in_helper(list(argv if argv is not None else sys.argv[1:]))
         if code is not None:
             return code
+    if args.command != "plot":  # every other command imports transformers
+        import_index.build_in_background()  # a first launch: the index built while torch is imported
     setup_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)

@@ -29,6 +29,9 @@ while import_utils runs the call is answered from a file stamped with the search
 folders and the modification times of their *.dist-info / *.egg-info folders (installing,
 upgrading or removing a distribution replaces its folder). Later transformers versions build
 the map lazily, outside that window, and keep their own call.
+
+A first launch (no files yet) has both built by a side process while it imports torch
+(build_in_background, started by the CLI; see the comment above it).
 """
 
 from __future__ import annotations
@@ -37,12 +40,16 @@ import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
+import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import Optional
 
 from verlite.cache_dir import cache_root
 
@@ -62,14 +69,7 @@ class _Index:
         self.prefixes = tuple({str(self.package) + os.sep,
                                os.path.abspath(os.path.dirname(os.path.dirname(import_utils_file))) + os.sep})
         version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
-        # pip and uv rewrite the install's RECORD on every install of any version.
-        record = next(iter(self.package.parent.glob(f"transformers-{version}.dist-info/RECORD")), None)
-        installed = _stat(record) if record is not None else _stat(self.package / "models")
-        # As JSON gives it back (tuples become lists), so that a stamp read from the file compares equal.
-        self.stamp = json.loads(json.dumps([FORMAT, version, str(self.package), installed,
-                                            _stat(Path(import_utils_file))]))
-        self.path = cache_root() / "imports" / \
-            f"transformers-{version}-{hashlib.sha1(str(self.package).encode()).hexdigest()[:12]}.json"
+        self.stamp, self.path = _index_place(import_utils_file, version)
         self.entries: dict[str, str] | None = None  # folder -> its structure, encoded (JSON text)
         self.lock = threading.Lock()
 
@@ -97,6 +97,18 @@ class _Index:
                 self.entries = self._read()
             self.entries[key] = text
             _write(self.path, {"stamp": self.stamp, "entries": self.entries})
+
+
+def _index_place(import_utils_file: str, version: str) -> tuple[list, Path]:
+    """The stamp an index of this transformers install carries, and its file."""
+    package = Path(import_utils_file).resolve().parent.parent
+    # pip and uv rewrite the install's RECORD on every install of any version.
+    record = next(iter(package.parent.glob(f"transformers-{version}.dist-info/RECORD")), None)
+    installed = _stat(record) if record is not None else _stat(package / "models")
+    # As JSON gives it back (tuples become lists), so that a stamp read from the file compares equal.
+    stamp = json.loads(json.dumps([FORMAT, version, str(package), installed, _stat(Path(import_utils_file))]))
+    path = cache_root() / "imports" / f"transformers-{version}-{hashlib.sha1(str(package).encode()).hexdigest()[:12]}.json"
+    return stamp, path
 
 
 def _write(path: Path, data: dict) -> None:
@@ -132,10 +144,14 @@ def _distributions_stamp() -> list:
     return stamp
 
 
+def _distributions_path() -> Path:
+    return cache_root() / "imports" / f"distributions-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}.json"
+
+
 def _served_packages_distributions(original):
     """packages_distributions answered from disk while its stamp holds (computed and kept
     otherwise). Lists come back as lists, as the original gives them."""
-    path = cache_root() / "imports" / f"distributions-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}.json"
+    path = _distributions_path()
 
     def packages_distributions():
         stamp = json.loads(json.dumps(_distributions_stamp()))
@@ -227,6 +243,7 @@ class _Loader(importlib.abc.Loader):
         return self.inner.create_module(spec)
 
     def exec_module(self, module) -> None:
+        await_builder()  # its files, if this launch started one, before anything is read or scanned
         original = importlib.metadata.packages_distributions
         importlib.metadata.packages_distributions = _served_packages_distributions(original)
         try:
@@ -263,6 +280,126 @@ def _remove() -> None:
 def install() -> None:
     """Serve transformers' export index from disk for this process's `import transformers`
     (a no-op once transformers is imported, or with VERLITE_IMPORT_INDEX=0)."""
-    if TARGET in sys.modules or _finder in sys.meta_path or os.environ.get("VERLITE_IMPORT_INDEX", "1") == "0":
+    if TARGET in sys.modules or _finder in sys.meta_path or not _enabled():
         return
     sys.meta_path.insert(0, _finder)
+
+
+def _enabled() -> bool:
+    return os.environ.get("VERLITE_IMPORT_INDEX", "1") != "0"
+
+
+# The first launch on a machine (nothing under the cache root yet) would still scan and map
+# everything itself, inside its "transformers import" (2.6-3.6 s of a fresh H200 machine's
+# launch 1, call X, bench/RESULTS.md). Neither needs torch, which the launch imports first
+# (1-2 s): so the command starts a side process that imports transformers alone with the index
+# installed (0.7-0.9 s on the 2-core box), which writes both files while this process imports
+# torch; this process waits for it right before its own import_utils runs, then reads them as
+# a later launch would. A marker says a build is done for these stamps, so later launches
+# start nothing (the map alone cannot say: later transformers versions never ask for it).
+# On the 2-core box it still takes ~0.3 s off launch 1's start-up with either transformers
+# (bench/RESULTS.md "Fifteenth session"); with one core it would only take the CPU the launch
+# imports torch on, so it is left out there.
+MIN_CORES = 2
+BUILDER_WAIT_S = 30.0  # past this, the side process is stopped and this process scans itself
+_builder: Optional[subprocess.Popen] = None
+waited_s = 0.0  # how long this process waited for the side process (bench, tests)
+
+
+def _transformers_import_utils() -> Optional[str]:
+    """transformers' import_utils.py, found without importing anything of transformers; None
+    where it is not an installed package (then nothing is indexed)."""
+    try:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    if not origin:
+        return None
+    path = os.path.join(os.path.dirname(origin), "utils", "import_utils.py")
+    return path if os.path.isfile(path) and _installed(path) else None
+
+
+def _marker_path() -> Path:
+    return _distributions_path().with_name("built-" + _distributions_path().name)
+
+
+def _stamps(import_utils_file: str) -> Optional[list]:
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return json.loads(json.dumps([_index_place(import_utils_file, version)[0], _distributions_stamp()]))
+
+
+def files_current() -> bool:
+    """Did a side process build the files for this transformers install and these
+    distributions (or is there nothing to build)?"""
+    import_utils_file = _transformers_import_utils()
+    if import_utils_file is None:
+        return True
+    stamps = _stamps(import_utils_file)
+    try:
+        return stamps is None or json.loads(_marker_path().read_text(encoding="utf-8")) == stamps
+    except Exception:  # noqa: BLE001 - missing or unreadable: build
+        return False
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _builder_command() -> list[str]:
+    # This process's search path exactly: the map and its stamp depend on it.
+    return [sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+            "from verlite.import_index import _build; _build()", json.dumps(sys.path)]
+
+
+def build_in_background() -> bool:
+    """Start the side process that builds the index and the map, unless they are current (or
+    transformers is imported already, the index is off, or another local rank of a torchrun
+    job does it). Returns whether one started."""
+    global _builder
+    if _builder is not None or TARGET in sys.modules or not _enabled() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return False
+    if _cores() < MIN_CORES or os.environ.get("VERLITE_INDEX_BUILDER") == "0":  # 0: a bench knob
+        return False
+    if files_current():
+        return False
+    try:
+        _builder = subprocess.Popen(_builder_command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def await_builder() -> None:
+    """Wait for the side process this process started, if any (at most BUILDER_WAIT_S; then it
+    is stopped: its files are written atomically, so a stopped one leaves none half-written)."""
+    global _builder, waited_s
+    builder, _builder = _builder, None
+    if builder is None:
+        return
+    start = time.perf_counter()
+    try:
+        builder.wait(timeout=BUILDER_WAIT_S)
+    except subprocess.TimeoutExpired:
+        builder.kill()
+        builder.wait()
+    waited_s = time.perf_counter() - start
+
+
+def _build() -> None:
+    """The side process: import transformers (not torch) as a launch does, which writes the
+    index and the map, then the marker."""
+    import_utils_file = _transformers_import_utils()
+    if import_utils_file is None:
+        return
+    install()
+    import transformers.models.auto  # noqa: F401 -- the folders every launch's AutoTokenizer scans
+    import transformers.models.encoder_decoder  # noqa: F401
+    stamps = _stamps(import_utils_file)
+    if stamps is not None:
+        _write(_marker_path(), stamps)
+

@@ -32,6 +32,7 @@ from verlite.engine.prefetch import prefetch
 from verlite.engine.compile import maybe_compile, measured_cost, parse_setting, steady_max_seqlen
 from verlite.engine.sharding import offloads, reshard_all, shard_model, uses_fsdp
 from verlite.engine.step import StepResult, train_step
+from verlite import import_index
 from verlite.errors import VerliteError
 from verlite.models import lean_imports
 from verlite.models.attention import pick_single_sequence_backends, supports_varlen
@@ -173,6 +174,9 @@ class Trainer:
             log.info("start-up: %.1f s since launch (%s)", now - self.timeline.launch,
                      ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
         self.start_up_split = split
+        if import_index.waited_s >= 0.05:
+            log.info("transformers import: %.1f s of it waited for the side process that indexed transformers "
+                     "(first launch with this cache folder: verlite/import_index.py)", import_index.waited_s)
         # On a side thread while the data is read (models/liger.py). Unlike the model read, it may
         # still be importing when the tokenizer's workers fork: a child inherits its module locks
         # held, but the workers import nothing Liger imports (checked on CPU: tokenizing in a
