@@ -28,7 +28,8 @@
 #   bash bench/gpu_runbook.sh W "$OUT"    # issue 14: Liger auto under model.compile=true and with LoRA (short runs)
 #   bash bench/gpu_runbook.sh X "$OUT"    # issue 14: a fresh machine's launch 1 with the kernel warm-up process; TRL with and without the bytecode prefix
 #   TAR_TO=$OUT/Y.tgz bash bench/gpu_runbook.sh Y /tmp/Y
-#                                         # issue 14: X's launches 1 and 2, the model read beside the data or not, both TRLs, GPU tests
+#                                         # issue 14: X's launches 1 and 2, the model read beside the data or not, both TRLs, GPU tests,
+#                                         # no periodic saves, no import-index side process
 #   bash bench/gpu_runbook.sh Z "$OUT"    # issue 14: X's first launch only (what a short device call can hold)
 #
 # Every step writes its full output under OUT (a device call returns only the tail of its
@@ -296,7 +297,11 @@ PY
       # y3 without periodic saves: what the background writes cost the training (in X, ~0.56 s
       # of steps 21-30 during the first one that graph captures do not explain: RESULTS.md).
       VERLITE_WARM=0 step y6_no_periodic_saves 60 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --launches 1 \
-          --set trainer.save_freq=-1 --out "$out/y6_no_periodic_saves.jsonl" ;;
+          --set trainer.save_freq=-1 --out "$out/y6_no_periodic_saves.jsonl"
+      # y3 without the side process that builds transformers' import index on a first launch
+      # (fifteenth session): its share of the "transformers import" part of start-up.
+      VERLITE_WARM=0 VERLITE_INDEX_BUILDER=0 step y7_no_index_builder 100 python bench/gsm8k_cli.py --gsm8k "$gsm8k" \
+          --launches 1 --out "$out/y7_no_index_builder.jsonl" ;;
   Z)  export PYTHONPYCACHEPREFIX=/tmp/pycache_env
       python bench/compile_env.py > "$out/compile_env.txt" 2>&1; tail -1 "$out/compile_env.txt"
       VERLITE_TRACE_EXIT=1 step z1_launch 120 python bench/gsm8k_cli.py --gsm8k "$gsm8k" --prime --launches 1 \
