@@ -63,8 +63,8 @@ def test_full_finetune_imports_no_peft_nor_torchao_and_its_summary_adds_up(tmp_p
     # start-up is split into its steps in its own line, which adds up to it as well
     total, steps = re.search(r"start-up: ([\d.]+) s since launch \((.*)\)", r.stdout).groups()
     split = dict((k, float(v)) for k, v in re.findall(r"(?:^|, )(.+?) ([\d.]+) s", steps))
-    assert list(split)[:6] == ["python", "config", "imports (torch, verlite)", "device init", "transformers import",
-                               "tokenizer"], split
+    assert list(split)[:7] == ["python", "config", "imports (torch, verlite)", "device init", "run set-up",
+                               "transformers import", "tokenizer"], split
     assert abs(sum(split.values()) - float(total)) <= 0.05 * len(split) + 0.05
     # the same time in both lines, up to their rounding (the Done line's parts are rounded twice)
     assert abs(float(shown["start-up"]) - float(total)) <= 0.1 + 1e-9, (shown["start-up"], total)
