@@ -206,3 +206,11 @@ def test_the_marker_goes_stale_when_a_distribution_is_installed(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: verlite-probe-dist\nVersion: 1.0\n")
     again = build_probe(tmp_path / "cache", **env)
     assert again["started"] and again["current"]  # built again for the new stamp
+
+
+def test_no_side_process_where_the_cache_folder_cannot_be_written(tmp_path):
+    # A cache root below a file can never be made (for root as well as anyone): the launch
+    # scans as it must, and starts no side process whose files could not be kept.
+    (tmp_path / "a-file").write_text("")
+    r = build_probe(tmp_path / "a-file" / "cache")
+    assert not r["started"] and r["scanned"] > 500

@@ -345,6 +345,14 @@ def files_current() -> bool:
         return False
 
 
+def _writable(folder: Path) -> bool:
+    """Can files be made in `folder` (or, where it does not exist yet, its nearest existing parent)?"""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK)
+    return False
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -364,7 +372,7 @@ def build_in_background() -> bool:
         return False
     if _cores() < MIN_CORES or os.environ.get("VERLITE_INDEX_BUILDER") == "0":  # 0: a bench knob
         return False
-    if files_current():
+    if files_current() or not _writable(cache_root()):  # a read-only cache: every launch scans anyway
         return False
     try:
         _builder = subprocess.Popen(_builder_command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
