@@ -148,6 +148,10 @@ if mode == "fail":
 elif mode == "hang":
     import_index._builder_command = lambda: [sys.executable, "-c", "import time; time.sleep(120)"]
     import_index.BUILDER_WAIT_S = 1.0
+elif mode == "slow":  # still building when this process's import comes: it must wait, then read
+    slow = ("import sys, time; time.sleep(3); sys.path[:] = sys.argv[1:]; "
+            "from verlite.import_index import _build; _build()")
+    import_index._builder_command = lambda: [sys.executable, "-c", slow, *sys.path]
 started = import_index.build_in_background()
 builder = import_index._builder
 import torch  # what the launch imports meanwhile
@@ -184,12 +188,20 @@ def test_a_first_launch_reads_the_index_its_side_process_built(runs, tmp_path):
     assert not off["started"] and off["scanned"] > 500
 
 
+def test_a_launch_waits_for_a_side_process_still_building(runs, tmp_path):
+    slow = build_probe(tmp_path / "cache", "slow")
+    assert slow["started"] and slow["builder_rc"] == 0 and slow["waited"] >= 0.5
+    assert slow["scanned"] < 10 and slow["names"] == runs[3]["names"]
+
+
 def test_a_failed_or_stuck_side_process_costs_only_the_scan(runs, tmp_path):
     plain = runs[3]
     failed = build_probe(tmp_path / "failed", "fail")
     assert failed["started"] and failed["builder_rc"] == 3
     assert failed["scanned"] > 500 and failed["names"] == plain["names"]
-    assert not failed["current"]  # no marker: the next launch tries again
+    # One try per install: the next launch starts none and reads what this launch's scan kept.
+    after = build_probe(tmp_path / "failed")
+    assert not after["started"] and after["scanned"] < 10
     stuck = build_probe(tmp_path / "stuck", "hang")
     assert stuck["started"] and stuck["builder_rc"] is not None and stuck["builder_rc"] < 0  # stopped
     assert 1.0 <= stuck["waited"] < 30
@@ -214,3 +226,58 @@ def test_no_side_process_where_the_cache_folder_cannot_be_written(tmp_path):
     (tmp_path / "a-file").write_text("")
     r = build_probe(tmp_path / "a-file" / "cache")
     assert not r["started"] and r["scanned"] > 500
+
+
+def test_the_cli_starts_it_once_its_config_is_read(tmp_path, tiny_model):
+    env = {**os.environ, "VERLITE_CACHE_DIR": str(tmp_path / "cache"), "VERLITE_WARM": "0"}
+    bad = subprocess.run([sys.executable, "-m", "verlite.cli", "sft", "data.nonsense_key=1"], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "nonsense_key" in bad.stderr
+    assert not (tmp_path / "cache" / "imports").exists()  # a config error starts nothing
+    plan = subprocess.run([sys.executable, "-m", "verlite.cli", "plan", f"model.partial_pretrain={tiny_model}",
+                           "--gpu_mem_gb", "12"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    built = {f.name.split("-")[0] for f in (tmp_path / "cache" / "imports").glob("*.json")}
+    assert {"built", "transformers"} <= built, built
+
+
+BUILT_MAP_PROBE = """
+import importlib.metadata, json
+real = importlib.metadata.packages_distributions
+calls = []
+def counted():
+    calls.append(1)
+    return real()
+importlib.metadata.packages_distributions = counted
+from verlite import import_index
+import_index.MIN_CORES = 1
+started = import_index.build_in_background()
+import_index.install()
+import transformers.utils.import_utils as iu
+print(json.dumps({"started": started, "computed": len(calls), "served": iu.PACKAGE_DISTRIBUTION_MAPPING,
+                  "real": real()}))
+"""
+
+
+def test_the_side_process_builds_the_distribution_map_of_transformers_5_17(tmp_path):
+    # An installed stand-in of 5.17's layout: import_utils asks for the map as it runs.
+    site = tmp_path / "site-packages"
+    package = site / "transformers"
+    for sub in ("utils", "models/auto", "models/encoder_decoder"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("from .utils import import_utils\n")
+    (package / "models" / "__init__.py").write_text("")
+    (package / "utils" / "import_utils.py").write_text(FAKE_IMPORT_UTILS)
+    info = site / "transformers-5.17.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.17.0\n")
+    (info / "RECORD").write_text("")
+    env = {**os.environ, "VERLITE_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", BUILT_MAP_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["started"] and r["computed"] == 0  # the side process made it; this launch read it
+    assert r["served"] == r["real"] and r["served"]["transformers"] == ["transformers"]

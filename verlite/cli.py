@@ -136,6 +136,9 @@ def _cmd_sft(args) -> int:
                      "transformers already (VERLITE_WARM=0 turns this off)", os.getpid())
     else:
         cfg = load_config(args.config_path, args.overrides, dialect=args.dialect)  # a bad key fails before torch loads
+        from verlite import import_index
+
+        import_index.build_in_background()  # a first launch: the index built while torch is imported
     timeline.note("config")
     from verlite.trainer.sft_trainer import run_sft
 
@@ -312,6 +315,9 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+# Commands that import transformers, whose first launch has its import index built beside it
+# from the start (import_index.build_in_background); `sft` starts it once its config is read.
+INDEXED_AT_START = ("plan", "generate", "chat", "eval", "export-lora", "merge-lora", "serve", "quickstart")
 COMMANDS = {"sft": _cmd_sft, "plan": _cmd_plan, "quickstart": _cmd_quickstart, "generate": _cmd_generate,
             "chat": _cmd_chat, "eval": _cmd_eval, "export-lora": _cmd_export_lora, "merge-lora": _cmd_merge_lora,
             "plot": _cmd_plot, "serve": _cmd_serve}
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         code = warm.run_in_helper(list(argv if argv is not None else sys.argv[1:]))
         if code is not None:
             return code
-    if args.command != "plot":  # every other command imports transformers
+    if args.command in INDEXED_AT_START:
         import_index.build_in_background()  # a first launch: the index built while torch is imported
     setup_logging(args.log_level)
     try:

@@ -111,9 +111,10 @@ def _index_place(import_utils_file: str, version: str) -> tuple[list, Path]:
     return stamp, path
 
 
-def _write(path: Path, data: dict) -> None:
-    """`data` as JSON at `path`, atomically. A cache, not a result: no fsync (a lost file costs
-    one scan), and a read-only cache folder only costs later launches the scan."""
+def _write(path: Path, data: dict) -> bool:
+    """`data` as JSON at `path`, atomically; whether it was written. A cache, not a result: no
+    fsync (a lost file costs one scan), and a read-only cache folder only costs later launches
+    the scan."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -125,12 +126,14 @@ def _write(path: Path, data: dict) -> None:
             os.unlink(tmp)
             raise
     except Exception:  # noqa: BLE001 - see above
-        pass
+        return False
+    return True
 
 
 def _distributions_stamp() -> list:
-    """What packages_distributions() reads, in stat terms: each search-path folder's
-    distribution folders and their modification times."""
+    """What packages_distributions() reads, in stat terms: the search-path folders that hold
+    distributions, with their distribution folders and modification times (a folder holding
+    none adds nothing to the map, so launching from another working folder changes nothing)."""
     stamp = []
     for entry in sys.path:
         folder = os.path.abspath(entry or ".")
@@ -138,9 +141,12 @@ def _distributions_stamp() -> list:
             with os.scandir(folder) as it:
                 infos = sorted([e.name, e.stat().st_mtime_ns] for e in it
                                if e.name.endswith((".dist-info", ".egg-info")))
-        except OSError:  # a zip or a missing folder: its own stamp
+        except NotADirectoryError:  # a zip on the path: its own stamp
             infos = [_stat(Path(folder))]
-        stamp.append([folder, infos])
+        except OSError:  # missing, unreadable, or an import hook's name (editable installs)
+            continue
+        if infos:
+            stamp.append([folder, infos])
     return stamp
 
 
@@ -295,8 +301,8 @@ def _enabled() -> bool:
 # (1-2 s): so the command starts a side process that imports transformers alone with the index
 # installed (0.7-0.9 s on the 2-core box), which writes both files while this process imports
 # torch; this process waits for it right before its own import_utils runs, then reads them as
-# a later launch would. A marker says a build is done for these stamps, so later launches
-# start nothing (the map alone cannot say: later transformers versions never ask for it).
+# a later launch would. A marker says a side process was started for these stamps, so later
+# launches start none (the map alone cannot say: later transformers versions never ask for it).
 # On the 2-core box it still takes ~0.3 s off launch 1's start-up with either transformers
 # (bench/RESULTS.md "Fifteenth session"); with one core it would only take the CPU the launch
 # imports torch on, so it is left out there.
@@ -332,25 +338,19 @@ def _stamps(import_utils_file: str) -> Optional[list]:
     return json.loads(json.dumps([_index_place(import_utils_file, version)[0], _distributions_stamp()]))
 
 
-def files_current() -> bool:
-    """Did a side process build the files for this transformers install and these
-    distributions (or is there nothing to build)?"""
-    import_utils_file = _transformers_import_utils()
-    if import_utils_file is None:
-        return True
-    stamps = _stamps(import_utils_file)
+def _read_marker():
     try:
-        return stamps is None or json.loads(_marker_path().read_text(encoding="utf-8")) == stamps
-    except Exception:  # noqa: BLE001 - missing or unreadable: build
-        return False
+        return json.loads(_marker_path().read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - missing or unreadable
+        return None
 
 
-def _writable(folder: Path) -> bool:
-    """Can files be made in `folder` (or, where it does not exist yet, its nearest existing parent)?"""
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return candidate.is_dir() and os.access(candidate, os.W_OK)
-    return False
+def files_current() -> bool:
+    """Was a side process started for this transformers install and these distributions (or
+    is there nothing to build)?"""
+    import_utils_file = _transformers_import_utils()
+    stamps = _stamps(import_utils_file) if import_utils_file is not None else None
+    return stamps is None or _read_marker() == stamps
 
 
 def _cores() -> int:
@@ -358,9 +358,11 @@ def _cores() -> int:
 
 
 def _builder_command() -> list[str]:
-    # This process's search path exactly: the map and its stamp depend on it.
-    return [sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-            "from verlite.import_index import _build; _build()", json.dumps(sys.path)]
+    # This process's search path exactly (the map and its stamp depend on it), set before
+    # anything is imported: `sys` is built in, so no file of the working folder (which -c puts
+    # first on the path) runs in its place.
+    return [sys.executable, "-c", "import sys; sys.path[:] = sys.argv[1:]; "
+            "from verlite.import_index import _build; _build()", *sys.path]
 
 
 def build_in_background() -> bool:
@@ -372,7 +374,14 @@ def build_in_background() -> bool:
         return False
     if _cores() < MIN_CORES or os.environ.get("VERLITE_INDEX_BUILDER") == "0":  # 0: a bench knob
         return False
-    if files_current() or not _writable(cache_root()):  # a read-only cache: every launch scans anyway
+    import_utils_file = _transformers_import_utils()
+    stamps = _stamps(import_utils_file) if import_utils_file is not None else None
+    if stamps is None or _read_marker() == stamps:
+        return False
+    # Marked before it starts: one try per install and set of distributions. A side process
+    # that fails leaves this launch to scan as before, and its files serve the next ones; a
+    # cache folder where the marker cannot be written could keep no file either.
+    if not _write(_marker_path(), stamps):
         return False
     try:
         _builder = subprocess.Popen(_builder_command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -400,14 +409,11 @@ def await_builder() -> None:
 
 def _build() -> None:
     """The side process: import transformers (not torch) as a launch does, which writes the
-    index and the map, then the marker."""
+    index and the map."""
     import_utils_file = _transformers_import_utils()
     if import_utils_file is None:
         return
     install()
     import transformers.models.auto  # noqa: F401 -- the folders every launch's AutoTokenizer scans
     import transformers.models.encoder_decoder  # noqa: F401
-    stamps = _stamps(import_utils_file)
-    if stamps is not None:
-        _write(_marker_path(), stamps)
 
