@@ -88,7 +88,8 @@ def test_a_stale_or_broken_index_is_rebuilt(runs, tmp_path):
 # transformers 5.17 builds the package -> distribution map as import_utils runs; later versions
 # build it lazily. A stand-in transformers of that layout (first on the path) makes the call.
 FAKE_IMPORT_UTILS = "import importlib.metadata\nPACKAGE_DISTRIBUTION_MAPPING = importlib.metadata.packages_distributions()\n"
-MAP_PROBE = """
+# Counts the calls of packages_distributions this process makes itself.
+COUNTED_MAP = """
 import importlib.metadata, json
 real = importlib.metadata.packages_distributions
 calls = []
@@ -97,6 +98,8 @@ def counted():
     return real()
 importlib.metadata.packages_distributions = counted
 from verlite import import_index
+"""
+MAP_PROBE = COUNTED_MAP + """
 import_index.install()
 import transformers.utils.import_utils as iu
 assert importlib.metadata.packages_distributions is counted  # put back once import_utils has run
@@ -242,15 +245,7 @@ def test_the_cli_starts_it_once_its_config_is_read(tmp_path, tiny_model):
     assert {"built", "transformers"} <= built, built
 
 
-BUILT_MAP_PROBE = """
-import importlib.metadata, json
-real = importlib.metadata.packages_distributions
-calls = []
-def counted():
-    calls.append(1)
-    return real()
-importlib.metadata.packages_distributions = counted
-from verlite import import_index
+BUILT_MAP_PROBE = COUNTED_MAP + """
 import_index.MIN_CORES = 1
 started = import_index.build_in_background()
 import_index.install()
