@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 
+from verlite import machine
 from verlite.cache_dir import cache_root
 
 PACKAGES = ("torch", "transformers", "omegaconf", "hydra")  # what a launch spends its imports on
@@ -78,7 +79,7 @@ def _precompile_workers() -> int:
         return max(0, int(setting)) if setting.strip().isdigit() else 0
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return 0  # under torchrun one process per machine compiles; the others read what it wrote
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = machine.cores()
     return min(MAX_WORKERS, cores - 2) if cores >= MIN_CORES else 0  # the launch and its tokenizer keep two
 
 

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from verlite import machine
 from verlite.cache_dir import cache_root
 
 TARGET = "transformers.utils.import_utils"
@@ -353,10 +354,6 @@ def files_current() -> bool:
     return stamps is None or _read_marker() == stamps
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _builder_command() -> list[str]:
     # This process's search path exactly (the map and its stamp depend on it), set before
     # anything is imported: `sys` is built in, so no file of the working folder (which -c puts
@@ -372,7 +369,7 @@ def build_in_background() -> bool:
     global _builder
     if _builder is not None or TARGET in sys.modules or not _enabled() or os.environ.get("LOCAL_RANK", "0") != "0":
         return False
-    if _cores() < MIN_CORES or os.environ.get("VERLITE_INDEX_BUILDER") == "0":  # 0: a bench knob
+    if machine.cores() < MIN_CORES or os.environ.get("VERLITE_INDEX_BUILDER") == "0":  # 0: a bench knob
         return False
     import_utils_file = _transformers_import_utils()
     stamps = _stamps(import_utils_file) if import_utils_file is not None else None

@@ -19,6 +19,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
+from verlite import machine
 from verlite.config.schema import DataConfig
 from verlite.data.cache import FileTokens, TokenCache
 from verlite.data.formatting import Encoded, encode_messages, encode_pair
@@ -167,11 +168,7 @@ def tokenize_file(path: str, cfg: DataConfig, tokenizer, workers: int | None = N
 
 def available_cores() -> int:
     """This process's share of the cores: torchrun starts one process per GPU on the node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, machine.cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _start_method() -> str:
