@@ -328,10 +328,16 @@ def _transformers_import_utils() -> Optional[str]:
 
 
 def _marker_path() -> Path:
-    return _distributions_path().with_name("built-" + _distributions_path().name)
+    distributions = _distributions_path()
+    return distributions.with_name("built-" + distributions.name)
 
 
-def _stamps(import_utils_file: str) -> Optional[list]:
+def _stamps() -> Optional[list]:
+    """What the marker holds for the transformers installed here and these distributions;
+    None where there is nothing to index (no installed transformers)."""
+    import_utils_file = _transformers_import_utils()
+    if import_utils_file is None:
+        return None
     try:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
@@ -349,8 +355,7 @@ def _read_marker():
 def files_current() -> bool:
     """Was a side process started for this transformers install and these distributions (or
     is there nothing to build)?"""
-    import_utils_file = _transformers_import_utils()
-    stamps = _stamps(import_utils_file) if import_utils_file is not None else None
+    stamps = _stamps()
     return stamps is None or _read_marker() == stamps
 
 
@@ -371,8 +376,7 @@ def build_in_background() -> bool:
         return False
     if machine.cores() < MIN_CORES or os.environ.get("VERLITE_INDEX_BUILDER") == "0":  # 0: a bench knob
         return False
-    import_utils_file = _transformers_import_utils()
-    stamps = _stamps(import_utils_file) if import_utils_file is not None else None
+    stamps = _stamps()
     if stamps is None or _read_marker() == stamps:
         return False
     # Marked before it starts: one try per install and set of distributions. A side process
